@@ -1,0 +1,159 @@
+"""Grad-CAM (Selvaraju et al. 2017) and two published weightings, as one xai-core plugin.
+
+For a layer with activations ``A`` (channels ``k``) and a target score ``y`` (a logit)::
+
+    g       = dy/dA
+    gradcam:    alpha_k = mean_ij g_k(i,j)
+    guided:     alpha_k = mean_ij [A_k>0][g_k>0] g_k(i,j)        (Keras/TF tutorials' masking)
+    gradcam++:  a_k(i,j) = g^2 / (2 g^2 + sum_ab A_k(a,b) g^3),  alpha_k = sum_ij a_k(i,j) ReLU(g)
+    map     = ReLU(sum_k alpha_k A_k)
+
+Grad-CAM++ is eq. 19 of Chattopadhyay et al. (2018) under the paper's exponential-score
+assumption (``Y = exp(S)``), which turns the higher derivatives into powers of the first; it is
+the form of the authors' code and of the common libraries, so maps are comparable.
+
+Several layers share one forward pass and several targets share one batched backward pass
+(``torch.autograd.grad(..., is_grads_batched=True)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+import xai_core
+from xai_core import Attribution, Capability, Tags, Targets
+from xai_core.adapters.torch import TorchAdapter
+from xai_core.capture import capture
+from xai_core.errors import LayerTypeError, OptionError
+
+__version__ = "0.1.0"
+
+VARIANTS = ("gradcam", "guided", "gradcam++")
+
+
+def target_gradients(
+    scores: torch.Tensor, activations: list[torch.Tensor]
+) -> list[torch.Tensor | None]:
+    """d scores[:, k] / d activation for every target k, as ``(K, *activation.shape)`` each.
+
+    Samples are independent in eval mode, so the gradient of ``scores[:, k].sum()`` holds every
+    sample's own gradient. The K backward passes run as one batched (vmapped) backward; if an
+    operation of the model has no batching rule, they run one after another instead. ``None``
+    stands for an activation the scores do not depend on.
+    """
+    count = scores.shape[1]
+    if count == 1:
+        grads = torch.autograd.grad(scores.sum(), activations, allow_unused=True)
+        return [None if g is None else g.unsqueeze(0) for g in grads]
+    eye = torch.eye(count, dtype=scores.dtype, device=scores.device)
+    seeds = eye[:, None, :].expand(count, *scores.shape)  # seed k selects target column k
+    try:
+        return list(
+            torch.autograd.grad(
+                scores,
+                activations,
+                seeds,
+                retain_graph=True,
+                is_grads_batched=True,
+                allow_unused=True,
+            )
+        )
+    except RuntimeError:
+        per_target = [
+            torch.autograd.grad(
+                scores[:, k].sum(), activations, retain_graph=True, allow_unused=True
+            )
+            for k in range(count)
+        ]
+        return [None if gs[0] is None else torch.stack(gs) for gs in zip(*per_target, strict=True)]
+
+
+def channel_weights(variant: str, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """``alpha`` ``(K, N, C)`` from activations ``(N, C, *s)`` and gradients ``(K, N, C, *s)``."""
+    spatial = tuple(range(3, grads.ndim))
+    if variant == "gradcam":
+        return grads.mean(dim=spatial)
+    if variant == "guided":
+        return (grads * ((acts > 0) & (grads > 0))).mean(dim=spatial)
+    # gradcam++
+    g2, g3 = grads.pow(2), grads.pow(3)
+    denominator = 2 * g2 + acts.sum(dim=tuple(range(2, acts.ndim)), keepdim=True) * g3
+    alpha = g2 / torch.where(denominator != 0, denominator, torch.ones_like(denominator))
+    return (alpha * grads.clamp(min=0)).sum(dim=spatial)
+
+
+def _not_on_path(layer: str) -> OptionError:
+    return OptionError(
+        f"The target scores do not depend on the output of layer {layer!r} (its last call): "
+        f"choose a layer on the path from the input to the scores."
+    )
+
+
+class GradCAM:
+    """Gradient-weighted class activation maps at one or several layers."""
+
+    name = "gradcam"
+    tags = Tags("local", "model-specific", requires={Capability.GRADIENTS, Capability.LAYERS})
+
+    def explain(
+        self,
+        model: TorchAdapter,
+        inputs: torch.Tensor,
+        targets: Targets,
+        *,
+        layer: str | nn.Module | None = None,
+        layers: Sequence[str | nn.Module] | None = None,
+        variant: str = "gradcam",
+        relu: bool = True,
+    ) -> Attribution:
+        """:param layer: one layer (name or module); default: the last with a spatial output.
+        :param layers: several layers, explained from the same forward and backward pass.
+        :param variant: ``"gradcam"``, ``"guided"`` or ``"gradcam++"``.
+        :param relu: apply the final ReLU (``False`` keeps negative evidence visible).
+        """
+        if variant not in VARIANTS:
+            raise OptionError(f"variant must be one of {VARIANTS}; got {variant!r}.")
+        if layer is not None and layers is not None:
+            raise OptionError("Give either `layer` or `layers`, not both.")
+        if layers is None and layer is None:
+            layer = model.default_layer(inputs)
+        hooked = model.resolve_layers(layers if layers is not None else layer)
+        # The input requires grad so that activations stay in the graph although the model's
+        # parameters are frozen during the explanation.
+        x = inputs.detach().requires_grad_(True)
+        with torch.enable_grad(), capture(hooked) as seen:
+            scores = model.forward(x)
+        chosen = targets.resolve(scores).select(scores)  # (N, K)
+        acts = [seen.last(name) for name in hooked]  # a layer used twice: its last call
+        for name, a in zip(hooked, acts, strict=True):
+            if a.ndim != inputs.ndim:
+                raise LayerTypeError(
+                    f"Layer {name!r} outputs shape {tuple(a.shape)}, not a feature map "
+                    f"(N, C, *spatial) like the inputs {tuple(inputs.shape)}; choose a "
+                    f"convolutional layer."
+                )
+            if not a.requires_grad:  # it does not depend on the input at all
+                raise _not_on_path(name)
+        maps = []
+        for name, a, g in zip(hooked, acts, target_gradients(chosen, acts), strict=True):
+            if g is None:
+                raise _not_on_path(name)
+            a = a.detach()
+            alpha = channel_weights(variant, a, g)  # (K, N, C)
+            cam = torch.einsum("knc,nc...->nk...", alpha, a)
+            maps.append(cam.clamp(min=0) if relu else cam)
+        calls = {name: len(seen.outputs[name]) for name in hooked}
+        return Attribution(
+            maps=maps,
+            scores=scores.detach(),
+            layers=list(hooked),
+            details={"variant": variant, "calls": calls, "multi_layer": layers is not None},
+        )
+
+
+@xai_core.hookimpl
+def register_explainers(register):
+    register(GradCAM)

@@ -1,0 +1,122 @@
+"""The conformance suite passes good explainers and catches each kind of broken one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import xai_core
+from xai_core import Attribution, Tags
+from xai_core.errors import ConformanceError
+from xai_core.testing import check_explainer, explainer_checks
+
+
+class Good:
+    """|x| scaled by the target score: cheap, target-dependent, batch-independent."""
+
+    name = "good"
+    tags = Tags("local", "model-agnostic")
+
+    def explain(self, model, inputs, targets, *, scale: float = 1.0):
+        scores = model.forward(inputs)
+        resolved = targets.resolve(scores)
+        weight = resolved.select(scores).detach()  # (N, K): a target-dependent map
+        weight = weight.reshape(*weight.shape, *[1] * (inputs.ndim - 2))
+        maps = inputs.abs().mean(1, keepdim=True) * weight * scale
+        return Attribution(maps=maps, scores=scores.detach())
+
+
+class LeaksHook(Good):
+    name = "leaks_hook"
+
+    def explain(self, model, inputs, targets, *, scale: float = 1.0):
+        model.module.register_forward_hook(lambda *a: None)
+        return super().explain(model, inputs, targets, scale=scale)
+
+
+class ChangesWeights(Good):
+    name = "changes_weights"
+
+    def explain(self, model, inputs, targets, *, scale: float = 1.0):
+        with torch.no_grad():
+            next(model.module.parameters()).mul_(1.0001)
+        return super().explain(model, inputs, targets, scale=scale)
+
+
+class BatchDependent(Good):
+    name = "batch_dependent"
+
+    def explain(self, model, inputs, targets, *, scale: float = 1.0):
+        result = super().explain(model, inputs, targets, scale=scale)
+        result.maps = result.maps / result.maps.sum()  # normalised over the whole batch
+        return result
+
+
+class SwallowsOptions(Good):
+    name = "swallows_options"
+
+    def explain(self, model, inputs, targets, **options):
+        return super().explain(model, inputs, targets)
+
+
+class ModifiesInputs(Good):
+    name = "modifies_inputs"
+
+    def explain(self, model, inputs, targets, *, scale: float = 1.0):
+        inputs.mul_(1.0)
+        inputs.add_(1e-3)
+        return super().explain(model, inputs, targets, scale=scale)
+
+
+class Noisy(Good):
+    name = "noisy"
+
+    def explain(self, model, inputs, targets, *, scale: float = 1.0):
+        result = super().explain(model, inputs, targets, scale=scale)
+        result.maps = result.maps + torch.rand_like(result.maps)
+        return result
+
+
+class IgnoresTargetCount(Good):
+    name = "ignores_target_count"
+
+    def explain(self, model, inputs, targets, *, scale: float = 1.0):
+        result = super().explain(model, inputs, targets, scale=scale)
+        result.maps = result.maps[:, :1]
+        return result
+
+
+class NoTags:
+    name = "no_tags"
+
+    def explain(self, model, inputs, targets):
+        pass
+
+
+def test_a_good_explainer_passes_every_check():
+    check_explainer(Good)
+
+
+@pytest.mark.parametrize(
+    ("cls", "check"),
+    [
+        (LeaksHook, "state_restored"),
+        (ChangesWeights, "state_restored"),
+        (BatchDependent, "batch_invariance"),
+        (SwallowsOptions, "protocol"),
+        (ModifiesInputs, "inputs_untouched"),
+        (Noisy, "stateless"),
+        (IgnoresTargetCount, "multi_target"),
+        (NoTags, "protocol"),
+    ],
+)
+def test_each_broken_explainer_is_caught_by_its_check(cls, check):
+    checks = {c.name: c for c in explainer_checks(cls)}
+    with pytest.raises(ConformanceError):
+        checks[check]()
+    with pytest.raises(ConformanceError, match=check):
+        check_explainer(cls)
+
+
+def test_conformance_on_a_3d_model():
+    check_explainer(Good, model=xai_core.testing.tiny_cnn(dims=3, channels=1))

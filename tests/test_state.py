@@ -1,0 +1,113 @@
+"""Hooks are always removed and the user's model is left exactly as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import xai_core
+from xai_core.capture import capture, hook_count, preserved_state
+from xai_core.errors import TargetError
+from xai_core.testing import tiny_cnn
+
+
+def snapshot(model: nn.Module) -> dict:
+    return {
+        "training": [m.training for m in model.modules()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "hooks": hook_count(model),
+    }
+
+
+def assert_same(before: dict, after: dict) -> None:
+    assert before["training"] == after["training"]
+    assert before["requires_grad"] == after["requires_grad"]
+    assert before["hooks"] == after["hooks"]
+    for a, b in zip(before["grads"], after["grads"], strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+    for k, v in before["state"].items():
+        assert torch.equal(v, after["state"][k]), k
+
+
+@pytest.fixture
+def messy_model() -> nn.Module:
+    """A model in the middle of training: train mode, a frozen layer, accumulated grads."""
+    model = tiny_cnn()
+    model.train()
+    model[0].weight.requires_grad_(False)
+    model[3].weight.grad = torch.ones_like(model[3].weight)
+    model[7].eval()  # mixed flags must come back mixed
+    return model
+
+
+def test_state_restored_after_success(messy_model, images):
+    before = snapshot(messy_model)
+    xai_core.explain(messy_model, images, method="gradcam", targets="all", layers=["0", "2"])
+    assert_same(before, snapshot(messy_model))
+
+
+def test_state_restored_when_a_target_is_invalid_mid_call(messy_model, images):
+    before = snapshot(messy_model)
+    with pytest.raises(TargetError):
+        # The target is checked against the scores, i.e. after the forward pass with hooks on.
+        xai_core.explain(messy_model, images, method="gradcam", targets=[0, 99])
+    assert_same(before, snapshot(messy_model))
+
+
+def test_state_restored_when_the_model_raises(messy_model, images):
+    class Boom(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("model failure")
+
+    messy_model.insert(5, Boom())
+    before = snapshot(messy_model)
+    with pytest.raises(RuntimeError, match="model failure"):
+        xai_core.explain(messy_model, images, method="gradcam", layer="3")
+    assert_same(before, snapshot(messy_model))
+
+
+def test_preserved_state_restores_batchnorm_statistics_changed_inside():
+    model = tiny_cnn()
+    before = snapshot(model)
+    with preserved_state(model):
+        model.train()  # a misbehaving explainer that runs in train mode
+        model(torch.randn(4, 3, 8, 8))
+    assert_same(before, snapshot(model))
+
+
+def test_capture_removes_hooks_when_the_body_raises():
+    model = tiny_cnn()
+    with pytest.raises(ValueError), capture({"0": model[0]}):
+        assert hook_count(model) == 1
+        raise ValueError
+    assert hook_count(model) == 0
+
+
+def test_capture_keeps_true_output_despite_inplace_relu():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(inplace=True))
+    x = torch.randn(1, 1, 6, 6)
+    expected = model[0](x)
+    with torch.no_grad(), capture({"0": model[0]}, detach=True) as seen:
+        model(x)
+    assert (seen.last("0") < 0).any()  # negatives survive: ReLU changed a clone, not the record
+    assert torch.allclose(seen.last("0"), expected)
+
+
+def test_capture_records_every_call_of_a_module_used_twice():
+    block = nn.Conv2d(2, 2, 1)
+    model = nn.Sequential(nn.Conv2d(1, 2, 1), block, block)
+    with torch.no_grad(), capture({"1": block}, detach=True) as seen:
+        model(torch.randn(1, 1, 3, 3))
+    assert len(seen.outputs["1"]) == 2
+
+
+def test_default_layer_is_last_spatial_and_reported(caplog):
+    model = tiny_cnn()
+    adapter = xai_core.adapt(model)
+    with caplog.at_level("INFO", logger="xai_core"):
+        assert adapter.default_layer(torch.randn(1, 3, 8, 8)) == "4"
+    assert "chose layer '4'" in caplog.text
+    assert hook_count(model) == 0

@@ -1,0 +1,61 @@
+"""xai-core: explain what image models look at, with methods found as plugins.
+
+The public API::
+
+    import xai_core
+
+    xai_core.list_explainers()                      # what is installed
+    exp = xai_core.explain(model, x, method="gradcam", targets=[3, 1])
+    exp.maps                                        # (N, H, W) on the model's device
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from xai_core.adapters.base import InputSpec, ModelAdapter
+from xai_core.api import explain
+from xai_core.errors import XaiError
+from xai_core.explanation import Explanation
+from xai_core.hookspecs import hookimpl
+from xai_core.registry import Registry, get_registry, reset_registry
+from xai_core.tags import Capability, Dependence, Scope, Tags
+from xai_core.targets import ResolvedTargets, Targets
+from xai_core.types import Attribution, Explainer, ExplainerInfo
+
+__version__ = "0.1.0"
+
+
+def list_explainers(**filters: Any) -> list[ExplainerInfo]:
+    """Installed, usable explainers, filtered by ``scope``, ``dependence``, ``requires``, ``model``.
+    """
+    return get_registry().list_explainers(**filters)
+
+
+def adapt(model: Any, **options: Any) -> ModelAdapter:
+    """The :class:`ModelAdapter` xai-core would use for ``model``."""
+    return get_registry().adapt(model, **options)
+
+
+__all__ = [
+    "Attribution",
+    "Capability",
+    "Dependence",
+    "Explainer",
+    "ExplainerInfo",
+    "Explanation",
+    "InputSpec",
+    "ModelAdapter",
+    "Registry",
+    "ResolvedTargets",
+    "Scope",
+    "Tags",
+    "Targets",
+    "XaiError",
+    "adapt",
+    "explain",
+    "get_registry",
+    "hookimpl",
+    "list_explainers",
+    "reset_registry",
+]

@@ -1,0 +1,173 @@
+"""PyTorch ``nn.Module`` adapter: forward, gradients, layers, classifier weights, attention."""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from xai_core.adapters.base import InputSpec, ModelAdapter
+from xai_core.capture import capture, preserved_state
+from xai_core.errors import LayerNotFoundError, LayerTypeError, ModelError
+from xai_core.tags import Capability
+
+log = logging.getLogger("xai_core")
+
+LayerSpec = str | nn.Module | Sequence[str | nn.Module]
+
+# Pooling modules are never a good default layer: their output is a resampled copy of the layer
+# before them (VGG's AdaptiveAvgPool2d((7, 7)) would otherwise be chosen).
+_POOLING = (
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+)
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+# Default layers found by probing, per model and input shape, so the probe runs once.
+_default_layer_cache: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], str]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def is_attention_module(module: nn.Module) -> bool:
+    """True for ``nn.MultiheadAttention`` and for custom modules that opt in to the attention
+    contract by setting ``xai_attention = True`` (see docs/methods/attention.md)."""
+    return isinstance(module, nn.MultiheadAttention) or bool(
+        getattr(module, "xai_attention", False)
+    )
+
+
+def scores_of(output: Any) -> torch.Tensor:
+    """The score tensor inside whatever a model's ``forward`` returned."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):
+        for key in ("logits", "out", "scores"):
+            if isinstance(output.get(key), torch.Tensor):
+                return output[key]
+    if isinstance(getattr(output, "logits", None), torch.Tensor):
+        return output.logits
+    if isinstance(output, Sequence) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise ModelError(
+        f"The model returned {type(output).__name__}; xai-core needs a tensor of scores (or a "
+        f"tuple whose first item, or a dict whose 'logits' entry, is one). Wrap the model in a "
+        f"module whose forward() returns the scores."
+    )
+
+
+class TorchAdapter(ModelAdapter):
+    """Adapts a PyTorch module. The module is never modified beyond one explanation's session."""
+
+    kind = "torch"
+
+    def __init__(self, module: nn.Module) -> None:
+        if not isinstance(module, nn.Module):
+            raise ModelError(f"TorchAdapter needs an nn.Module; got {type(module).__name__}.")
+        self.module = module
+        tensors = [*module.parameters(), *module.buffers()]
+        self.device = tensors[0].device if tensors else torch.device("cpu")
+        caps = {Capability.FORWARD, Capability.GRADIENTS, Capability.LAYERS}
+        modules = list(module.modules())
+        if any(isinstance(m, nn.Linear) for m in modules):
+            caps.add(Capability.CLASSIFIER_WEIGHTS)
+        if any(is_attention_module(m) for m in modules):
+            caps.add(Capability.ATTENTION)
+        self.capabilities = frozenset(caps)
+        first_conv = next((m for m in modules if isinstance(m, _CONV)), None)
+        if first_conv is not None:
+            rank = {nn.Conv1d: 3, nn.Conv2d: 4, nn.Conv3d: 5}[type(first_conv)]
+            self.input_spec = InputSpec(rank=rank, channels=first_conv.in_channels)
+        else:
+            self.input_spec = InputSpec()
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return scores_of(self.module(inputs))
+
+    @contextmanager
+    def session(self) -> Iterator[TorchAdapter]:
+        with preserved_state(self.module):
+            yield self
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "class": type(self.module).__name__}
+
+    # -- layers --------------------------------------------------------------------------------
+
+    def named_layers(self) -> dict[str, nn.Module]:
+        return {name: m for name, m in self.module.named_modules() if name}
+
+    def resolve_layers(self, spec: LayerSpec) -> dict[str, nn.Module]:
+        """Map a layer name, a module, or a list of them to ``{name: module}`` in given order."""
+        items = [spec] if isinstance(spec, str | nn.Module) else spec
+        if not isinstance(items, Sequence) or not items:
+            raise LayerTypeError(
+                f"A layer is a module name (str), an nn.Module, or a non-empty list of them; "
+                f"got {type(spec).__name__}."
+            )
+        by_module = {m: name for name, m in self.module.named_modules()}
+        layers = self.named_layers()
+        resolved: dict[str, nn.Module] = {}
+        for item in items:
+            if isinstance(item, str):
+                if item not in layers:
+                    from xai_core.errors import did_you_mean
+
+                    raise LayerNotFoundError(
+                        f"The model has no layer named {item!r}.{did_you_mean(item, layers)} "
+                        f"List them with dict(model.named_modules()).keys()."
+                    )
+                resolved[item] = layers[item]
+            elif isinstance(item, nn.Module):
+                if item not in by_module:
+                    raise LayerNotFoundError(
+                        f"The module {type(item).__name__} given as layer is not part of the model."
+                    )
+                resolved[by_module[item] or "<model>"] = item
+            else:
+                raise LayerTypeError(
+                    f"A layer is a module name (str) or an nn.Module; got {type(item).__name__}."
+                )
+        return resolved
+
+    def default_layer(self, inputs: torch.Tensor) -> str:
+        """The last module, in execution order, whose output is still a spatial feature map.
+
+        Found by running one sample with a forward hook on every module (then removed), cached per
+        model and input shape, and logged so users see which layer was chosen.
+        """
+        key = tuple(inputs.shape[1:])
+        cached = _default_layer_cache.setdefault(self.module, {})
+        if key not in cached:
+            candidates = {
+                name: m for name, m in self.named_layers().items() if not isinstance(m, _POOLING)
+            }
+            with (
+                torch.no_grad(),
+                self.session(),
+                capture(candidates, detach=True, strict=False) as seen,
+            ):
+                self.forward(inputs[:1])
+            # Hooks fire when a module *finishes*: the last spatial output fired is the deepest.
+            spatial = [
+                name
+                for name, out in seen.order
+                if out.ndim == inputs.ndim and out.shape[2:].numel() > 1
+            ]
+            if not spatial:
+                raise LayerNotFoundError(
+                    "No layer of this model outputs a spatial feature map for this input; pass "
+                    "the layer to explain explicitly (option `layer`)."
+                )
+            cached[key] = spatial[-1]
+            log.info("xai-core chose layer %r (the last with a spatial output)", spatial[-1])
+        return cached[key]

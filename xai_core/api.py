@@ -1,0 +1,194 @@
+"""``explain()``: one call from a model and a batch to an :class:`Explanation`.
+
+The flow (docs/architecture.md): find the method in the registry; adapt the model; check the
+model offers what the method needs; validate inputs, targets and options; run the explainer inside
+the model's session (eval mode, hooks and state restored in ``finally``); wrap the result.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from xai_core.adapters.base import ModelAdapter
+from xai_core.errors import (
+    CapabilityError,
+    DeviceError,
+    InputError,
+    InputTypeError,
+    UnknownOptionError,
+    did_you_mean,
+)
+from xai_core.explanation import Explanation
+from xai_core.registry import explainer_options, get_registry
+from xai_core.targets import Targets, TargetSpec
+from xai_core.types import Attribution, ExplainerInfo
+
+
+def validate_inputs(inputs: Any, adapter: ModelAdapter) -> None:
+    """Raise a typed error that says what is wrong with ``inputs`` for this model."""
+    if not isinstance(inputs, torch.Tensor):
+        raise InputTypeError(
+            f"inputs must be a torch.Tensor of shape (N, C, H, W) or (N, C, D, H, W); got "
+            f"{type(inputs).__name__}. Convert with torch.as_tensor(...)."
+        )
+    if not inputs.is_floating_point():
+        raise InputTypeError(
+            f"inputs must be floating point; got {inputs.dtype}. Convert with inputs.float() and "
+            f"scale them as the model was trained (e.g. / 255 and normalise)."
+        )
+    if inputs.ndim not in (4, 5):
+        raise InputError(
+            f"inputs must be a batch (N, C, H, W) for 2D or (N, C, D, H, W) for 3D models; got "
+            f"shape {tuple(inputs.shape)}. For a single image use inputs.unsqueeze(0)."
+        )
+    spec = adapter.input_spec
+    if spec.rank is not None and inputs.ndim != spec.rank:
+        want = (
+            "(N, C, H, W)"
+            if spec.rank == 4
+            else "(N, C, D, H, W)"
+            if spec.rank == 5
+            else f"{spec.rank}-D"
+        )
+        raise InputError(f"This model takes {want} inputs; got shape {tuple(inputs.shape)}.")
+    if inputs.shape[0] == 0:
+        raise InputError("The batch is empty (N = 0); pass at least one sample.")
+    if any(s == 0 for s in inputs.shape[1:]):
+        raise InputError(f"inputs have an empty dimension: shape {tuple(inputs.shape)}.")
+    if spec.channels is not None and inputs.shape[1] != spec.channels:
+        hint = (
+            " For a grayscale image and an RGB model use inputs.expand(-1, 3, ...)."
+            if inputs.shape[1] == 1 and spec.channels == 3
+            else ""
+        )
+        raise InputError(
+            f"This model takes {spec.channels} input channels; got {inputs.shape[1]} "
+            f"(shape {tuple(inputs.shape)}, channels are dimension 1).{hint}"
+        )
+    if spec.spatial is not None:
+        fixed = tuple(spec.spatial)
+        got = tuple(inputs.shape[2:])
+        if len(fixed) == len(got) and any(
+            f is not None and f != g for f, g in zip(fixed, got, strict=True)
+        ):
+            raise InputError(
+                f"This model was exported for spatial size {fixed}; got {got}. Resize the inputs."
+            )
+    if not _same_device(inputs.device, adapter.device):
+        raise DeviceError(
+            f"inputs are on {inputs.device} but the model runs on {adapter.device}; move them "
+            f"with inputs.to({str(adapter.device)!r})."
+        )
+    finite = torch.isfinite(inputs)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise InputError(
+            f"inputs contain {bad} NaN or infinite value(s); explanations of non-finite inputs are "
+            f"meaningless. Check the preprocessing."
+        )
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    if a.type != b.type:
+        return False
+    return a.index is None or b.index is None or a.index == b.index
+
+
+def check_options(info: ExplainerInfo, options: dict[str, Any]) -> None:
+    accepted = explainer_options(info.cls)
+    for name in options:
+        if name not in accepted:
+            raise UnknownOptionError(
+                f"The method {info.name!r} has no option {name!r}.{did_you_mean(name, accepted)} "
+                f"Its options are: {', '.join(accepted) or 'none'}."
+            )
+
+
+def explain(
+    model: Any,
+    inputs: torch.Tensor,
+    *,
+    method: str,
+    targets: TargetSpec = None,
+    **options: Any,
+) -> Explanation:
+    """Explain ``model``'s scores on ``inputs`` with the installed method ``method``.
+
+    :param model: a ``torch.nn.Module``, an ONNX model (path, bytes or InferenceSession), a
+        :class:`~xai_core.ModelAdapter`, or anything a plugin's ``adapt_model`` accepts.
+    :param inputs: ``(N, C, H, W)`` or ``(N, C, D, H, W)`` float tensor on the model's device.
+    :param method: a name from :func:`list_explainers`, e.g. ``"gradcam"``.
+    :param targets: what to explain (see :mod:`xai_core.targets`); default: the top class.
+    :param options: the method's own options (e.g. ``layer=...`` for Grad-CAM).
+    :returns: an :class:`Explanation`; ``.maps`` is ``(N, *spatial)`` for one target and layer.
+    """
+    registry = get_registry()
+    info = registry.get_explainer(method)
+    adapter = registry.adapt(model)
+    reason = registry.unsupported_reason(info, adapter)
+    if reason is not None:
+        working = [i.name for i in registry.list_explainers(model=adapter)]
+        raise CapabilityError(
+            f"{reason}. Methods that can run on this model: {', '.join(working) or 'none'}."
+        )
+    return run_explainer(info, adapter, inputs, targets, options)
+
+
+def run_explainer(
+    info: ExplainerInfo,
+    adapter: ModelAdapter,
+    inputs: torch.Tensor,
+    targets: TargetSpec,
+    options: dict[str, Any],
+) -> Explanation:
+    """Validate, run one explainer inside the model's session, and wrap its result."""
+    check_options(info, options)
+    validate_inputs(inputs, adapter)
+    request = Targets(targets, inputs.shape[0], adapter.device)
+    explainer = info.cls()  # a fresh instance per call: explainers keep no state between calls
+    start = time.perf_counter()
+    with adapter.session():
+        result = explainer.explain(adapter, inputs, request, **options)
+    if inputs.device.type == "cuda":
+        torch.cuda.synchronize(inputs.device)
+    seconds = time.perf_counter() - start
+    return _wrap(result, info, request, inputs, adapter, options, seconds)
+
+
+def _wrap(
+    result: Attribution,
+    info: ExplainerInfo,
+    request: Targets,
+    inputs: torch.Tensor,
+    adapter: ModelAdapter,
+    options: dict[str, Any],
+    seconds: float,
+) -> Explanation:
+    if not isinstance(result, Attribution):
+        raise TypeError(f"{info.cls.__qualname__}.explain must return an xai_core.Attribution.")
+    if request.resolved is None:
+        raise TypeError(
+            f"{info.cls.__qualname__}.explain never called targets.resolve(scores); the core "
+            f"cannot tell which targets it explained."
+        )
+    maps = result.maps if isinstance(result.maps, list) else [result.maps]
+    multi_layer = bool(result.details.pop("multi_layer", len(maps) > 1))
+    return Explanation(
+        method=info.name,
+        raw=maps,
+        layers=list(result.layers),
+        targets=request.resolved.indices,
+        scores=result.scores.detach(),
+        input_shape=tuple(inputs.shape),
+        multi_target=request.multi,
+        multi_layer=multi_layer,
+        plugin=info.distribution or info.plugin,
+        version=info.version,
+        seconds=seconds,
+        options=dict(options),
+        model=adapter.describe(),
+        details=result.details,
+    )

@@ -1,0 +1,294 @@
+"""The one place where xai-core touches a user's ``nn.Module``: hooks and state.
+
+Context managers:
+
+* :func:`preserved_state` puts the model in eval mode with frozen parameters for the duration of
+  an explanation and restores, in ``finally``, every module's training flag, every parameter's
+  ``requires_grad`` and ``.grad``, and the normalisation layers' running statistics.
+* :func:`capture` registers forward hooks that record layer outputs, and removes them in
+  ``finally`` also when the body raises.
+* :func:`capture_attention` records the attention weights of ``nn.MultiheadAttention`` and of
+  custom modules that call :func:`record_attention`, likewise removing its hooks in ``finally``.
+
+Why forward hooks and ``torch.autograd.grad`` instead of backward hooks: a module's backward
+hook misfires when the next operation is an in-place ReLU (DenseNet) and fires once per use of a
+module used twice. A forward hook sees each output exactly once per call; the gradient of the
+stored tensor is then asked of autograd directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+_STAT_LAYERS = (nn.modules.batchnorm._NormBase,)
+
+
+@contextmanager
+def preserved_state(module: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode, no parameter gradients; the exact prior state restored on exit."""
+    training = {m: m.training for m in module.modules()}
+    params = list(module.parameters())
+    requires_grad = [p.requires_grad for p in params]
+    grads = [p.grad for p in params]
+    stats = {
+        (m, name): buf.detach().clone()
+        for m in module.modules()
+        if isinstance(m, _STAT_LAYERS)
+        for name, buf in m.named_buffers(recurse=False)
+        if buf is not None
+    }
+    try:
+        module.eval()
+        for p in params:
+            # Gradients are taken with respect to activations only: freezing parameters keeps
+            # autograd from building weight-gradient paths and leaves ``.grad`` untouched.
+            p.requires_grad_(False)
+        yield module
+    finally:
+        for m, flag in training.items():
+            m.training = flag
+        for p, flag, grad in zip(params, requires_grad, grads, strict=True):
+            p.requires_grad_(flag)
+            p.grad = grad
+        with torch.no_grad():
+            for (m, name), saved in stats.items():
+                current = getattr(m, name)
+                if current is not None and not torch.equal(current, saved):
+                    current.copy_(saved)
+
+
+@dataclass
+class Captured:
+    """Outputs recorded by :func:`capture`, one list entry per call of each layer.
+
+    A module used twice in one forward pass (a shared block) records two entries; methods
+    decide which to use and say so (Grad-CAM uses the last call).
+    """
+
+    outputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    order: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # in firing order
+
+    def last(self, name: str) -> torch.Tensor:
+        calls = self.outputs.get(name)
+        if not calls:
+            from xai_core.errors import LayerNotFoundError
+
+            raise LayerNotFoundError(
+                f"Layer {name!r} was never called during the forward pass, so it has no output "
+                f"to explain. Choose a layer that the model's forward() uses."
+            )
+        return calls[-1]
+
+    def clear(self) -> None:
+        for calls in self.outputs.values():
+            calls.clear()
+        self.order.clear()
+
+
+@contextmanager
+def capture(
+    layers: Mapping[str, nn.Module],
+    *,
+    detach: bool = False,
+    strict: bool = True,
+    inputs: bool = False,
+) -> Iterator[Captured]:
+    """Record the output of each named layer on every forward call while the block runs.
+
+    The hook hands the rest of the network a *clone* of the layer's output and stores the
+    original: an in-place operation downstream (``ReLU(inplace=True)``, DenseNet's functional
+    ``F.relu(..., inplace=True)``) then changes the clone, never the stored activation, and
+    ``torch.autograd.grad`` with respect to the stored tensor is the gradient of the layer's true
+    output. With ``detach=True`` (methods that need no gradient) the stored copy is detached.
+    With ``strict=False`` layers whose output is not a tensor are skipped instead of refused.
+    With ``inputs=True`` the layer's first positional *input* is recorded instead (detached), and
+    the output is left alone: this is how a classifier head's input is read.
+    """
+    record = Captured({name: [] for name in layers})
+    handles = []
+
+    def make_hook(name: str):
+        def hook(_module: nn.Module, args: tuple[object, ...], output: object) -> object:
+            if inputs:
+                if args and isinstance(args[0], torch.Tensor):
+                    record.outputs[name].append(args[0].detach())
+                    record.order.append((name, args[0].detach()))
+                return None
+            if not isinstance(output, torch.Tensor):
+                if not strict:
+                    return None
+                from xai_core.errors import LayerTypeError
+
+                raise LayerTypeError(
+                    f"Layer {name!r} returns {type(output).__name__}, not a tensor; choose a "
+                    f"layer whose output is a feature map."
+                )
+            stored = output.detach() if detach else output
+            record.outputs[name].append(stored)
+            record.order.append((name, stored))
+            return output.clone()
+
+        return hook
+
+    try:
+        for name, module in layers.items():
+            handles.append(module.register_forward_hook(make_hook(name)))
+        yield record
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def hook_count(module: nn.Module) -> int:
+    """How many hooks of any kind are registered on ``module`` and its children (for checks)."""
+    total = 0
+    for m in module.modules():
+        for attr in (
+            "_forward_hooks",
+            "_forward_pre_hooks",
+            "_backward_hooks",
+            "_backward_pre_hooks",
+            "_state_dict_hooks",
+        ):
+            total += len(getattr(m, attr, {}) or {})
+    return total
+
+
+# -- attention weights ----------------------------------------------------------------------------
+#
+# Attention maps need the softmax weights ``(B, heads, T, T)`` of every attention call. Two sources:
+#
+# * ``nn.MultiheadAttention``: models call it with ``need_weights=False`` (torchvision's ViT) and
+#   may take the fused fast path, which never materialises the weights. A forward pre-hook asks
+#   for them (``need_weights=True, average_attn_weights=False``) and a forward hook reads
+#   ``output[1]``, then hands the caller what it asked for (``None`` or the head average).
+# * custom modules that opt in with ``xai_attention = True`` and call :func:`record_attention` in
+#   their forward (docs/methods/attention.md). A module that declares the contract but records
+#   nothing (e.g. it calls ``F.scaled_dot_product_attention``) is an error, never an empty map.
+
+_attention_sink: ContextVar[Callable[[nn.Module, torch.Tensor], None] | None] = ContextVar(
+    "xai_core_attention_sink", default=None
+)
+
+# nn.MultiheadAttention.forward's parameters after (query, key, value), to read positional flags.
+_MHA_ARGS = ("key_padding_mask", "need_weights", "attn_mask", "average_attn_weights", "is_causal")
+
+
+def record_attention(module: nn.Module, weights: torch.Tensor) -> None:
+    """Hand the softmax ``weights`` ``(B, heads, T, T)`` that ``module`` just used to xai-core.
+
+    For custom attention modules (class attribute ``xai_attention = True``): call it in
+    ``forward`` with the very tensor that multiplies the values, so gradients with respect to it
+    are the gradients of the model's output. A no-op costing one context-variable read unless
+    :func:`capture_attention` is active for ``module``.
+    """
+    sink = _attention_sink.get()
+    if sink is not None:
+        sink(module, weights)
+
+
+@contextmanager
+def capture_attention(modules: Mapping[str, nn.Module]) -> Iterator[Captured]:
+    """Record the attention weights of each named attention module on every call.
+
+    Yields a :class:`Captured` whose ``outputs[name]`` lists one ``(B, heads, T, T)`` tensor per
+    call and whose ``order`` lists ``(name, weights)`` in call order. Weights are stored as the
+    module produced them (not detached): under ``torch.enable_grad()`` with an input that
+    requires grad they are in the autograd graph. A module that finishes a call without weights
+    raises :class:`~xai_core.errors.CapabilityError` from inside the forward pass. Hooks are
+    removed in ``finally``, also when the body raises.
+    """
+    from xai_core.adapters.torch import is_attention_module
+    from xai_core.errors import CapabilityError, LayerTypeError
+
+    for name, module in modules.items():
+        if not is_attention_module(module):
+            raise LayerTypeError(
+                f"Layer {name!r} ({type(module).__name__}) is not an attention module: use an "
+                f"nn.MultiheadAttention or a module with `xai_attention = True` that calls "
+                f"xai_core.capture.record_attention (docs/methods/attention.md)."
+            )
+    record = Captured({name: [] for name in modules})
+    custom = {m: name for name, m in modules.items() if not isinstance(m, nn.MultiheadAttention)}
+    handles = []
+
+    def store(name: str, weights: torch.Tensor) -> None:
+        record.outputs[name].append(weights)
+        record.order.append((name, weights))
+
+    outer = _attention_sink.get()
+
+    def sink(module: nn.Module, weights: torch.Tensor) -> None:
+        name = custom.get(module)
+        if name is not None:
+            store(name, weights)
+        if outer is not None:  # a capture around this one still sees its modules
+            outer(module, weights)
+
+    def mha_hooks(name: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
+        asked: list[tuple[bool, bool]] = []  # the caller's flags, one entry per call in flight
+
+        def pre(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            kwargs = {**dict(zip(_MHA_ARGS, args[3:], strict=False)), **kwargs}
+            flags = (kwargs.get("need_weights", True), kwargs.get("average_attn_weights", True))
+            asked.append(flags)
+            kwargs.update(need_weights=True, average_attn_weights=False)
+            return args[:3], kwargs
+
+        def post(_m: nn.Module, _args: Any, _kwargs: Any, output: Any) -> Any:
+            need, average = asked.pop()
+            weights = output[1]
+            if weights is None:
+                raise CapabilityError(
+                    f"Attention module {name!r} returned no weights although need_weights=True "
+                    f"was requested; its forward() must return (output, weights) like "
+                    f"nn.MultiheadAttention."
+                )
+            store(name, weights)
+            # The caller gets exactly what it asked for, so the model computes what it always does.
+            return output[0], ((weights.mean(dim=1) if average else weights) if need else None)
+
+        return pre, post
+
+    def custom_hooks(name: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
+        before: list[int] = []
+
+        def pre(_m: nn.Module, _args: Any) -> None:
+            before.append(len(record.outputs[name]))
+
+        def post(m: nn.Module, _args: Any, _output: Any) -> None:
+            if len(record.outputs[name]) == before.pop():
+                raise CapabilityError(
+                    f"Attention module {name!r} ({type(m).__name__}) declares "
+                    f"`xai_attention = True` but recorded no weights during its forward pass. "
+                    f"Fused attention (F.scaled_dot_product_attention, flash kernels) never "
+                    f"materialises them: compute softmax(q k^T / sqrt(d)) explicitly and call "
+                    f"xai_core.capture.record_attention(self, weights) with the (B, heads, T, T) "
+                    f"weights used to mix the values (docs/methods/attention.md)."
+                )
+
+        return pre, post
+
+    token = _attention_sink.set(sink)
+    try:
+        for name, module in modules.items():
+            if isinstance(module, nn.MultiheadAttention):
+                pre, post = mha_hooks(name)
+                handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+                handles.append(module.register_forward_hook(post, with_kwargs=True))
+            else:
+                pre, post = custom_hooks(name)
+                handles.append(module.register_forward_pre_hook(pre))
+                handles.append(module.register_forward_hook(post))
+        yield record
+    finally:
+        for handle in handles:
+            handle.remove()
+        _attention_sink.reset(token)

@@ -1,0 +1,89 @@
+"""Every exception xai-core raises on purpose lives here.
+
+Each error says what was wrong and what to do about it. Errors that stand for a wrong *kind* of
+value also derive from :class:`TypeError`; errors for a wrong *value* derive from
+:class:`ValueError`, so ``except ValueError`` in user code keeps working.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from difflib import get_close_matches
+
+
+class XaiError(Exception):
+    """Base class of every error raised by xai-core and its plugins."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """A ' Did you mean ...?' suffix for an unknown name, or '' when nothing is close."""
+    close = get_close_matches(word, list(choices), n=3, cutoff=0.6)
+    return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+
+
+class InputError(XaiError, ValueError):
+    """The input batch is unusable: wrong rank, channels, size, emptiness or non-finite values."""
+
+
+class InputTypeError(XaiError, TypeError):
+    """The input is not a floating-point torch tensor."""
+
+
+class DeviceError(XaiError, ValueError):
+    """Inputs and model live on different devices."""
+
+
+class TargetError(XaiError, ValueError):
+    """Targets do not match the batch: wrong count, out of range, or a bad callable result."""
+
+
+class TargetTypeError(XaiError, TypeError):
+    """Targets are of a type xai-core cannot interpret."""
+
+
+class UnknownMethodError(XaiError, LookupError):
+    """No installed plugin provides an explainer (or metric) of that name."""
+
+
+class UnknownOptionError(XaiError, TypeError):
+    """An option was passed that the explainer does not accept."""
+
+
+class OptionError(XaiError, ValueError):
+    """An option has a value the explainer cannot use."""
+
+
+class CapabilityError(XaiError, TypeError):
+    """The model cannot provide what the explainer needs (e.g. gradients from an ONNX file)."""
+
+
+class LayerNotFoundError(XaiError, ValueError):
+    """A layer name does not exist in the model."""
+
+
+class LayerTypeError(XaiError, TypeError):
+    """A layer was given as something other than a name, a module or a list of those."""
+
+
+class ModelError(XaiError, ValueError):
+    """The model cannot be adapted, loaded or run."""
+
+
+class ModelTypeError(XaiError, TypeError):
+    """No adapter (built-in or from a plugin) accepts this kind of model object."""
+
+
+class PluginError(XaiError):
+    """A plugin is broken: it failed to import, to register, or two plugins claim one name."""
+
+
+class PluginConflictError(PluginError, LookupError):
+    """Two plugins registered the same name; neither is used until one is removed."""
+
+
+class TagError(XaiError, ValueError):
+    """An explainer declares a tag value that does not exist."""
+
+
+class ConformanceError(XaiError, AssertionError):
+    """Raised by :mod:`xai_core.testing` when an explainer breaks the protocol."""

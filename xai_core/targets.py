@@ -1,0 +1,214 @@
+"""What to explain: which output score(s) of each sample.
+
+One documented format, validated against the batch before anything runs:
+
+* ``None``: the top class of each sample (arg-max of its scores);
+* an ``int``: that class for every sample;
+* a sequence / 1-D tensor of ``N`` ints: one class per sample;
+* a sequence of ``N`` equal-length sequences / an ``(N, K)`` tensor: ``K`` classes per sample
+  (multi-label models: all 14 findings of a chest X-ray at once);
+* ``"all"``: every output class of every sample;
+* a callable ``f(outputs) -> (B,) or (B, K)`` tensor of scores, computed row by row (it must not
+  mix samples), for custom outputs such as a segmentation logit summed over a region.
+
+A count that does not match the batch is an error, never a silent truncation. Scores are the
+pre-softmax / pre-sigmoid outputs of the model (logits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeAlias
+
+import torch
+
+from xai_core.errors import TargetError, TargetTypeError
+
+ScoreFunction: TypeAlias = Callable[[torch.Tensor], torch.Tensor]
+TargetSpec: TypeAlias = (
+    int
+    | Sequence[int]
+    | Sequence[Sequence[int]]
+    | torch.Tensor
+    | ScoreFunction
+    | Literal["all"]
+    | None
+)
+
+
+@dataclass(frozen=True)
+class ResolvedTargets:
+    """Targets fixed against the model's scores on the unperturbed batch.
+
+    ``indices`` is an ``(N, K)`` long tensor of class indices on the model's device, or ``None``
+    for a callable target. ``count`` is ``K``, the number of targets per sample.
+    """
+
+    indices: torch.Tensor | None
+    count: int
+    function: ScoreFunction | None = None
+
+    def select(self, outputs: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The ``(B, K)`` target scores of ``outputs``.
+
+        ``rows[b]`` names the sample that row ``b`` of ``outputs`` comes from (perturbation
+        methods evaluate many copies of one sample); by default row ``b`` is sample ``b``.
+        """
+        if self.function is not None:
+            return _checked_scores(self.function(outputs), outputs.shape[0], self.count)
+        assert self.indices is not None  # invariant of the constructor, not user input
+        index = self.indices if rows is None else self.indices.index_select(0, rows)
+        return outputs.flatten(1).gather(1, index)
+
+
+class Targets:
+    """A validated target request for a batch of ``n`` samples, resolved once scores exist.
+
+    Explainers call :meth:`resolve` on the scores of their first (unperturbed) forward pass;
+    the result is remembered so the core can report it in the :class:`Explanation`.
+    """
+
+    def __init__(self, spec: TargetSpec, n: int, device: torch.device | str = "cpu") -> None:
+        self.spec = spec
+        self.n = n
+        self.device = torch.device(device)
+        self.multi = False  # several targets per sample were asked for: keep the target axis
+        self.function: ScoreFunction | None = None
+        self._indices: torch.Tensor | None = None  # fixed before seeing scores, if possible
+        self._all = False
+        self.resolved: ResolvedTargets | None = None
+        self._parse(spec)
+
+    def _parse(self, spec: Any) -> None:
+        if spec is None:
+            return
+        if isinstance(spec, str):
+            if spec != "all":
+                raise TargetTypeError(f"The only string target is 'all'; got {spec!r}.")
+            self._all = self.multi = True
+            return
+        if callable(spec) and not isinstance(spec, torch.Tensor):
+            self.function = spec
+            return
+        if isinstance(spec, bool):
+            raise TargetTypeError("A target must be a class index, not a bool.")
+        if isinstance(spec, int):
+            self._indices = torch.full((self.n, 1), spec, dtype=torch.long)
+            self._check_nonnegative()
+            return
+        tensor = self._as_tensor(spec)
+        if tensor.ndim == 0:
+            tensor = tensor.reshape(1).expand(self.n)
+        if tensor.ndim > 2:
+            raise TargetError(
+                f"Targets must be 1-D (one class per sample) or 2-D (several per sample); "
+                f"got shape {tuple(tensor.shape)}."
+            )
+        if tensor.shape[0] != self.n:
+            raise TargetError(
+                f"Got {tensor.shape[0]} targets for a batch of {self.n} samples. Give exactly one "
+                f"target (or one row of targets) per sample, or a single int for all samples."
+            )
+        if tensor.ndim == 2:
+            if tensor.shape[1] == 0:
+                raise TargetError("Each sample needs at least one target; got empty rows.")
+            self.multi = True
+        self._indices = tensor.reshape(self.n, -1)
+        self._check_nonnegative()
+
+    def _as_tensor(self, spec: Any) -> torch.Tensor:
+        if isinstance(spec, torch.Tensor):
+            if spec.is_floating_point() or spec.is_complex() or spec.dtype == torch.bool:
+                raise TargetTypeError(
+                    f"Target tensors must hold integer class indices; got dtype {spec.dtype}."
+                )
+            return spec.detach().to("cpu", torch.long)
+        if not isinstance(spec, Sequence):
+            raise TargetTypeError(
+                f"Cannot interpret targets of type {type(spec).__name__}. Use an int, a sequence "
+                f"of ints (one per sample), a sequence of sequences (several per sample), a "
+                f"tensor, 'all', or a callable on the model outputs."
+            )
+        rows = list(spec)
+        if rows and all(isinstance(r, Sequence) and not isinstance(r, str) for r in rows):
+            lengths = {len(r) for r in rows}
+            if len(lengths) != 1:
+                raise TargetError(
+                    f"Every sample needs the same number of targets; got row lengths "
+                    f"{sorted(lengths)}."
+                )
+            rows = [list(r) for r in rows]
+            flat = [v for r in rows for v in r]
+        else:
+            flat = rows
+        for value in flat:
+            integer_scalar = isinstance(value, torch.Tensor) and (
+                value.ndim == 0 and not value.is_floating_point() and value.dtype != torch.bool
+            )
+            if not integer_scalar and (isinstance(value, bool) or not isinstance(value, int)):
+                raise TargetTypeError(
+                    f"Targets must be integer class indices; got {value!r} "
+                    f"({type(value).__name__})."
+                )
+        return torch.as_tensor(rows, dtype=torch.long)
+
+    def _check_nonnegative(self) -> None:
+        assert self._indices is not None
+        if self._indices.numel() and int(self._indices.min()) < 0:
+            raise TargetError(f"Target class indices must be >= 0; got {int(self._indices.min())}.")
+
+    def resolve(self, scores: torch.Tensor) -> ResolvedTargets:
+        """Fix the targets against the ``(N, C)`` scores of the unperturbed batch."""
+        if scores.shape[0] != self.n:
+            raise TargetError(
+                f"The model returned {scores.shape[0]} rows of scores for {self.n} samples."
+            )
+        if self.function is not None:
+            raw = self.function(scores)
+            self.multi = isinstance(raw, torch.Tensor) and raw.ndim == 2
+            probe = _checked_scores(raw, scores.shape[0], None)
+            self.resolved = ResolvedTargets(None, probe.shape[1], self.function)
+            return self.resolved
+        if scores.ndim != 2:
+            raise TargetError(
+                f"Class targets need model outputs of shape (N, classes); got "
+                f"{tuple(scores.shape)}. Pass a callable target that reduces the outputs to a "
+                f"score per sample."
+            )
+        classes = scores.shape[1]
+        if self._all:
+            indices = torch.arange(classes, device=scores.device).expand(self.n, classes)
+        elif self._indices is None:
+            indices = scores.detach().argmax(dim=1, keepdim=True)
+        else:
+            largest = int(self._indices.max())
+            if largest >= classes:
+                raise TargetError(
+                    f"Target class {largest} is out of range: the model has {classes} outputs "
+                    f"(valid classes are 0..{classes - 1})."
+                )
+            indices = self._indices.to(scores.device)
+        self.resolved = ResolvedTargets(indices.contiguous(), indices.shape[1])
+        return self.resolved
+
+
+def _checked_scores(result: Any, rows: int, count: int | None) -> torch.Tensor:
+    """A callable target's result as ``(rows, K)``, or a :class:`TargetError` saying what is off."""
+    if not isinstance(result, torch.Tensor):
+        raise TargetError(
+            f"A callable target must return a tensor of scores; got {type(result).__name__}."
+        )
+    if result.ndim == 1:
+        result = result.unsqueeze(1)
+    if result.ndim != 2 or result.shape[0] != rows:
+        raise TargetError(
+            f"A callable target must return shape (B,) or (B, K) for {rows} rows of outputs; "
+            f"got {tuple(result.shape)}."
+        )
+    if count is not None and result.shape[1] != count:
+        raise TargetError(
+            f"The callable target returned {result.shape[1]} scores per row, but {count} on the "
+            f"unperturbed batch: it must return the same number every time."
+        )
+    return result
