@@ -130,6 +130,10 @@ def capture(
                     f"Layer {name!r} returns {type(output).__name__}, not a tensor; choose a "
                     f"layer whose output is a feature map."
                 )
+            if _aliases_an_input(output, args):
+                # An Identity tap, a view or an in-place activation returns memory the model
+                # still holds; an edit made upstream later would change the record.
+                output = output.clone()
             stored = output.detach() if detach else output
             record.outputs[name].append(stored)
             record.order.append((name, stored))
@@ -144,6 +148,13 @@ def capture(
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _aliases_an_input(output: torch.Tensor, args: tuple[object, ...]) -> bool:
+    pointer = output.untyped_storage().data_ptr()
+    return any(
+        isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() == pointer for a in args
+    )
 
 
 def hook_count(module: nn.Module) -> int:
@@ -252,7 +263,7 @@ def capture_attention(modules: Mapping[str, nn.Module]) -> Iterator[Captured]:
                     f"nn.MultiheadAttention."
                 )
             store(name, weights)
-            # The caller gets exactly what it asked for, so the model computes what it always does.
+            # The caller gets what it asked for: code around the module sees what it always sees.
             return output[0], ((weights.mean(dim=1) if average else weights) if need else None)
 
         return pre, post

@@ -1,0 +1,430 @@
+"""Attention maps for vision transformers, as one xai-core plugin (docs/methods/attention.md).
+
+With ``A_l`` the softmax attention ``(N, heads, T, T)`` of the ``l``-th attention call in forward
+order, ``y`` a target score (a logit) and ``I`` the identity::
+
+    attention:     map = fuse_h A_l[h]                                    (one layer, one/all heads)
+    rollout:       A~_l = rownorm(0.5 fuse_h A_l + 0.5 I),  R = A~_L ... A~_1       (Abnar 2020)
+    grad_rollout:  Abar_l = mean_h ReLU(dy/dA_l ⊙ A_l),     R = (I + Abar_L) ... (I + Abar_1)
+                                                                                   (Chefer 2021)
+
+and the map is the class token's row over the patch tokens, ``R[CLS, patches]``, on the patch
+grid; for models without a class token (mean pooling) it is the mean over all rows. Raw attention
+and rollout do not depend on the target: they return the same map for each of the ``K`` targets.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+import xai_core
+from xai_core import Attribution, Capability, Tags, Targets
+from xai_core.adapters.base import ModelAdapter
+from xai_core.adapters.torch import TorchAdapter, is_attention_module
+from xai_core.capture import capture_attention
+from xai_core.errors import CapabilityError, LayerNotFoundError, OptionError, did_you_mean
+
+__version__ = "0.1.0"
+
+Call = tuple[str, torch.Tensor]  # (module name, its weights (N, heads, T, T)) for one call
+
+FUSIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "mean": lambda a: a.mean(dim=1),
+    "max": lambda a: a.amax(dim=1),
+    "min": lambda a: a.amin(dim=1),
+}
+
+
+# -- the model's attention -------------------------------------------------------------------------
+
+
+def attention_modules(module: nn.Module) -> dict[str, nn.Module]:
+    """The outermost attention modules by name: an ``nn.MultiheadAttention`` inside a custom
+    attention module is part of that module's attention, not a layer of its own."""
+    found: dict[str, nn.Module] = {}
+    for name, m in module.named_modules():
+        inside = any(name.startswith(f"{outer}.") or not outer for outer in found)
+        if is_attention_module(m) and not inside:
+            found[name] = m
+    return {name or "<model>": m for name, m in found.items()}
+
+
+def attention_forward(
+    model: ModelAdapter, inputs: torch.Tensor, *, grad: bool
+) -> tuple[torch.Tensor, list[Call]]:
+    """Scores and every attention call ``(name, weights)`` of one forward pass, in call order.
+
+    With ``grad=True`` the weights stay in the autograd graph: the parameters are frozen during
+    an explanation, so the input is what requires grad.
+    """
+    if not isinstance(model, TorchAdapter):
+        raise CapabilityError(
+            f"Attention maps read the attention modules of a PyTorch model; got a {model.kind} "
+            f"model."
+        )
+    x = inputs.detach().requires_grad_(True) if grad else inputs
+    with torch.set_grad_enabled(grad), capture_attention(attention_modules(model.module)) as seen:
+        scores = model.forward(x)
+    if not seen.order:
+        raise CapabilityError(
+            "No attention module was called during the forward pass, so there are no attention "
+            "weights to show."
+        )
+    for name, weights in seen.order:
+        if (
+            weights.ndim != 4
+            or weights.shape[0] != inputs.shape[0]
+            or (weights.shape[-1] != weights.shape[-2])
+        ):
+            raise CapabilityError(
+                f"Attention layer {name!r} gave weights of shape {tuple(weights.shape)}; attention "
+                f"maps need self-attention weights (N={inputs.shape[0]}, heads, T, T)."
+            )
+    return scores, list(seen.order)
+
+
+def pick_layer(calls: list[Call], layer: int | str) -> Call:
+    """One attention call: by index in call order, or by module name (its last call)."""
+    if isinstance(layer, str):
+        matches = [call for call in calls if call[0] == layer]
+        if not matches:
+            names = list(dict.fromkeys(name for name, _ in calls))
+            raise LayerNotFoundError(
+                f"No attention layer named {layer!r} ran.{did_you_mean(layer, names)} Attention "
+                f"layers: {', '.join(names)}."
+            )
+        return matches[-1]
+    if not -len(calls) <= layer < len(calls):
+        raise OptionError(
+            f"layer={layer} is out of range: the model made {len(calls)} attention calls "
+            f"(use 0..{len(calls) - 1}, or negative indices from the last)."
+        )
+    return calls[layer]
+
+
+def same_tokens(calls: list[Call]) -> int:
+    """The token count ``T`` shared by every attention call (rollout multiplies their matrices)."""
+    counts = {name: weights.shape[-1] for name, weights in calls}
+    if len(set(counts.values())) > 1:
+        raise CapabilityError(
+            f"Rollout multiplies the attention matrices of all layers, which needs one token "
+            f"count; these layers attend over different numbers of tokens: {counts}. Use "
+            f"method='attention' for a single layer."
+        )
+    return calls[0][1].shape[-1]
+
+
+# -- tokens to an image grid -----------------------------------------------------------------------
+
+
+def patch_grid(tokens: int, spatial: Sequence[int]) -> tuple[int, ...] | None:
+    """The grid of ``tokens`` patches that tiles an input of size ``spatial``, or ``None``.
+
+    A patch size ``p`` gives the grid ``s // p`` per axis (or ``ceil(s / p)`` for patchifiers that
+    pad): the first ``p`` whose grid holds exactly ``tokens`` patches wins. So the grid keeps the
+    input's aspect ratio, and a square input needs a perfect square.
+    """
+    for p in range(1, max(spatial) + 1):
+        for grid in (tuple(s // p for s in spatial), tuple(-(-s // p) for s in spatial)):
+            if math.prod(grid) == tokens:
+                return grid
+    return None
+
+
+def token_layout(
+    tokens: int, spatial: Sequence[int], class_token: bool | None
+) -> tuple[bool, tuple[int, ...]]:
+    """Whether token 0 is a class token, and the patch grid of the other tokens.
+
+    Auto (``class_token=None``): a class token when the last ``T - 1`` tokens tile the input as a
+    patch grid (``T = 197`` at 224x224 px: 196 = 14 x 14 patches), else none when all ``T`` do.
+    """
+    options = [class_token] if class_token is not None else [True, False]
+    for has_cls in options:
+        grid = patch_grid(tokens - int(has_cls), spatial)
+        if grid is not None:
+            return has_cls, grid
+    wanted = {True: "T - 1", False: "T"}
+    raise CapabilityError(
+        f"Cannot lay {' or '.join(wanted[c] for c in options)} of the T={tokens} tokens out as a "
+        f"patch grid of the {tuple(spatial)} input. Models with extra tokens (distillation, "
+        f"registers) or patch grids that do not follow the input's shape are not supported; "
+        f"pass class_token=True/False if the automatic choice is wrong."
+    )
+
+
+def token_map(relevance: torch.Tensor, class_token: bool, grid: tuple[int, ...]) -> torch.Tensor:
+    """``(..., T, T)`` token-to-token relevance -> ``(..., *grid)`` over the patches: the class
+    token's row, or for mean-pooled models (no class token) the mean of all rows."""
+    if class_token:
+        return relevance[..., 0, 1:].unflatten(-1, grid)
+    return relevance.mean(dim=-2).unflatten(-1, grid)
+
+
+# -- the equations ---------------------------------------------------------------------------------
+
+
+def fuse_heads(weights: torch.Tensor, head: int | str) -> torch.Tensor:
+    """``(N, heads, T, T)`` -> ``(N, T, T)``: one head by index, or fused by mean, max or min."""
+    if isinstance(head, str):
+        return FUSIONS[head](weights)
+    heads = weights.shape[1]
+    if not -heads <= head < heads:
+        raise OptionError(f"head={head} is out of range: this layer has {heads} heads.")
+    return weights[:, head]
+
+
+def check_head(head: Any, *, allow_index: bool) -> None:
+    """Refuse a bad ``head`` option before the model runs."""
+    if isinstance(head, str) and head in FUSIONS:
+        return
+    if allow_index and isinstance(head, int) and not isinstance(head, bool):
+        return
+    kinds = "a head index (int) or " if allow_index else ""
+    raise OptionError(f"Expected {kinds}one of {sorted(FUSIONS)}; got {head!r}.")
+
+
+def discard_lowest(a: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Zero the ``ratio`` fraction of smallest entries of each ``(T, T)`` matrix."""
+    flat = a.flatten(-2)
+    count = int(ratio * flat.shape[-1])
+    if count == 0:
+        return a
+    lowest = flat.topk(count, dim=-1, largest=False).indices
+    return flat.scatter(-1, lowest, 0.0).view_as(a)
+
+
+def chain(matrices: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``M_L ... M_1`` for matrices given in forward order (layer 1 first)."""
+    product = matrices[0]
+    for m in matrices[1:]:
+        product = m @ product
+    return product
+
+
+def differentiable(name: str, weights: torch.Tensor) -> torch.Tensor:
+    """The tensor holding ``weights``' values that the scores depend on in the autograd graph.
+
+    ``nn.MultiheadAttention`` multiplies the values by its softmax output ``(N*heads, T, T)`` and
+    only afterwards returns ``.view(N, heads, T, T)`` of it. That view is a new node *after* the
+    bmm, so the scores do not depend on it and ``autograd.grad`` with respect to it fails ("not
+    used in the graph"). Its ``_base``, the softmax output itself, holds the same numbers in the
+    same order and is what the scores depend on: differentiate that and reshape. A custom module
+    recording the tensor it multiplies by (the contract) is used as it is.
+    """
+    if weights.grad_fn is None:
+        raise CapabilityError(
+            f"The weights of attention layer {name!r} are outside the autograd graph (detached "
+            f"or computed under no_grad); record the tensor that multiplies the values."
+        )
+    base = weights._base
+    if (
+        base is not None
+        and base.grad_fn is not None
+        and base.numel() == weights.numel()
+        and weights.is_contiguous()
+        and weights.storage_offset() == base.storage_offset()
+    ):
+        return base
+    return weights
+
+
+def target_gradients(
+    scores: torch.Tensor, tensors: list[torch.Tensor]
+) -> list[torch.Tensor | None]:
+    """``d scores[:, k] / d tensor`` for every target ``k``, as ``(K, *tensor.shape)`` each.
+
+    Samples are independent in eval mode, so the gradient of ``scores[:, k].sum()`` holds every
+    sample's own gradient. ``K`` targets share one batched (vmapped) backward pass; if an operation
+    has no batching rule, one pass per target runs instead. ``None`` for an unused tensor.
+    """
+    count = scores.shape[1]
+    if count == 1:
+        grads = torch.autograd.grad(scores.sum(), tensors, allow_unused=True)
+        return [None if g is None else g.unsqueeze(0) for g in grads]
+    seeds = torch.eye(count, dtype=scores.dtype, device=scores.device)[:, None, :]
+    try:
+        return list(
+            torch.autograd.grad(
+                scores,
+                tensors,
+                seeds.expand(count, *scores.shape),
+                retain_graph=True,
+                is_grads_batched=True,
+                allow_unused=True,
+            )
+        )
+    except RuntimeError:
+        per_target = [
+            torch.autograd.grad(scores[:, k].sum(), tensors, retain_graph=True, allow_unused=True)
+            for k in range(count)
+        ]
+        return [
+            None if any(g is None for g in gs) else torch.stack(gs)
+            for gs in zip(*per_target, strict=True)
+        ]
+
+
+def per_target(maps: torch.Tensor, count: int) -> torch.Tensor:
+    """``(N, *grid)`` -> ``(N, K, *grid)``: one copy per target, for target-independent maps."""
+    return maps.unsqueeze(1).expand(maps.shape[0], count, *maps.shape[1:]).clone()
+
+
+def span(names: Sequence[str]) -> str:
+    """One label for a map combining several layers: ``first..last`` in call order."""
+    return names[0] if len(names) == 1 else f"{names[0]}..{names[-1]}"
+
+
+# -- the explainers --------------------------------------------------------------------------------
+
+
+class RawAttention:
+    """Raw attention of one layer: from the class token (or all tokens) to the patches."""
+
+    name = "attention"
+    tags = Tags("local", "model-specific", requires={Capability.ATTENTION})
+
+    def explain(
+        self,
+        model: ModelAdapter,
+        inputs: torch.Tensor,
+        targets: Targets,
+        *,
+        layer: int | str = -1,
+        head: int | str = "mean",
+        class_token: bool | None = None,
+    ) -> Attribution:
+        """:param layer: which attention call, by index in forward order (default: the last), or
+            an attention module's name (its last call).
+        :param head: a head index, or ``"mean"``, ``"max"`` or ``"min"`` over heads.
+        :param class_token: token 0 is a class token; ``None`` decides from the token count.
+        """
+        check_head(head, allow_index=True)
+        if isinstance(layer, bool) or not isinstance(layer, int | str):
+            raise OptionError(f"layer is an index (int) or a module name (str); got {layer!r}.")
+        scores, calls = attention_forward(model, inputs, grad=False)
+        resolved = targets.resolve(scores)
+        name, weights = pick_layer(calls, layer)
+        has_cls, grid = token_layout(weights.shape[-1], inputs.shape[2:], class_token)
+        maps = token_map(fuse_heads(weights, head), has_cls, grid)
+        return Attribution(
+            maps=per_target(maps, resolved.count),
+            scores=scores.detach(),
+            layers=[name],
+            details={
+                "head": head,
+                "class_token": has_cls,
+                "grid": grid,
+                "heads": weights.shape[1],
+                "attention_layers": [n for n, _ in calls],
+                "target_independent": True,
+            },
+        )
+
+
+class AttentionRollout:
+    """Attention rollout (Abnar & Zuidema 2020): attention propagated through all layers."""
+
+    name = "rollout"
+    tags = Tags("local", "model-specific", requires={Capability.ATTENTION})
+
+    def explain(
+        self,
+        model: ModelAdapter,
+        inputs: torch.Tensor,
+        targets: Targets,
+        *,
+        head_fusion: str = "mean",
+        discard_ratio: float = 0.0,
+        class_token: bool | None = None,
+    ) -> Attribution:
+        """:param head_fusion: ``"mean"`` (the paper), ``"max"`` or ``"min"`` over heads.
+        :param discard_ratio: fraction in [0, 1) of each layer's smallest fused weights set to
+            zero before the identity is added (a noise filter from jacobgil/vit-explain).
+        :param class_token: token 0 is a class token; ``None`` decides from the token count.
+        """
+        check_head(head_fusion, allow_index=False)
+        if not 0.0 <= discard_ratio < 1.0:
+            raise OptionError(f"discard_ratio must lie in [0, 1); got {discard_ratio!r}.")
+        scores, calls = attention_forward(model, inputs, grad=False)
+        resolved = targets.resolve(scores)
+        tokens = same_tokens(calls)
+        has_cls, grid = token_layout(tokens, inputs.shape[2:], class_token)
+        eye = torch.eye(tokens, dtype=calls[0][1].dtype, device=calls[0][1].device)
+        tilde = []
+        for _, weights in calls:
+            a = 0.5 * discard_lowest(fuse_heads(weights, head_fusion), discard_ratio) + 0.5 * eye
+            tilde.append(a / a.sum(dim=-1, keepdim=True))  # rows renormalised
+        maps = token_map(chain(tilde), has_cls, grid)
+        names = [n for n, _ in calls]
+        return Attribution(
+            maps=per_target(maps, resolved.count),
+            scores=scores.detach(),
+            layers=[span(names)],
+            details={
+                "head_fusion": head_fusion,
+                "discard_ratio": discard_ratio,
+                "class_token": has_cls,
+                "grid": grid,
+                "attention_layers": names,
+                "target_independent": True,
+            },
+        )
+
+
+class GradAttentionRollout:
+    """Gradient-weighted attention rollout (Chefer et al. 2021): class-specific relevance."""
+
+    name = "grad_rollout"
+    tags = Tags("local", "model-specific", requires={Capability.ATTENTION, Capability.GRADIENTS})
+
+    def explain(
+        self,
+        model: ModelAdapter,
+        inputs: torch.Tensor,
+        targets: Targets,
+        *,
+        class_token: bool | None = None,
+    ) -> Attribution:
+        """:param class_token: token 0 is a class token; ``None`` decides from the token count."""
+        scores, calls = attention_forward(model, inputs, grad=True)
+        chosen = targets.resolve(scores).select(scores)  # (N, K) target logits
+        tokens = same_tokens(calls)
+        has_cls, grid = token_layout(tokens, inputs.shape[2:], class_token)
+        names = [n for n, _ in calls]
+        grads = target_gradients(chosen, [differentiable(n, w) for n, w in calls])
+        eye = torch.eye(tokens, dtype=calls[0][1].dtype, device=calls[0][1].device)
+        steps = []
+        for (name, weights), grad in zip(calls, grads, strict=True):
+            if grad is None:
+                raise CapabilityError(
+                    f"The scores do not depend on the weights recorded by attention layer "
+                    f"{name!r}: record the very tensor that multiplies the values."
+                )
+            grad = grad.reshape(grad.shape[0], *weights.shape)  # (K, N, heads, T, T)
+            a_bar = (grad * weights.detach()).clamp(min=0).mean(dim=2)
+            steps.append(eye + a_bar)  # R <- R + Abar R, the paper's update
+        maps = token_map(chain(steps), has_cls, grid).transpose(0, 1)  # (N, K, *grid)
+        return Attribution(
+            maps=maps.contiguous(),
+            scores=scores.detach(),
+            layers=[span(names)],
+            details={
+                "class_token": has_cls,
+                "grid": grid,
+                "attention_layers": names,
+                "target_independent": False,
+            },
+        )
+
+
+@xai_core.hookimpl
+def register_explainers(register: Callable[[type], None]) -> None:
+    register(RawAttention)
+    register(AttentionRollout)
+    register(GradAttentionRollout)

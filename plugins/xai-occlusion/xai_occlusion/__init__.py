@@ -1,0 +1,223 @@
+"""Occlusion (Zeiler & Fergus 2014) as an xai-core plugin: the drop of a score when a box is hidden.
+
+For a box ``B_p`` at window position ``p``, an input ``x``, a baseline ``b`` and a target score
+``f``::
+
+    x_p     = b inside B_p (every channel), x elsewhere
+    delta_p = f(x) - f(x_p)                          positive: the box was evidence for the class
+    attr(u) = mean of delta_p over {p : u in B_p}    0 where no box covers u
+
+This is Captum's ``Occlusion`` convention, so maps are comparable. Boxes start at 0, s, 2s, ...
+along each spatial axis for as long as they fit.
+
+Only ``model.forward`` is called, so PyTorch modules and ONNX models share one path. Perturbed
+inputs are built on the model's device from box masks and evaluated ``chunk_size`` at a time,
+samples and windows mixed in one batch; every target comes from the same forward passes.
+A box is a product of intervals, so spreading each ``delta_p`` over its box and summing is a
+product with one 0/1 matrix per axis, ``boxes[p, u] = (u in interval p)``: no loop over windows.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+import xai_core
+from xai_core import Attribution, Tags, Targets
+from xai_core.adapters.base import ModelAdapter
+from xai_core.errors import OptionError, did_you_mean
+
+__version__ = "0.1.0"
+
+BASELINES = ("zero", "blur", "mean")
+Progress = Callable[[int, int], object]
+
+
+def _per_axis(value: object, name: str, rank: int, kind: type = numbers.Integral) -> tuple:
+    """``value`` (one number, or one per spatial axis) as ``rank`` positive finite numbers."""
+    several = isinstance(value, Sequence) and not isinstance(value, str)
+    items = list(value) if several else [value] * rank
+    ok = len(items) == rank and all(
+        isinstance(v, kind) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+        for v in items
+    )
+    if not ok:
+        what = "int" if kind is numbers.Integral else "number"
+        raise OptionError(
+            f"{name} must be a positive {what} or {rank} of them (one per spatial axis); "
+            f"got {value!r}."
+        )
+    return tuple(int(v) if kind is numbers.Integral else float(v) for v in items)
+
+
+def window_boxes(size: int, window: int, stride: int, device: torch.device) -> torch.Tensor:
+    """``(positions, size)`` boolean matrix: row ``p`` marks the interval ``[p*s, p*s + w)``.
+
+    Positions are ``0, s, 2s, ...`` while ``start + w <= size`` (as Captum's Occlusion).
+    """
+    starts = torch.arange(0, size - window + 1, stride, device=device)[:, None]
+    u = torch.arange(size, device=device)
+    return (u >= starts) & (u < starts + window)
+
+
+def along_axes(grid: torch.Tensor, boxes: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Sum of ``grid[..., p1, p2, ...]`` times the box of ``(p1, p2, ...)``, on the input grid.
+
+    The last ``len(boxes)`` axes of ``grid`` index window positions; axis ``i`` is multiplied by
+    ``boxes[i]`` (``(positions, size)``), which turns it into a spatial axis.
+    """
+    first = grid.ndim - len(boxes)
+    for axis, box in enumerate(boxes, start=first):
+        grid = (grid.movedim(axis, -1) @ box.to(grid.dtype)).movedim(-1, axis)
+    return grid
+
+
+def box_masks(index: torch.Tensor, boxes: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``(B, *spatial)`` masks of the boxes at flat (row-major) window indices ``index``."""
+    positions = tuple(box.shape[0] for box in boxes)
+    rank = len(boxes)
+    mask = torch.ones((index.shape[0],) + (1,) * rank, dtype=torch.bool, device=index.device)
+    for axis, (box, i) in enumerate(zip(boxes, torch.unravel_index(index, positions), strict=True)):
+        shape = [index.shape[0]] + [1] * rank
+        shape[1 + axis] = box.shape[1]
+        mask = mask & box[i].view(shape)
+    return mask
+
+
+def gaussian_blur(inputs: torch.Tensor, sigma: Sequence[float]) -> torch.Tensor:
+    """Each channel of ``(N, C, *spatial)`` blurred by a separable Gaussian, on its device.
+
+    The kernel is cut at ``round(3 sigma)`` and edges are replicated: the same as
+    ``scipy.ndimage.gaussian_filter(x, sigma, mode="nearest", truncate=3)`` per channel.
+    """
+    rank = inputs.ndim - 2
+    conv = (F.conv1d, F.conv2d, F.conv3d)[rank - 1]
+    out = inputs.reshape(-1, 1, *inputs.shape[2:])  # channels never mix
+    for axis, s in enumerate(sigma):
+        radius = int(3 * s + 0.5)
+        t = torch.arange(-radius, radius + 1, device=inputs.device, dtype=inputs.dtype)
+        kernel = torch.exp(-0.5 * (t / s) ** 2)
+        shape = [1, 1] + [1] * rank
+        shape[2 + axis] = kernel.numel()
+        pad = [0] * (2 * rank)  # F.pad lists the last axis first
+        pad[2 * (rank - 1 - axis)] = pad[2 * (rank - 1 - axis) + 1] = radius
+        out = conv(F.pad(out, pad, mode="replicate"), (kernel / kernel.sum()).view(shape))
+    return out.reshape(inputs.shape)
+
+
+def baseline_fill(inputs: torch.Tensor, baseline: object, sigma: object) -> torch.Tensor:
+    """What a box is replaced with: a tensor broadcastable to ``inputs``, one row per sample."""
+    n, spatial = inputs.shape[0], tuple(range(2, inputs.ndim))
+    if isinstance(baseline, str):
+        if baseline == "mean":  # per channel, per sample
+            return inputs.mean(dim=spatial, keepdim=True)
+        if baseline == "blur":
+            return gaussian_blur(inputs, _per_axis(sigma, "sigma", len(spatial), numbers.Real))
+        if baseline != "zero":
+            raise OptionError(
+                f"baseline must be a number or one of {BASELINES}; got "
+                f"{baseline!r}.{did_you_mean(baseline, BASELINES)}"
+            )
+        baseline = 0.0
+    if (
+        isinstance(baseline, bool)
+        or not isinstance(baseline, numbers.Real)
+        or not math.isfinite(baseline)
+    ):
+        raise OptionError(
+            f"baseline must be a finite number or one of {BASELINES}; got {baseline!r}."
+        )
+    return inputs.new_full((1,) * inputs.ndim, float(baseline)).expand(n, *[-1] * (inputs.ndim - 1))
+
+
+class Occlusion:
+    """Occlusion: the drop of the target score when a sliding box is replaced by a baseline."""
+
+    name = "occlusion"
+    tags = Tags("local", "model-agnostic")  # needs only the forward capability
+
+    def explain(
+        self,
+        model: ModelAdapter,
+        inputs: torch.Tensor,
+        targets: Targets,
+        *,
+        window: int | Sequence[int] | None = None,
+        stride: int | Sequence[int] | None = None,
+        baseline: float | str = "zero",
+        sigma: float | Sequence[float] = 5.0,
+        chunk_size: int = 32,
+        progress: Progress | None = None,
+    ) -> Attribution:
+        """:param window: box size, one int for every spatial axis or one per axis; default
+            ``ceil(size / 8)`` per axis.
+        :param stride: step between boxes, int or one per axis; default half the window (>= 1).
+        :param baseline: a number (``"zero"`` = 0), ``"blur"`` (the input blurred by a Gaussian
+            of ``sigma`` pixels) or ``"mean"`` (each sample's per-channel mean).
+        :param sigma: the blur's standard deviation in pixels, one or one per axis.
+        :param chunk_size: perturbed inputs per forward pass (bounds peak memory).
+        :param progress: ``progress(done, total)`` called after every chunk, counting
+            perturbed inputs.
+        """
+        n, size = inputs.shape[0], tuple(inputs.shape[2:])
+        rank, device = len(size), inputs.device
+        if window is None:
+            window = tuple(math.ceil(s / 8) for s in size)
+        window = _per_axis(window, "window", rank)
+        if any(w > s for w, s in zip(window, size, strict=True)):
+            raise OptionError(f"window {window} is larger than the input's spatial size {size}.")
+        stride = _per_axis(
+            tuple(max(1, w // 2) for w in window) if stride is None else stride, "stride", rank
+        )
+        (chunk,) = _per_axis(chunk_size, "chunk_size", 1)
+        if progress is not None and not callable(progress):
+            raise OptionError(f"progress must be a callable(done, total); got {progress!r}.")
+        fill = baseline_fill(inputs, baseline, sigma)
+
+        boxes = [window_boxes(*dims, device) for dims in zip(size, window, stride, strict=True)]
+        positions = tuple(box.shape[0] for box in boxes)
+        windows = math.prod(positions)
+        total = n * windows  # perturbation j occludes window j % windows of sample j // windows
+        with torch.no_grad():
+            scores = model.forward(inputs)
+            resolved = targets.resolve(scores)
+            reference = resolved.select(scores)  # (N, K) unperturbed target scores
+            dtype = torch.promote_types(reference.dtype, torch.float32)
+            deltas = torch.empty(total, resolved.count, dtype=dtype, device=device)
+            for start in range(0, total, chunk):
+                stop = min(start + chunk, total)
+                index = torch.arange(start, stop, device=device)
+                rows = index // windows
+                mask = box_masks(index % windows, boxes).unsqueeze(1)  # every channel
+                occluded = torch.where(mask, fill[rows], inputs[rows])
+                outputs = model.forward(occluded)
+                deltas[start:stop] = reference[rows] - resolved.select(outputs, rows)
+                if progress is not None:
+                    progress(stop, total)
+            grid = deltas.view(n, *positions, resolved.count).movedim(-1, 1)  # (N, K, *positions)
+            sums = along_axes(grid, boxes)
+            counts = along_axes(torch.ones(positions, dtype=dtype, device=device), boxes)
+            maps = torch.where(counts > 0, sums / counts.clamp(min=1), 0)
+        return Attribution(
+            maps=maps,
+            scores=scores.detach(),
+            details={
+                "window": window,
+                "stride": stride,
+                "positions": positions,
+                "baseline": baseline,
+                **({"sigma": sigma} if baseline == "blur" else {}),
+                "evaluations": total,
+                "chunk_size": chunk,
+                "uncovered": int((counts == 0).sum()),
+            },
+        )
+
+
+@xai_core.hookimpl
+def register_explainers(register: Callable[[type], None]) -> None:
+    register(Occlusion)
