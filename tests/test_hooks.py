@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 import xai_core
 from xai_core import Tags, hookspecs
+from xai_core.metrics import Direction, MetricResult
 from xai_core.registry import PluginWarning
 
 DOCS = Path(__file__).parents[1] / "docs"
@@ -56,6 +57,11 @@ def test_hook_register_explainers(fresh_registry, cnn, images):
 def test_hook_register_metrics(fresh_registry):
     class Area:
         name = "area"
+        direction = Direction.HIGHER
+        needs = frozenset()
+
+        def compute(self, context):
+            return MetricResult(context.maps.flatten(1).gt(0).float().mean(1))
 
     class Plugin:
         @xai_core.hookimpl

@@ -7,6 +7,7 @@ The public API::
     xai_core.list_explainers()                      # what is installed
     exp = xai_core.explain(model, x, method="gradcam", targets=[3, 1])
     exp.maps                                        # (N, H, W) on the model's device
+    xai_core.compare(model, x, masks=m)             # every method x every metric
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 from xai_core.adapters.base import InputSpec, ModelAdapter
 from xai_core.api import explain
+from xai_core.comparison import Comparison, compare
 from xai_core.errors import XaiError
 from xai_core.explanation import Explanation
 from xai_core.hookspecs import hookimpl
@@ -40,6 +42,7 @@ def adapt(model: Any, **options: Any) -> ModelAdapter:
 __all__ = [
     "Attribution",
     "Capability",
+    "Comparison",
     "Dependence",
     "Explainer",
     "ExplainerInfo",
@@ -53,6 +56,7 @@ __all__ = [
     "Targets",
     "XaiError",
     "adapt",
+    "compare",
     "explain",
     "get_registry",
     "hookimpl",

@@ -41,6 +41,7 @@ from xai_core.errors import (
     did_you_mean,
 )
 from xai_core.hookspecs import PROJECT
+from xai_core.metrics import check_metric_class
 from xai_core.tags import Capability, Dependence, Scope, Tags
 from xai_core.types import ExplainerInfo, PluginInfo
 
@@ -113,14 +114,6 @@ def _check_explainer_class(cls: Any) -> None:
         raise PluginError(
             f"{cls.__qualname__}.explain must accept (self, model, inputs, targets, *, options...)."
         )
-
-
-def _check_metric_class(cls: Any) -> None:
-    if not isinstance(cls, type):
-        raise PluginError(f"register() takes a metric class; got {cls!r}.")
-    name = getattr(cls, "name", None)
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise PluginError(f"{cls.__qualname__}.name must be a lower-case identifier; got {name!r}.")
 
 
 def _names_from_env(var: str) -> set[str]:
@@ -395,10 +388,31 @@ class Registry:
 
     # -- metrics -----------------------------------------------------------------------------
 
-    def metrics(self) -> dict[str, type]:
+    @property
+    def _metric_entries(self) -> dict[str, list[_Entry]]:
         if self._metrics is None:
-            self._metrics = self._collect("register_metrics", _check_metric_class)
-        return {name: e[0].cls for name, e in self._metrics.items() if len(e) == 1}
+            self._metrics = self._collect("register_metrics", check_metric_class)
+        return self._metrics
+
+    def metrics(self) -> dict[str, type]:
+        """Usable metric classes by name (names registered twice are left out, see below)."""
+        return {name: e[0].cls for name, e in self._metric_entries.items() if len(e) == 1}
+
+    def get_metric(self, name: str) -> type:
+        entries = self._metric_entries.get(name)
+        if not entries:
+            available = sorted(self._metric_entries)
+            raise UnknownMethodError(
+                f"No installed plugin provides the metric {name!r}."
+                f"{did_you_mean(name, available)} Installed metrics: "
+                f"{', '.join(available) or 'none'}."
+            )
+        if len(entries) > 1:
+            who = " and ".join(_describe_source(e.source) for e in entries)
+            raise PluginConflictError(
+                f"The metric {name!r} is registered by {who}; uninstall one of them."
+            )
+        return entries[0].cls
 
     # -- models ------------------------------------------------------------------------------
 

@@ -1,0 +1,375 @@
+"""``compare()``: run several explainers on one batch and score each with several metrics.
+
+Every method explains the same targets (fixed once from the model's scores), every metric gets the
+same context, and nothing one plugin does wrong stops the others: a method that cannot run on the
+model is listed as skipped with the reason, a metric that fails for one method is recorded with its
+error and NaN values.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from xai_core.api import check_options, run_explainer, validate_inputs
+from xai_core.errors import OptionError, UnknownOptionError, XaiError, did_you_mean
+from xai_core.explanation import Explanation
+from xai_core.metrics import Direction, MetricContext, Need, metric_options
+from xai_core.registry import get_registry
+from xai_core.tags import Scope
+from xai_core.targets import Targets, TargetSpec
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class Cost:
+    """Wall time and peak memory of one explainer on the batch, measured in this run."""
+
+    seconds: float
+    seconds_per_image: float
+    peak_bytes: int | None  # device memory on CUDA, resident-set growth on the CPU
+
+
+@dataclass
+class Aggregate:
+    mean: float
+    low: float  # 95% confidence interval of the mean (Student t)
+    high: float
+    n: int  # samples with a defined value
+
+
+@dataclass
+class Comparison:
+    """Per-sample metric values for every (method, metric), with aggregates and rankings."""
+
+    methods: list[str]
+    metrics: list[str]
+    directions: dict[str, Direction]
+    values: dict[tuple[str, str], torch.Tensor]  # (method, metric) -> (N,) float64 on the CPU
+    details: dict[tuple[str, str], dict[str, Any]]
+    explanations: dict[str, Explanation]
+    costs: dict[str, Cost]
+    targets: torch.Tensor  # (N,) the explained class of each sample
+    skipped_methods: dict[str, str] = field(default_factory=dict)
+    skipped_metrics: dict[str, str] = field(default_factory=dict)
+    errors: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    def aggregate(self, method: str, metric: str) -> Aggregate:
+        return mean_ci(self.values[(method, metric)])
+
+    def ranking(self, metric: str) -> list[str]:
+        """Methods from best to worst by mean value (methods without a value come last)."""
+        sign = -1.0 if self.directions[metric] is Direction.HIGHER else 1.0
+
+        def key(method: str) -> float:
+            mean = self.aggregate(method, metric).mean
+            return math.inf if math.isnan(mean) else sign * mean
+
+        return sorted(self.methods, key=key)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per (method, metric): the table every export is made from."""
+        rows = []
+        for metric in self.metrics:
+            order = self.ranking(metric)
+            for method in self.methods:
+                agg = self.aggregate(method, metric)
+                rows.append(
+                    {
+                        "method": method,
+                        "metric": metric,
+                        "better": self.directions[metric].value,
+                        "mean": agg.mean,
+                        "ci_low": agg.low,
+                        "ci_high": agg.high,
+                        "n": agg.n,
+                        "rank": order.index(method) + 1,
+                        "error": self.errors.get((method, metric)),
+                    }
+                )
+        return rows
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "methods": self.methods,
+            "metrics": {m: {"better": self.directions[m].value} for m in self.metrics},
+            "targets": self.targets.tolist(),
+            "results": self.rows(),
+            "per_sample": {
+                f"{method}/{metric}": [_json_float(v) for v in values.tolist()]
+                for (method, metric), values in self.values.items()
+            },
+            "costs": {
+                m: {
+                    "seconds": c.seconds,
+                    "seconds_per_image": c.seconds_per_image,
+                    "peak_bytes": c.peak_bytes,
+                }
+                for m, c in self.costs.items()
+            },
+            "skipped_methods": self.skipped_methods,
+            "skipped_metrics": self.skipped_metrics,
+        }
+
+
+def _json_float(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def mean_ci(values: torch.Tensor, level: float = 0.95) -> Aggregate:
+    """Mean of the defined values and its two-sided Student-t confidence interval."""
+    finite = values[~torch.isnan(values)].double()
+    n = int(finite.numel())
+    if n == 0:
+        return Aggregate(math.nan, math.nan, math.nan, 0)
+    mean = float(finite.mean())
+    if n == 1:
+        return Aggregate(mean, math.nan, math.nan, 1)
+    from scipy.stats import t  # scipy comes with scikit-image, a core dependency
+
+    half = float(t.ppf(0.5 + level / 2, n - 1)) * float(finite.std(unbiased=True)) / math.sqrt(n)
+    return Aggregate(mean, mean - half, mean + half, n)
+
+
+@contextmanager
+def measure_peak(device: torch.device) -> Iterator[dict[str, int | None]]:
+    """Peak memory of the block: CUDA allocator peak, or resident-set growth sampled on the CPU."""
+    result: dict[str, int | None] = {"peak_bytes": None}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        yield result
+        torch.cuda.synchronize(device)
+        result["peak_bytes"] = torch.cuda.max_memory_allocated(device) - base
+        return
+    statm = "/proc/self/statm"
+    try:
+        page = _page_size()
+        def read() -> int:
+            with open(statm) as f:
+                return int(f.read().split()[1]) * page
+
+        base = read()
+    except OSError:  # not Linux: time only
+        yield result
+        return
+    peak = [base]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.002):
+            peak[0] = max(peak[0], read())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield result
+    finally:
+        stop.set()
+        sampler.join()
+        peak[0] = max(peak[0], read())
+        result["peak_bytes"] = peak[0] - base
+
+
+def _page_size() -> int:
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE")
+
+
+def compare(
+    model: Any,
+    inputs: torch.Tensor,
+    *,
+    targets: TargetSpec = None,
+    methods: Sequence[str] | None = None,
+    metrics: Sequence[str] | None = None,
+    masks: torch.Tensor | None = None,
+    options: dict[str, dict[str, Any]] | None = None,
+    metric_options: dict[str, dict[str, Any]] | None = None,
+    chunk_size: int = 64,
+    progress: Progress | None = None,
+) -> Comparison:
+    """Explain ``inputs`` with several methods and score each explanation with several metrics.
+
+    :param methods: method names; ``None`` means every installed local method that can run on this
+        model (the others are listed in ``skipped_methods`` with the reason).
+    :param metrics: metric names; ``None`` means every installed metric whose needs are met (a
+        metric needing masks is skipped without ``masks``).
+    :param masks: ground-truth regions ``(N, *spatial)`` (bool), for the pointing games.
+    :param options: method name -> that method's options, e.g. ``{"occlusion": {"window": 16}}``.
+    :param metric_options: metric name -> that metric's options.
+    :param chunk_size: rows per forward pass in the perturbation metrics.
+    :param progress: called with a short message before each method and metric.
+    """
+    registry = get_registry()
+    adapter = registry.adapt(model)
+    validate_inputs(inputs, adapter)
+    options = dict(options or {})
+    metric_opts = dict(metric_options or {})
+    if masks is not None:
+        masks = _check_masks(masks, inputs).to(adapter.device)
+
+    chosen, skipped_methods = _choose_methods(registry, adapter, methods)
+    unknown = set(options) - set(chosen) - set(skipped_methods)
+    if unknown:
+        raise UnknownOptionError(f"options name methods that are not compared: {sorted(unknown)}.")
+    metric_classes, skipped_metrics = _choose_metrics(registry, adapter, metrics, masks)
+    for name, opts in metric_opts.items():
+        if name not in metric_classes:
+            raise UnknownOptionError(f"metric_options names {name!r}, which is not computed.")
+        accepted = metric_options_of(metric_classes[name])
+        for key in opts:
+            if key not in accepted:
+                raise UnknownOptionError(
+                    f"The metric {name!r} has no option {key!r}.{did_you_mean(key, accepted)} "
+                    f"Its options are: {', '.join(accepted) or 'none'}."
+                )
+
+    # Fix the targets once, so every method explains the same class of each sample.
+    request = Targets(targets, inputs.shape[0], adapter.device)
+    if request.multi or request.function is not None:
+        raise OptionError(
+            "compare() explains one class per sample: pass None, an int or one per sample."
+        )
+    with torch.no_grad(), adapter.session():
+        fixed = request.resolve(adapter.forward(inputs)).indices
+    assert fixed is not None
+    class_targets = fixed[:, 0]
+
+    explanations: dict[str, Explanation] = {}
+    costs: dict[str, Cost] = {}
+    for name in chosen:
+        info = registry.get_explainer(name)
+        opts = options.get(name, {})
+        if progress:
+            progress(f"explaining with {name}")
+        try:
+            check_options(info, opts)
+            with measure_peak(adapter.device) as peak:
+                start = time.perf_counter()
+                exp = run_explainer(info, adapter, inputs, class_targets, opts)
+                seconds = time.perf_counter() - start
+        except XaiError as exc:
+            if isinstance(exc, UnknownOptionError | OptionError):
+                raise
+            skipped_methods[name] = f"{type(exc).__name__}: {exc}"
+            continue
+        explanations[name] = exp
+        costs[name] = Cost(seconds, seconds / inputs.shape[0], peak["peak_bytes"])
+
+    values: dict[tuple[str, str], torch.Tensor] = {}
+    details: dict[tuple[str, str], dict[str, Any]] = {}
+    errors: dict[tuple[str, str], str] = {}
+    nan = torch.full((inputs.shape[0],), math.nan, dtype=torch.float64)
+    for method, exp in explanations.items():
+        info = registry.get_explainer(method)
+        opts = options.get(method, {})
+
+        def rerun(inputs=inputs, model=adapter, targets=class_targets, _info=info, _opts=opts):
+            return run_explainer(_info, registry.adapt(model), inputs, targets, dict(_opts))
+
+        context = MetricContext(
+            model=adapter,
+            inputs=inputs,
+            explanation=exp,
+            method=method,
+            rerun=rerun,
+            masks=masks,
+            chunk_size=chunk_size,
+            measurements={"seconds": costs[method].seconds, "peak_bytes": costs[method].peak_bytes},
+        )
+        for metric, cls in metric_classes.items():
+            if progress:
+                progress(f"{metric} of {method}")
+            try:
+                result = cls().compute(context, **metric_opts.get(metric, {}))
+                values[(method, metric)] = result.values.detach().to("cpu", torch.float64)
+                details[(method, metric)] = result.details
+            except Exception as exc:  # one failing metric must not lose the others
+                values[(method, metric)] = nan.clone()
+                details[(method, metric)] = {}
+                errors[(method, metric)] = f"{type(exc).__name__}: {exc}"
+
+    return Comparison(
+        methods=list(explanations),
+        metrics=list(metric_classes),
+        directions={m: cls.direction for m, cls in metric_classes.items()},
+        values=values,
+        details=details,
+        explanations=explanations,
+        costs=costs,
+        targets=class_targets.cpu(),
+        skipped_methods=skipped_methods,
+        skipped_metrics=skipped_metrics,
+        errors=errors,
+    )
+
+
+def metric_options_of(cls: type) -> list[str]:
+    return list(metric_options(cls))
+
+
+def _check_masks(masks: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    from xai_core.errors import InputError
+
+    if not isinstance(masks, torch.Tensor):
+        raise InputError(f"masks must be a tensor (N, *spatial); got {type(masks).__name__}.")
+    if masks.ndim == inputs.ndim:  # (N, 1, *spatial) is accepted too
+        masks = masks[:, 0]
+    if tuple(masks.shape) != (inputs.shape[0], *inputs.shape[2:]):
+        raise InputError(
+            f"masks must have shape {(inputs.shape[0], *inputs.shape[2:])} (one per sample, on the "
+            f"input grid); got {tuple(masks.shape)}."
+        )
+    return masks.bool()
+
+
+def _choose_methods(registry, adapter, methods):
+    skipped: dict[str, str] = {}
+    if methods is None:
+        chosen = []
+        for info in registry.list_explainers(scope=Scope.LOCAL):
+            reason = registry.unsupported_reason(info, adapter)
+            if reason is None:
+                chosen.append(info.name)
+            else:
+                skipped[info.name] = reason
+        return chosen, skipped
+    chosen = []
+    for name in methods:
+        info = registry.get_explainer(name)  # unknown names are the user's mistake: raise
+        reason = registry.unsupported_reason(info, adapter)
+        if reason is None:
+            chosen.append(name)
+        else:
+            skipped[name] = reason
+    return chosen, skipped
+
+
+def _choose_metrics(registry, adapter, metrics, masks):
+    available = registry.metrics()
+    names = list(available) if metrics is None else list(metrics)
+    chosen: dict[str, type] = {}
+    skipped: dict[str, str] = {}
+    for name in names:
+        cls = available.get(name) or registry.get_metric(name)
+        missing = []
+        if Need.MASKS in cls.needs and masks is None:
+            missing.append("ground-truth masks (masks=...)")
+        if Need.TORCH_MODEL in cls.needs and not hasattr(adapter, "module"):
+            missing.append("a PyTorch model")
+        if missing:
+            skipped[name] = f"needs {' and '.join(missing)}"
+        else:
+            chosen[name] = cls
+    return dict(sorted(chosen.items())), skipped

@@ -1,0 +1,123 @@
+"""The metric protocol: how much to trust an explanation, as a number per sample.
+
+Metrics are plugins registered through ``register_metrics(register)``, like explainers. A metric
+class declares its ``name``, its ``direction`` (is higher or lower better) and what it ``needs``
+(ground-truth ``masks``, a ``torch`` model it can copy, ...), and computes one value per sample from
+a :class:`MetricContext`. ``compare()`` builds the context; a metric never re-implements the
+explainer: it calls ``context.rerun(...)`` to explain perturbed inputs or a modified model.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+
+from xai_core.adapters.base import ModelAdapter
+from xai_core.errors import PluginError
+from xai_core.explanation import Explanation
+
+
+class Direction(StrEnum):
+    """Which way a metric's value is better."""
+
+    HIGHER = "higher"
+    LOWER = "lower"
+
+
+class Need(StrEnum):
+    """Something a metric needs beyond a model, inputs and an explanation."""
+
+    MASKS = "masks"  # ground-truth regions (N, *spatial), bool
+    TORCH_MODEL = "torch-model"  # a PyTorch module it may copy and modify (randomisation)
+
+
+@dataclass
+class MetricContext:
+    """Everything a metric may use; tensors are on the model's device.
+
+    ``explanation`` holds one target per sample: ``maps`` is ``(N, *spatial)`` on the input grid
+    and ``targets`` is ``(N, 1)``. ``score(x, rows)`` gives the target score of each row of ``x``
+    (``rows`` maps rows to samples), evaluated in chunks of ``chunk_size``.
+    ``rerun(inputs=..., model=...)`` explains again with the same method, options and targets.
+    """
+
+    model: ModelAdapter
+    inputs: torch.Tensor
+    explanation: Explanation
+    method: str
+    rerun: Callable[..., Explanation]
+    masks: torch.Tensor | None = None
+    chunk_size: int = 64
+    measurements: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def maps(self) -> torch.Tensor:
+        return self.explanation.maps
+
+    @property
+    def targets(self) -> torch.Tensor:
+        assert self.explanation.targets is not None  # compare() always passes class targets
+        return self.explanation.targets[:, 0]
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Model outputs for any number of rows, in chunks, without gradients."""
+        with torch.no_grad():
+            parts = [self.model.forward(c) for c in x.split(self.chunk_size)]
+        return torch.cat(parts) if parts else x.new_zeros((0,))
+
+    def score(self, x: torch.Tensor, rows: torch.Tensor, kind: str = "softmax") -> torch.Tensor:
+        """The target class's score of each row: softmax / sigmoid probability, or the logit."""
+        out = self.logits(x)
+        if kind == "softmax":
+            out = out.softmax(dim=1)
+        elif kind == "sigmoid":
+            out = out.sigmoid()
+        return out.gather(1, self.targets.index_select(0, rows)[:, None])[:, 0]
+
+
+@dataclass
+class MetricResult:
+    """One value per sample (NaN where undefined, e.g. no mask), plus free-form details."""
+
+    values: torch.Tensor
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Metric(Protocol):
+    name: ClassVar[str]
+    direction: ClassVar[Direction]
+    needs: ClassVar[frozenset[Need]]
+
+    def compute(self, context: MetricContext, **options: Any) -> MetricResult: ...
+
+
+def check_metric_class(cls: Any) -> None:
+    """Raise PluginError when ``cls`` breaks the Metric protocol (said in words)."""
+    import re
+
+    if not isinstance(cls, type):
+        raise PluginError(f"register() takes a metric class; got {cls!r}.")
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not re.match(r"^[a-z][a-z0-9_\-.]*$", name):
+        raise PluginError(f"{cls.__qualname__}.name must be a lower-case identifier; got {name!r}.")
+    if not isinstance(getattr(cls, "direction", None), Direction):
+        raise PluginError(f"{cls.__qualname__}.direction must be a xai_core.metrics.Direction.")
+    needs = getattr(cls, "needs", frozenset())
+    if not all(isinstance(n, Need) for n in needs):
+        raise PluginError(f"{cls.__qualname__}.needs must hold xai_core.metrics.Need values.")
+    if not callable(getattr(cls, "compute", None)):
+        raise PluginError(f"{cls.__qualname__} has no compute() method.")
+    params = inspect.signature(cls.compute).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        raise PluginError(f"{cls.__qualname__}.compute must list its options, not take **kwargs.")
+
+
+def metric_options(cls: type) -> dict[str, inspect.Parameter]:
+    params = inspect.signature(cls.compute).parameters.values()
+    return {p.name: p for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
