@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
+import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from xai_core.registry import get_registry
@@ -46,16 +50,19 @@ def plugins(
         typer.echo(json.dumps(rows, indent=2))
         return
     table = Table(title="xai-core plugins")
-    for column in ("name", "scope", "dependence", "requires", "plugin", "version", "status"):
+    columns = ("name", "kind", "scope", "dependence", "requires", "plugin", "version", "status")
+    for column in columns:
         table.add_column(column, no_wrap=column in ("name", "dependence", "plugin"))
     for row in rows:
-        status = (
-            row["status"]
-            if row["status"] == "ok"
-            else f"[red]{row['status']}[/red]: {row.get('error', '')}"
-        )
+        status = row["status"]
+        if status != "ok":
+            status = f"[red]{status}[/red]: {escape(str(row.get('error', '')))}"
+        kind = row.get("kind", "plugin")
+        if kind == "metric":
+            kind = f"metric ({row['better']} is better)"
         table.add_row(
             row["name"],
+            kind,
             row.get("scope", ""),
             row.get("dependence", ""),
             ", ".join(r for r in row.get("requires", []) if r != "forward"),
@@ -66,6 +73,339 @@ def plugins(
     Console().print(table)
     if not rows:
         typer.echo("No explanation methods are installed; see README.md for the install command.")
+
+
+# -- shared option parsing -------------------------------------------------------------------
+
+
+def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise typer.BadParameter(
+            f"{what} must be integers separated by commas; got {text!r}."
+        ) from None
+
+
+def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise typer.BadParameter(
+            f"{what} must be numbers separated by commas; got {text!r}."
+        ) from None
+
+
+def _value(text: str) -> Any:
+    """An option value: JSON when it parses (numbers, lists, true/false), else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _key_values(pairs: list[str] | None, what: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{what} takes KEY=VALUE; got {pair!r}.") from None
+        out[key.strip()] = _value(value)
+    return out
+
+
+def _nested(pairs: list[str] | None, what: str) -> dict[str, dict[str, Any]]:
+    """``name.key=value`` pairs grouped by name."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in _key_values(pairs, what).items():
+        name, dot, option = key.partition(".")
+        if not dot:
+            raise typer.BadParameter(f"{what} takes NAME.KEY=VALUE; got {key!r}.") from None
+        out.setdefault(name, {})[option] = value
+    return out
+
+
+def _targets(values: list[str] | None) -> Any:
+    if not values:
+        return None
+    if values == ["all"]:
+        return "all"
+    try:
+        classes = [int(v) for v in values]
+    except ValueError:
+        raise typer.BadParameter(
+            "--target takes class indices (repeat it for several) or 'all'."
+        ) from None
+    return classes[0] if len(classes) == 1 else classes
+
+
+def _per_sample(targets: Any, n: int) -> Any:
+    """Several --target values mean several classes for every sample of the batch."""
+    return [targets] * n if isinstance(targets, list) else targets
+
+
+ModelArg = Annotated[
+    str,
+    typer.Argument(
+        help="An ONNX file, a TorchScript file, a state_dict file with --arch, or demo:NAME."
+    ),
+]
+InputsArg = Annotated[
+    list[Path],
+    typer.Argument(
+        help="Image files (PNG/JPEG), DICOM files or series folders, NIfTI volumes, or folders."
+    ),
+]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder (created).")]
+ArchOpt = Annotated[
+    str | None,
+    typer.Option(help="torchvision architecture of a state_dict file, e.g. resnet18, densenet121."),
+]
+ClassesOpt = Annotated[
+    int | None, typer.Option(help="Number of classes, if it cannot be read from the state_dict.")
+]
+SizeOpt = Annotated[str | None, typer.Option(help="Resize to H,W (or D,H,W for volumes).")]
+MeanOpt = Annotated[str | None, typer.Option(help="Per-channel mean, e.g. 0.485,0.456,0.406.")]
+StdOpt = Annotated[str | None, typer.Option(help="Per-channel std, e.g. 0.229,0.224,0.225.")]
+ChannelsOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Channels the model takes (1 or 3); grey is repeated to RGB, RGB turned grey."
+    ),
+]
+SliceOpt = Annotated[
+    int | None,
+    typer.Option(help="Explain a volume slice by slice along axis 0 (D), 1 (H) or 2 (W)."),
+]
+WindowOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="DICOM window CENTER,WIDTH overriding the file's (e.g. -600,1500 for lungs)."
+    ),
+]
+TargetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--target",
+        "-t",
+        help="Class index to explain (repeat for several, or 'all'); default: top.",
+    ),
+]
+DeviceOpt = Annotated[str | None, typer.Option(help="cpu or cuda; default: cuda when available.")]
+
+
+def _setup(model_spec, arch, num_classes, size, mean, std, channels, slice_axis, device):
+    from xai_core.io.models import load_model
+    from xai_core.io.preprocess import Preprocess
+
+    model, info = load_model(model_spec, arch=arch, num_classes=num_classes)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if isinstance(model, torch.nn.Module):
+        model = model.to(dev)
+    sidecar_source = info.get("path") if info.get("kind") != "demo" else None
+    preprocess = Preprocess.from_sidecar(
+        sidecar_source,
+        size=_ints(size, "--size"),
+        mean=_floats(mean, "--mean"),
+        std=_floats(std, "--std"),
+        channels=channels,
+        slice_axis=slice_axis,
+    )
+    if info.get("kind") == "demo":
+        preprocess = Preprocess(
+            **{
+                **info.get("preprocess", {}),
+                **{k: v for k, v in vars(preprocess).items() if v is not None},
+            }
+        )
+    return model, info, preprocess, dev
+
+
+def _progress_bar():
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        transient=False,
+    )
+
+
+@app.command("explain")
+def explain_command(
+    model: ModelArg,
+    inputs: InputsArg,
+    method: Annotated[str, typer.Option("--method", "-m", help="Method name (see `xai plugins`).")],
+    out: OutOpt = Path("xai-out"),
+    target: TargetOpt = None,
+    layer: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--layer", "-l", help="Layer to explain (repeat for several); default: automatic."
+        ),
+    ] = None,
+    option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--option", "-O", help="Method option KEY=VALUE, e.g. -O window=16 -O stride=8."
+        ),
+    ] = None,
+    arch: ArchOpt = None,
+    num_classes: ClassesOpt = None,
+    size: SizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    channels: ChannelsOpt = None,
+    slice_axis: SliceOpt = None,
+    window: WindowOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Explain each input with one method: overlays, raw maps (.npy), scores and an HTML report.
+
+    Finished inputs are skipped when rerun; unreadable files are reported and skipped.
+    """
+    from xai_core.io.inputs import find_inputs
+    from xai_core.jobs import explain_files
+
+    options = _key_values(option, "--option")
+    if layer:
+        options["layers" if len(layer) > 1 else "layer"] = layer if len(layer) > 1 else layer[0]
+    net, info, preprocess, dev = _setup(
+        model, arch, num_classes, size, mean, std, channels, slice_axis, device
+    )
+    items = find_inputs(inputs)
+    if not items:
+        raise typer.BadParameter(
+            "No readable input files were found.", param_hint="INPUTS"
+        ) from None
+    with _progress_bar() as bar:
+        task = bar.add_task(method, total=len(items))
+        summary = explain_files(
+            net,
+            items,
+            out,
+            method=method,
+            preprocess=preprocess,
+            targets=_targets(target),
+            options=options,
+            class_names=info.get("class_names"),
+            device=dev,
+            window=_floats(window, "--window"),
+            progress=lambda msg, done, total: bar.update(task, completed=done, description=msg),
+        )
+    _print_summary(summary, out)
+    raise typer.Exit(summary.exit_code)
+
+
+def _print_summary(summary, out: Path) -> None:
+    console = Console(stderr=True)
+    console.print(
+        f"{len(summary.done)} explained, {len(summary.skipped)} already done, "
+        f"{len(summary.failed)} failed; report: {summary.report}"
+    )
+    for key, error in summary.failed.items():
+        console.print(f"[red]failed[/red] {key}: {error}", highlight=False, markup=True)
+
+
+@app.command("compare")
+def compare_command(
+    model: ModelArg,
+    inputs: InputsArg,
+    out: OutOpt = Path("xai-compare"),
+    methods: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated methods; default: every method that can run on the model."
+        ),
+    ] = None,
+    metrics: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated metrics; default: every installed metric whose needs are met."
+        ),
+    ] = None,
+    masks: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder of ground-truth masks named like the inputs (non-zero = region)."
+        ),
+    ] = None,
+    target: TargetOpt = None,
+    option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--option", "-O", help="Method option METHOD.KEY=VALUE, e.g. -O occlusion.window=16."
+        ),
+    ] = None,
+    metric_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--metric-option", help="Metric option METRIC.KEY=VALUE, e.g. deletion.steps=20."
+        ),
+    ] = None,
+    arch: ArchOpt = None,
+    num_classes: ClassesOpt = None,
+    size: SizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    channels: ChannelsOpt = None,
+    window: WindowOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Run several methods on the inputs and score them with metrics: tables and an HTML report."""
+    from xai_core.io.inputs import find_inputs
+    from xai_core.jobs import compare_files
+
+    net, info, preprocess, dev = _setup(
+        model, arch, num_classes, size, mean, std, channels, None, device
+    )
+    items = find_inputs(inputs)
+    if not items:
+        raise typer.BadParameter(
+            "No readable input files were found.", param_hint="INPUTS"
+        ) from None
+    with _progress_bar() as bar:
+        task = bar.add_task("compare", total=None)
+        summary = compare_files(
+            net,
+            items,
+            out,
+            preprocess=preprocess,
+            targets=_targets(target),
+            methods=None if methods is None else [m.strip() for m in methods.split(",")],
+            metrics=None if metrics is None else [m.strip() for m in metrics.split(",")],
+            masks=masks,
+            options=_nested(option, "--option"),
+            metric_options=_nested(metric_option, "--metric-option"),
+            class_names=info.get("class_names"),
+            device=dev,
+            window=_floats(window, "--window"),
+            progress=lambda msg, done, total: bar.update(task, description=msg),
+        )
+    Console().print(summary.table_markdown)
+    _print_summary(summary, out)
+    raise typer.Exit(summary.exit_code)
+
+
+@app.command("demo")
+def demo_command(
+    out: OutOpt = Path("xai-demo"),
+) -> None:
+    """Run every method on the embedded synthetic chest X-ray demo and write a report.
+
+    No network, no downloads: the data is generated and the small models ship with xai-core.
+    """
+    from xai_core.demo.run import run_demo
+
+    with _progress_bar() as bar:
+        task = bar.add_task("demo", total=None)
+        result = run_demo(out, progress=lambda msg: bar.update(task, description=msg))
+    Console().print(result.summary_table())
+    Console(stderr=True).print(f"report: {result.report}")
 
 
 _commands_added = False

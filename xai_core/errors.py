@@ -87,3 +87,22 @@ class TagError(XaiError, ValueError):
 
 class ConformanceError(XaiError, AssertionError):
     """Raised by :mod:`xai_core.testing` when an explainer breaks the protocol."""
+
+
+class InputFileError(XaiError, ValueError):
+    """An input file cannot be read: missing, corrupt, or of a kind xai-core does not read.
+
+    ``path`` and ``reason`` are kept apart so that a batch job can report the file and go on.
+    """
+
+    def __init__(self, path: object, reason: str) -> None:
+        super().__init__(f"Cannot read {path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+    def __reduce__(self):  # keep it picklable (multiprocessing) despite the two-argument init
+        return (type(self), (self.path, self.reason))
+
+
+class OutputFileError(XaiError, OSError):
+    """An output file is missing or cannot be written where a run expects it."""

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 
 from xai_core.adapters.base import ModelAdapter
-from xai_core.errors import PluginError
+from xai_core.errors import PluginError, TargetError
 from xai_core.explanation import Explanation
 
 
@@ -61,12 +61,14 @@ class MetricContext:
 
     @property
     def targets(self) -> torch.Tensor:
-        assert self.explanation.targets is not None  # compare() always passes class targets
+        """The ``(N,)`` explained class of each sample."""
+        if self.explanation.targets is None:
+            raise TargetError("Metrics need class targets; this explanation used a callable.")
         return self.explanation.targets[:, 0]
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Model outputs for any number of rows, in chunks, without gradients."""
-        with torch.no_grad():
+        """Model outputs for any number of rows, in chunks, without gradients, in eval mode."""
+        with torch.no_grad(), self.model.session():
             parts = [self.model.forward(c) for c in x.split(self.chunk_size)]
         return torch.cat(parts) if parts else x.new_zeros((0,))
 

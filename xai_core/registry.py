@@ -444,13 +444,27 @@ class Registry:
     # -- reporting ---------------------------------------------------------------------------
 
     def plugin_rows(self) -> list[dict[str, Any]]:
-        """One row per explainer, conflict and failure, for ``xai plugins``."""
+        """One row per explainer, metric, conflict and failure, for ``xai plugins``."""
         rows = [info.as_dict() for info in self.list_explainers()]
+        for name, entries in sorted(self._metric_entries.items()):
+            cls, source = entries[0].cls, entries[0].source
+            rows.append(
+                {
+                    "name": name,
+                    "kind": "metric",
+                    "better": cls.direction.value,
+                    "requires": sorted(n.value for n in cls.needs),
+                    "plugin": " + ".join(e.source.distribution or e.source.plugin for e in entries),
+                    "version": source.version if len(entries) == 1 else None,
+                    "status": "ok" if len(entries) == 1 else "conflict",
+                }
+            )
         for name, sources in self.conflicts().items():
             entry = self._explainer_entries[name][0]
             rows.append(
                 {
                     "name": name,
+                    "kind": "explainer",
                     **entry.cls.tags.as_dict(),
                     "plugin": " + ".join(s.distribution or s.plugin for s in sources),
                     "version": None,

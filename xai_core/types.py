@@ -105,6 +105,7 @@ class ExplainerInfo:
     def as_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "kind": "explainer",
             **self.tags.as_dict(),
             "plugin": self.distribution or self.plugin,
             "version": self.version,

@@ -77,6 +77,9 @@ class TorchAdapter(ModelAdapter):
         tensors = [*module.parameters(), *module.buffers()]
         self.device = tensors[0].device if tensors else torch.device("cpu")
         caps = {Capability.FORWARD, Capability.GRADIENTS, Capability.LAYERS}
+        if isinstance(module, torch.jit.ScriptModule):
+            # Compiled TorchScript takes no Python hooks: no layer capture, gradients still flow.
+            caps.discard(Capability.LAYERS)
         modules = list(module.modules())
         if any(isinstance(m, nn.Linear) for m in modules):
             caps.add(Capability.CLASSIFIER_WEIGHTS)

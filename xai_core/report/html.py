@@ -151,7 +151,8 @@ class HtmlReport:
     def write(self, path: str | Path) -> Path:
         from xai_core.io.outputs import atomic_write_text
 
-        return atomic_write_text(Path(path), self.render())
+        atomic_write_text(Path(path), self.render())
+        return Path(path)
 
 
 def input_section(

@@ -1,0 +1,63 @@
+"""The built-in metrics of xai-core, registered through the ``register_metrics`` hook.
+
+===========================  =========  ============================================  ========
+name                         better     reference                                     needs
+===========================  =========  ============================================  ========
+``deletion``                 lower      Petsiuk et al. 2018 (RISE)
+``insertion``                higher     Petsiuk et al. 2018 (RISE)
+``pointing_game``            higher     Zhang et al. 2016                             masks
+``energy_pointing_game``     higher     Wang et al. 2020 (Score-CAM)                  masks
+``randomization``            lower      Adebayo et al. 2018                           torch
+``avg_drop``                 lower      Chattopadhyay et al. 2018 (Grad-CAM++)
+``avg_increase``             higher     Chattopadhyay et al. 2018 (Grad-CAM++)
+``stability``                higher     flip / rotation / intensity augmentation
+``cost``                     lower      seconds per image measured by compare()
+===========================  =========  ============================================  ========
+
+Every metric returns one value per sample (NaN where undefined) and free-form ``details``;
+definitions and conventions are in docs/methods/metrics.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import xai_core
+from xai_metrics.cost import Cost
+from xai_metrics.perturbation import AvgDrop, AvgIncrease, Deletion, Insertion
+from xai_metrics.pointing import EnergyPointingGame, PointingGame
+from xai_metrics.sanity import Randomization, Stability
+
+__version__ = "0.1.0"
+
+METRICS = (
+    Deletion,
+    Insertion,
+    PointingGame,
+    EnergyPointingGame,
+    Randomization,
+    AvgDrop,
+    AvgIncrease,
+    Stability,
+    Cost,
+)
+
+
+@xai_core.hookimpl
+def register_metrics(register: Callable[[type], None]) -> None:
+    for metric in METRICS:
+        register(metric)
+
+
+__all__ = [
+    "METRICS",
+    "AvgDrop",
+    "AvgIncrease",
+    "Cost",
+    "Deletion",
+    "EnergyPointingGame",
+    "Insertion",
+    "PointingGame",
+    "Randomization",
+    "Stability",
+]

@@ -1,0 +1,46 @@
+"""The file layer of the ``xai`` command line: inputs, models and outputs on disk.
+
+* :mod:`xai_core.io.inputs`: find PNG/JPEG, DICOM (files and series) and NIfTI inputs and read
+  them into arrays in [0, 1]; :class:`Preprocess` turns those into model input tensors.
+* :mod:`xai_core.io.models`: load ONNX, TorchScript, torchvision + state_dict or demo models,
+  never unpickling arbitrary objects.
+* :mod:`xai_core.io.outputs`: atomic writes and a :class:`RunLedger` for resumable batches.
+"""
+
+from __future__ import annotations
+
+from xai_core.io.inputs import (
+    InputItem,
+    InputKind,
+    LoadedInput,
+    find_inputs,
+    read_item,
+)
+from xai_core.io.models import load_model
+from xai_core.io.outputs import (
+    RunLedger,
+    atomic_open,
+    atomic_save_npy,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+)
+from xai_core.io.preprocess import Preprocess, find_sidecar, read_sidecar
+
+__all__ = [
+    "InputItem",
+    "InputKind",
+    "LoadedInput",
+    "Preprocess",
+    "RunLedger",
+    "atomic_open",
+    "atomic_save_npy",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "find_inputs",
+    "find_sidecar",
+    "load_model",
+    "read_item",
+    "read_sidecar",
+]
