@@ -94,6 +94,9 @@ def test_name_clash_names_both_distributions(plugin_site, monkeypatch):
             registry.get_explainer("sobel")
     assert "xai-sobel" in str(err.value) and "xai-clash" in str(err.value)
     assert "sobel" not in {i.name for i in registry.list_explainers()}
+    required = {"name", "scope", "dependence", "plugin", "version", "status"}
+    assert all(required <= set(row) for row in registry.plugin_rows())
+    assert all("error" in row for row in registry.plugin_rows() if row["status"] != "ok")
     rows = {(r["name"], r["status"]) for r in registry.plugin_rows()}
     assert ("sobel", "conflict") in rows
     assert ("broken_import", "error") in rows
@@ -154,7 +157,9 @@ def test_in_process_plugin_and_filters(fresh_registry, cnn):
     assert "constant" in agnostic and "gradcam" not in agnostic
     specific = {i.name for i in xai_core.list_explainers(requires=["gradients"])}
     assert "gradcam" in specific and "constant" not in specific
-    assert {i.name for i in xai_core.list_explainers(scope="global")} == set()
+    global_ones = xai_core.list_explainers(scope="global")
+    assert all(i.scope == "global" for i in global_ones)
+    assert not {"constant", "gradcam"} & {i.name for i in global_ones}
     assert "constant" in {i.name for i in xai_core.list_explainers(model=cnn)}
     with pytest.raises(ValueError):
         xai_core.list_explainers(scope="globl")

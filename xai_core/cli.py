@@ -63,8 +63,8 @@ def plugins(
         table.add_row(
             row["name"],
             kind,
-            row.get("scope", ""),
-            row.get("dependence", ""),
+            row.get("scope") or "",
+            row.get("dependence") or "",
             ", ".join(r for r in row.get("requires", []) if r != "forward"),
             str(row.get("plugin") or ""),
             str(row.get("version") or ""),
@@ -406,6 +406,87 @@ def demo_command(
         result = run_demo(out, progress=lambda msg: bar.update(task, description=msg))
     Console().print(result.summary_table())
     Console(stderr=True).print(f"report: {result.report}")
+
+
+@app.command("audit")
+def audit_command(
+    model: ModelArg,
+    inputs: InputsArg,
+    method: Annotated[
+        str, typer.Option("--method", "-m", help="Local method that explains each image.")
+    ] = "gradcam",
+    out: OutOpt = Path("xai-audit"),
+    masks: Annotated[
+        Path | None,
+        typer.Option(help="Folder of masks of where the evidence lies, named like the inputs."),
+    ] = None,
+    option: Annotated[
+        list[str] | None,
+        typer.Option("--option", "-O", help="Method option KEY=VALUE, e.g. -O window=16."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
+    reference: Annotated[
+        str, typer.Option(help="Expected share: auto, masks, uniform or classes (docs/audit.md).")
+    ] = "auto",
+    min_share: Annotated[
+        float, typer.Option(help="Smallest unexplained share of a class's attribution flagged.")
+    ] = 0.2,
+    min_lift: Annotated[
+        float, typer.Option(help="Times a uniform share a pixel must hold to be in a region.")
+    ] = 5.0,
+    min_fraction: Annotated[
+        float, typer.Option(help="Smallest fraction of a class's images concentrated there.")
+    ] = 0.5,
+    fail_on_flags: Annotated[
+        bool, typer.Option(help="Exit with status 1 when a region is flagged (for CI).")
+    ] = False,
+    arch: ArchOpt = None,
+    num_classes: ClassesOpt = None,
+    size: SizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    channels: ChannelsOpt = None,
+    window: WindowOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Look for shortcuts: regions holding a class's attribution across the inputs (docs/audit.md).
+
+    Images are grouped by the model's predicted class; writes report.html and audit.json.
+    """
+    from xai_core.audit import audit
+    from xai_core.datasets import DataStream
+
+    net, info, preprocess, dev = _setup(
+        model, arch, num_classes, size, mean, std, channels, None, device
+    )
+    stream = DataStream(
+        [str(p) for p in inputs],
+        batch_size=batch_size,
+        device=dev,
+        preprocess=preprocess,
+        masks=masks,
+        window=_floats(window, "--window"),
+    )
+    with _progress_bar() as bar:
+        task = bar.add_task(f"audit ({method})", total=stream.total)
+        result = audit(
+            net,
+            stream,
+            method=method,
+            options=_key_values(option, "--option"),
+            class_names=info.get("class_names"),
+            reference=reference,
+            min_share=min_share,
+            min_lift=min_lift,
+            min_fraction=min_fraction,
+            progress=lambda done, total: bar.update(task, completed=done),
+        )
+    report = result.write(out)
+    Console().print(result.summary())
+    for key, error in result.failed.items():
+        Console(stderr=True).print(f"[red]failed[/red] {escape(key)}: {escape(error)}")
+    Console(stderr=True).print(f"report: {report}")
+    raise typer.Exit(1 if fail_on_flags and result.flags else 0)
 
 
 _commands_added = False

@@ -225,6 +225,8 @@ def compare(
         raise UnknownOptionError(f"options name methods that are not compared: {sorted(unknown)}.")
     metric_classes, skipped_metrics = _choose_metrics(registry, adapter, metrics, masks)
     for name, opts in metric_opts.items():
+        if name in skipped_metrics:
+            continue  # skipped with its reason; its options do not matter
         if name not in metric_classes:
             raise UnknownOptionError(f"metric_options names {name!r}, which is not computed.")
         accepted = metric_options_of(metric_classes[name])

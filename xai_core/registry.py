@@ -71,6 +71,9 @@ class PluginFailure:
     def as_dict(self) -> dict[str, Any]:
         return {
             "name": self.plugin,
+            "kind": "plugin",
+            "scope": None,
+            "dependence": None,
             "plugin": self.distribution or self.plugin,
             "version": self.version,
             "status": "error",
@@ -332,20 +335,7 @@ class Registry:
         }
 
     def get_explainer(self, name: str) -> ExplainerInfo:
-        entries = self._explainer_entries.get(name)
-        if not entries:
-            available = sorted(self._explainer_entries)
-            raise UnknownMethodError(
-                f"No installed plugin provides the method {name!r}.{did_you_mean(name, available)} "
-                f"Installed methods: {', '.join(available) or 'none'} (see `xai plugins`)."
-            )
-        if len(entries) > 1:
-            who = " and ".join(_describe_source(e.source) for e in entries)
-            raise PluginConflictError(
-                f"The method {name!r} is registered by {who}; uninstall one of them, or block one "
-                f"with {ENV_BLOCK}."
-            )
-        return self._info(entries[0])
+        return self._info(_only_entry(self._explainer_entries, name, "method"))
 
     def list_explainers(
         self,
@@ -399,20 +389,7 @@ class Registry:
         return {name: e[0].cls for name, e in self._metric_entries.items() if len(e) == 1}
 
     def get_metric(self, name: str) -> type:
-        entries = self._metric_entries.get(name)
-        if not entries:
-            available = sorted(self._metric_entries)
-            raise UnknownMethodError(
-                f"No installed plugin provides the metric {name!r}."
-                f"{did_you_mean(name, available)} Installed metrics: "
-                f"{', '.join(available) or 'none'}."
-            )
-        if len(entries) > 1:
-            who = " and ".join(_describe_source(e.source) for e in entries)
-            raise PluginConflictError(
-                f"The metric {name!r} is registered by {who}; uninstall one of them."
-            )
-        return entries[0].cls
+        return _only_entry(self._metric_entries, name, "metric").cls
 
     # -- models ------------------------------------------------------------------------------
 
@@ -452,6 +429,8 @@ class Registry:
                 {
                     "name": name,
                     "kind": "metric",
+                    "scope": None,  # metrics have no scope or dependence; keys kept for tools
+                    "dependence": None,
                     "better": cls.direction.value,
                     "requires": sorted(n.value for n in cls.needs),
                     "plugin": " + ".join(e.source.distribution or e.source.plugin for e in entries),
@@ -474,6 +453,24 @@ class Registry:
             )
         rows.extend(f.as_dict() for f in self.failures)
         return rows
+
+
+def _only_entry(found: dict[str, list[_Entry]], name: str, kind: str) -> _Entry:
+    """The one registration of ``name``; a typed error when there is none or several."""
+    entries = found.get(name)
+    if not entries:
+        available = sorted(found)
+        raise UnknownMethodError(
+            f"No installed plugin provides the {kind} {name!r}.{did_you_mean(name, available)} "
+            f"Installed {kind}s: {', '.join(available) or 'none'} (see `xai plugins`)."
+        )
+    if len(entries) > 1:
+        who = " and ".join(_describe_source(e.source) for e in entries)
+        raise PluginConflictError(
+            f"The {kind} {name!r} is registered by {who}; uninstall one of them, or block one "
+            f"with {ENV_BLOCK}."
+        )
+    return entries[0]
 
 
 def _describe_source(source: PluginInfo) -> str:
