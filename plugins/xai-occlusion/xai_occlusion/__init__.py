@@ -15,13 +15,16 @@ inputs are built on the model's device from box masks and evaluated ``chunk_size
 samples and windows mixed in one batch; every target comes from the same forward passes.
 A box is a product of intervals, so spreading each ``delta_p`` over its box and summing is a
 product with one 0/1 matrix per axis, ``boxes[p, u] = (u in interval p)``: no loop over windows.
+
+On a PyTorch CNN the forwards are computed incrementally (:mod:`xai_occlusion.incremental`,
+option ``incremental``): only the part of each layer that a box can reach is recomputed.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +33,12 @@ import xai_core
 from xai_core import Attribution, Tags, Targets
 from xai_core.adapters.base import ModelAdapter
 from xai_core.errors import OptionError, did_you_mean
+from xai_occlusion.incremental import (
+    adaptive_deltas,
+    approximation_settings,
+    incremental_mode,
+    prepare,
+)
 
 __version__ = "0.1.0"
 
@@ -152,6 +161,8 @@ class Occlusion:
         sigma: float | Sequence[float] = 5.0,
         chunk_size: int = 32,
         progress: Progress | None = None,
+        incremental: bool | str = "auto",
+        approximation: Mapping[str, float] | None = None,
     ) -> Attribution:
         """:param window: box size, one int for every spatial axis or one per axis; default
             ``ceil(size / 8)`` per axis.
@@ -162,6 +173,12 @@ class Occlusion:
         :param chunk_size: perturbed inputs per forward pass (bounds peak memory).
         :param progress: ``progress(done, total)`` called after every chunk, counting
             perturbed inputs.
+        :param incremental: ``"auto"`` (incremental inference on a traceable PyTorch CNN, exact;
+            plain occlusion otherwise), ``"exact"``, ``"approximate"`` or ``False`` (plain
+            occlusion). See :mod:`xai_occlusion.incremental`.
+        :param approximation: approximate mode's settings: ``threshold`` (largest patch, as a
+            share of each feature map), ``coarse`` (first-pass grid step, in windows) and
+            ``refine`` (share of the other windows evaluated where the first pass is high).
         """
         n, size = inputs.shape[0], tuple(inputs.shape[2:])
         rank, device = len(size), inputs.device
@@ -177,6 +194,7 @@ class Occlusion:
         if progress is not None and not callable(progress):
             raise OptionError(f"progress must be a callable(done, total); got {progress!r}.")
         fill = baseline_fill(inputs, baseline, sigma)
+        mode, settings = incremental_mode(incremental), approximation_settings(approximation)
 
         boxes = [window_boxes(*dims, device) for dims in zip(size, window, stride, strict=True)]
         positions = tuple(box.shape[0] for box in boxes)
@@ -187,17 +205,25 @@ class Occlusion:
             resolved = targets.resolve(scores)
             reference = resolved.select(scores)  # (N, K) unperturbed target scores
             dtype = torch.promote_types(reference.dtype, torch.float32)
-            deltas = torch.empty(total, resolved.count, dtype=dtype, device=device)
-            for start in range(0, total, chunk):
-                stop = min(start + chunk, total)
-                index = torch.arange(start, stop, device=device)
-                rows = index // windows
-                mask = box_masks(index % windows, boxes).unsqueeze(1)  # every channel
-                occluded = torch.where(mask, fill[rows], inputs[rows])
-                outputs = model.forward(occluded)
-                deltas[start:stop] = reference[rows] - resolved.select(outputs, rows)
-                if progress is not None:
-                    progress(stop, total)
+            engine, plan = prepare(model, inputs, fill, boxes, window, mode, settings, scores)
+            if plan["mode"] == "approximate":  # every window, or a coarse grid refined where high
+                drops = engine.drops(reference, resolved, windows)
+                deltas, total = adaptive_deltas(drops, n, positions, chunk, settings, progress)
+            else:
+                deltas = torch.empty(total, resolved.count, dtype=dtype, device=device)
+                for start in range(0, total, chunk):
+                    stop = min(start + chunk, total)
+                    index = torch.arange(start, stop, device=device)
+                    rows = index // windows
+                    if engine is not None:  # exact incremental inference
+                        outputs = engine.forward(rows, index % windows)
+                    else:
+                        mask = box_masks(index % windows, boxes).unsqueeze(1)  # every channel
+                        occluded = torch.where(mask, fill[rows], inputs[rows])
+                        outputs = model.forward(occluded)
+                    deltas[start:stop] = reference[rows] - resolved.select(outputs, rows)
+                    if progress is not None:
+                        progress(stop, total)
             grid = deltas.view(n, *positions, resolved.count).movedim(-1, 1)  # (N, K, *positions)
             sums = along_axes(grid, boxes)
             counts = along_axes(torch.ones(positions, dtype=dtype, device=device), boxes)
@@ -214,6 +240,7 @@ class Occlusion:
                 "evaluations": total,
                 "chunk_size": chunk,
                 "uncovered": int((counts == 0).sum()),
+                "incremental": plan,
             },
         )
 
