@@ -263,3 +263,28 @@ def test_plugins_command_and_help():
     for command in ("explain", "compare", "plugins", "demo"):
         assert command in help_text
     assert "--method" in xai("explain", "--help").output
+
+
+def test_dicom_series_slice_by_slice_with_a_torchvision_model(tmp_path, resnet_state):
+    series = write_dicom_series(tmp_path / "ct" / "series", slices=3, size=32)
+    out = tmp_path / "out"
+    result = xai(
+        "explain",
+        resnet_state,
+        series,
+        "--arch",
+        "resnet18",
+        "--channels",
+        "3",
+        "--slice-axis",
+        "0",
+        "--size",
+        "64,64",
+        "-m",
+        "gradcam",
+        "--out",
+        out,
+    )
+    assert result.exit_code == 0, result.output
+    (key,) = json.loads((out / "summary.json").read_text())["done"]
+    assert outputs_of(out, key, "gradcam")["maps"].shape == (3, 64, 64)  # one map per slice
