@@ -115,11 +115,13 @@ def _load_demo(name: str) -> tuple[Any, dict[str, Any]]:
         raise ModelError("This xai-core installation has no demo models.") from exc
     if not hasattr(demo, "load_model"):
         raise ModelError("This xai-core installation has no demo models (no demo.load_model).")
-    loaded = demo.load_model(name)
-    if isinstance(loaded, tuple) and len(loaded) == 2 and isinstance(loaded[1], Mapping):
-        model, info = loaded
-        return model, {"kind": "demo", "name": name, **info}
-    return loaded, {"kind": "demo", "name": name}
+    model = demo.load_model(name)
+    return model, {
+        "kind": "demo",
+        "name": name,
+        "class_names": list(demo.CLASS_NAMES[name]),
+        "preprocess": demo.preprocess_settings(name),  # the CLI's defaults for this model
+    }
 
 
 # -- torchvision + state_dict ----------------------------------------------------------------
