@@ -16,6 +16,7 @@ from typing import Any
 
 from xai_core.adapters.base import InputSpec, ModelAdapter
 from xai_core.api import explain
+from xai_core.audit import audit
 from xai_core.comparison import Comparison, compare
 from xai_core.errors import XaiError
 from xai_core.explanation import Explanation
@@ -29,8 +30,7 @@ __version__ = "0.1.0"
 
 
 def list_explainers(**filters: Any) -> list[ExplainerInfo]:
-    """Installed, usable explainers, filtered by ``scope``, ``dependence``, ``requires``, ``model``.
-    """
+    """Installed, usable explainers, filtered by ``scope``, ``dependence``, ``requires``, ``model``."""
     return get_registry().list_explainers(**filters)
 
 
@@ -56,6 +56,7 @@ __all__ = [
     "Targets",
     "XaiError",
     "adapt",
+    "audit",
     "compare",
     "explain",
     "get_registry",

@@ -1,0 +1,596 @@
+"""``audit()``: look for shortcuts, places that hold a class's attribution across a dataset.
+
+A model that learned a shortcut (a burned-in marker, a text label, a ruler, the border of one
+hospital's scanner) puts the attribution of a class on the same spot in image after image,
+wherever the real findings are. The audit explains every image with a local method, in batches
+streamed from the data, and per class looks for regions of any size and place that hold a
+disproportionate share of the class's attribution:
+
+1. the positive part of each image's map (the evidence for the class, in the method's units) is
+   averaged over the class's images; divided by its sum it is the class's share map ``P_c``,
+   the share of the class's attribution on each pixel (images with more evidence weigh more, so
+   images where the model sees nothing of the class add little noise);
+2. a *reference* says which share is expected where, and the rest is unexplained, ``U_c``:
+
+   * ``"masks"`` (where the evidence lies in each image, e.g. lesion outlines): attribution inside
+     an image's mask, widened by ``mask_margin`` pixels, is expected; ``U_c`` is ``P_c`` counted
+     outside the masks only;
+   * ``"uniform"``: attribution spread evenly, ``U_c = max(P_c - 1 / pixels, 0)``;
+   * ``"classes"``: the other classes, ``U_c = max(P_c - R_c, 0)`` with ``R_c`` the mean share
+     map of the other classes: only what is specific to the class counts;
+   * ``"auto"`` (default): masks for the classes whose images have some, uniform otherwise.
+     Not ``"classes"``: a model that decides "sick" from a marker's presence decides "normal"
+     from its absence, and local maps of every class then point at the same corner; subtracting
+     the other classes would hide exactly that shortcut (docs/audit.md shows it on the demo).
+     Every flag still reports the share the other classes put in its box;
+3. regions are the connected sets of pixels whose unexplained share is at least ``min_lift``
+   times a uniform share (``1 / pixels``); each becomes a box. Nothing assumes where they are or
+   how large (a region holding such shares covers at most ``1 / min_lift`` of the image);
+4. a box is flagged when it holds at least ``min_share`` of the class's attribution that the
+   reference does not account for, and at least ``min_fraction`` of the class's images put
+   ``min_lift`` times a uniform share of their own attribution on one of its pixels (outside
+   their masks, with masks): the spot is consistent across images, not a few images' peaks.
+
+A flag is a place to look at, not proof of a shortcut: see docs/audit.md for what the audit can
+and cannot tell.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from xai_core.api import run_explainer
+from xai_core.datasets import ClassMaps, DataStream, Progress, batch_targets
+from xai_core.errors import CapabilityError, InputError, OptionError, did_you_mean
+from xai_core.explanation import normalize
+from xai_core.registry import get_registry
+from xai_core.tags import Scope
+
+if TYPE_CHECKING:
+    from xai_core.report import HtmlReport
+
+REFERENCES = ("auto", "masks", "uniform", "classes")
+BOX_COLOUR = (0, 229, 255)  # cyan: stands out from the inferno colormap and from grey anatomy
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A region that concentrates one class's attribution across its images.
+
+    ``box`` is ``(left, top, right, bottom)`` in input pixels, ``right`` and ``bottom`` exclusive
+    (``image[top:bottom, left:right]``). ``share`` is the class's mean share of attribution
+    inside the box; ``unexplained`` the part of it the reference does not account for, and
+    ``reference_share`` what the reference puts there (the area's share for ``"uniform"``, the
+    share lying on the masks for ``"masks"``, the other classes' mean share for ``"classes"``).
+    ``other_classes_share`` is the other classes' mean share in the box whatever the reference
+    (``None`` without another class): close to ``share``, the whole model looks there.
+    ``images`` of the ``class_images`` put a concentrated share of their own attribution there.
+    """
+
+    class_index: int
+    class_name: str
+    box: tuple[int, int, int, int]
+    share: float
+    unexplained: float
+    reference: str
+    reference_share: float
+    other_classes_share: float | None
+    area: float  # the box's fraction of the image
+    images: int
+    class_images: int
+
+    @property
+    def lift(self) -> float:
+        """How many times its area's share of the attribution the box holds."""
+        return self.share / self.area
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "class": self.class_index,
+            "class_name": self.class_name,
+            "box": list(self.box),
+            "share": self.share,
+            "unexplained": self.unexplained,
+            "reference": self.reference,
+            "reference_share": self.reference_share,
+            "other_classes_share": self.other_classes_share,
+            "area": self.area,
+            "lift": self.lift,
+            "images": self.images,
+            "class_images": self.class_images,
+        }
+
+
+@dataclass
+class AuditResult:
+    """Flags, the per-class maps they come from, and how the audit was run.
+
+    Per-class tensors are ``(C, H, W)`` float32 on the CPU: ``mean`` and ``std`` of the normalised
+    maps (what ``aggregate`` gives), ``share`` the mean share map ``P_c``, ``unexplained`` the
+    share the reference does not account for, ``mean_image`` the mean input (channel mean).
+    """
+
+    method: str
+    class_names: list[str]
+    flags: list[Flag]
+    counts: list[int]  # images per class
+    mean: torch.Tensor
+    std: torch.Tensor
+    share: torch.Tensor
+    unexplained: torch.Tensor
+    mean_image: torch.Tensor
+    references: list[str]
+    skipped_classes: dict[str, str] = field(default_factory=dict)
+    images: int = 0
+    without_attribution: int = 0  # images whose map had no positive value
+    failed: dict[str, str] = field(default_factory=dict)  # unreadable files
+    settings: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly: flags, counts, settings (no maps)."""
+        return {
+            "method": self.method,
+            "images": self.images,
+            "without_attribution": self.without_attribution,
+            "classes": [
+                {"class": c, "name": name, "images": n, "reference": ref}
+                for c, (name, n, ref) in enumerate(
+                    zip(self.class_names, self.counts, self.references, strict=True)
+                )
+            ],
+            "flags": [f.as_dict() for f in self.flags],
+            "skipped_classes": self.skipped_classes,
+            "failed": self.failed,
+            "settings": self.settings,
+            "seconds": self.seconds,
+        }
+
+    def summary(self) -> str:
+        """The flags as a Markdown table (or a sentence saying there are none)."""
+        if not self.flags:
+            return f"No region flagged ({self.images} images, method {self.method})."
+        lines = [
+            "| class | box (left, top, right, bottom) | share | unexplained | reference | images |",
+            "| --- | --- | ---: | ---: | --- | ---: |",
+        ]
+        for f in self.flags:
+            lines.append(
+                f"| {f.class_name} | {f.box} | {f.share:.2f} | {f.unexplained:.2f} | "
+                f"{f.reference} | {f.images} / {f.class_images} |"
+            )
+        return "\n".join(lines)
+
+    def report(self) -> HtmlReport:
+        """An :class:`~xai_core.report.HtmlReport`: the flags, then per class the mean input,
+        the mean map, its spread and the unexplained share, flagged boxes drawn in cyan."""
+        from xai_core.report import HtmlReport
+
+        report = HtmlReport(title=f"xai-core audit: {self.method}")
+        report.add_note(
+            f"{self.images} images explained with {self.method}. A flag marks a region holding "
+            f"a disproportionate share of a class's attribution in many of its images: a place "
+            f"to look at (a marker, text, a border, a device), not proof of a shortcut."
+        )
+        report.add_heading("Flagged regions")
+        if self.flags:
+            rows = [
+                [
+                    f.class_name,
+                    str(f.box),
+                    f.share,
+                    f.unexplained,
+                    f.reference,
+                    f.reference_share,
+                    f.other_classes_share,
+                    f.lift,
+                    f"{f.images} / {f.class_images}",
+                ]
+                for f in self.flags
+            ]
+            report.add_table(
+                [
+                    "class",
+                    "box (left, top, right, bottom)",
+                    "share",
+                    "unexplained",
+                    "reference",
+                    "reference share",
+                    "other classes' share",
+                    "lift",
+                    "images",
+                ],
+                rows,
+            )
+        else:
+            report.add_note("No region was flagged.")
+        settings = ", ".join(
+            f"{k}={self.settings[k]}"
+            for k in ("group_by", "reference", "min_share", "min_lift", "min_fraction")
+            if k in self.settings
+        )
+        report.add_note(f"Settings: {settings}. See docs/audit.md for their meaning.")
+        for name, reason in self.skipped_classes.items():
+            report.add_note(f"Class {name} not audited: {reason}")
+        for key, error in self.failed.items():
+            report.add_note(f"{key}: failed: {error}", error=True)
+        report.add_heading("Classes")
+        for c, name in enumerate(self.class_names):
+            if self.counts[c] == 0:
+                continue
+            boxes = [f.box for f in self.flags if f.class_index == c]
+            report.add_fragment(self._class_section(c, name, boxes))
+        return report
+
+    def write(self, out: str | Path) -> Path:
+        """``report.html`` and ``audit.json`` in the folder ``out``; returns the report's path."""
+        import json
+
+        from xai_core.io.outputs import atomic_write_text
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "audit.json", json.dumps(self.to_dict(), indent=2))
+        return self.report().write(out / "report.html")
+
+    def _class_section(self, c: int, name: str, boxes: list[tuple[int, int, int, int]]) -> str:
+        from xai_core.report.html import data_uri, esc
+        from xai_core.report.overlay import as_rgb, overlay, to_png
+
+        image = _unit(self.mean_image[c].numpy())
+        panels = [
+            ("mean input", as_rgb(image)),
+            ("mean map", overlay(image, _unit(self.mean[c].numpy()))),
+            ("spread (std)", overlay(image, _unit(self.std[c].numpy()))),
+            ("unexplained share", overlay(image, _unit(self.unexplained[c].numpy()))),
+        ]
+        cards = "".join(
+            f'<div class="card"><img alt="{esc(title)}" '
+            f'src="{data_uri(to_png(draw_boxes(rgb, boxes)))}">'
+            f'<div class="caption">{esc(title)}</div></div>'
+            for title, rgb in panels
+        )
+        flagged = f", {len(boxes)} flagged region(s)" if boxes else ""
+        note = f"{self.counts[c]} images; reference: {self.references[c]}{flagged}"
+        return f'<h3>{esc(name)}</h3><p class="note">{esc(note)}</p><div class="grid">{cards}</div>'
+
+
+def draw_boxes(
+    rgb: np.ndarray, boxes: Sequence[tuple[int, int, int, int]], colour=BOX_COLOUR
+) -> np.ndarray:
+    """A copy of ``rgb`` ``(H, W, 3)`` with each ``(left, top, right, bottom)`` box outlined."""
+    out = rgb.copy()
+    h, w = out.shape[:2]
+    width = max(1, round(max(h, w) / 128))  # about one display pixel at the report's 224 px
+    for left, top, right, bottom in boxes:
+        r, b = min(right, w), min(bottom, h)
+        out[top : min(top + width, b), left:r] = colour
+        out[max(b - width, top) : b, left:r] = colour
+        out[top:b, left : min(left + width, r)] = colour
+        out[top:b, max(r - width, left) : r] = colour
+    return out
+
+
+def _unit(a: np.ndarray) -> np.ndarray:
+    low, high = float(a.min()), float(a.max())
+    return (a - low) / (high - low) if high > low else np.zeros_like(a)
+
+
+@dataclass
+class _Sums:
+    """What the audit accumulates per class while it streams (all ``ClassMaps``)."""
+
+    maps: ClassMaps  # normalised maps: mean and spread, as `aggregate` gives them
+    positive: ClassMaps  # positive part of the raw maps: their class mean gives P_c
+    hits: ClassMaps  # 1 where an image's own share >= min_lift / pixels (sums: images per pixel)
+    image: ClassMaps  # inputs, channel mean, for display
+    off: ClassMaps | None = None  # the positive part outside the widened mask
+    off_hits: ClassMaps | None = None  # hits outside the widened mask
+    masked: torch.Tensor | None = None  # (C,) images with a non-empty mask
+
+
+def audit(
+    model: Any,
+    data: Any,
+    *,
+    method: str = "gradcam",
+    options: dict[str, Any] | None = None,
+    group_by: str = "auto",
+    labels: torch.Tensor | Sequence[int] | None = None,
+    masks: Any = None,
+    class_names: Sequence[str] | None = None,
+    batch_size: int = 32,
+    preprocess: Any = None,
+    reference: str = "auto",
+    min_share: float = 0.2,
+    min_lift: float = 5.0,
+    min_fraction: float = 0.5,
+    min_images: int = 5,
+    mask_margin: int | None = None,
+    progress: Progress | None = None,
+) -> AuditResult:
+    """Explain every image of ``data`` and flag regions that hold a class's attribution.
+
+    :param model: anything :func:`xai_core.explain` accepts.
+    :param data: a ``(N, C, H, W)`` tensor, ``(x, y)`` or ``(x, y, masks)``, a folder or list of
+        image files, a DataLoader / iterable yielding ``x``, ``(x, y)`` or ``(x, y, masks)``, or a
+        :class:`~xai_core.datasets.DataStream` of any of those; streamed in batches on the
+        model's device.
+    :param method: the local method that explains each image (``gradcam``, ``occlusion``...).
+    :param options: that method's options, e.g. ``{"window": 8}`` for occlusion.
+    :param group_by: the class each image is audited under: ``"label"``, ``"prediction"``, or
+        ``"auto"`` (labels when the data has them, else the prediction).
+    :param labels: class indices for tensor data (or inside ``data``).
+    :param masks: where each image's class evidence lies, ``(N, H, W)`` bool for tensor data or
+        a folder of mask files for file data (an image without evidence has an empty mask).
+    :param reference: what share is expected where: ``"auto"``, ``"masks"``, ``"uniform"`` or
+        ``"classes"`` (see the module documentation).
+    :param class_names: names for the report; default ``"0"``, ``"1"``...
+    :param batch_size: images per batch (a DataLoader keeps its own).
+    :param preprocess: see :class:`~xai_core.datasets.DataStream`.
+    :param min_share: smallest unexplained share of a class's attribution a flagged box holds.
+    :param min_lift: how many times a uniform share a pixel must hold to be part of a region.
+    :param min_fraction: smallest fraction of a class's images that must concentrate their own
+        attribution on the region.
+    :param min_images: classes with fewer images are not audited (listed as skipped).
+    :param mask_margin: pixels by which masks are widened (maps are smoother than lesions);
+        default 5% of the image's larger side.
+    :param progress: ``progress(images_done, images_total_or_None)`` after each batch.
+    """
+    _check_settings(group_by, reference, min_share, min_lift, min_fraction, min_images, mask_margin)
+    registry = get_registry()
+    info = registry.get_explainer(method)
+    if info.tags.scope is not Scope.LOCAL:
+        raise OptionError(
+            f"{method!r} is a global method; the audit aggregates a local one itself (e.g. "
+            f"'gradcam' or 'occlusion')."
+        )
+    adapter = registry.adapt(model)
+    reason = registry.unsupported_reason(info, adapter)
+    if reason is not None:
+        working = [i.name for i in registry.list_explainers(scope=Scope.LOCAL, model=adapter)]
+        raise CapabilityError(f"{reason}. Methods that can run on this model: {working}.")
+    options = dict(options or {})
+    if isinstance(data, DataStream):  # built by the caller, e.g. with a DICOM window
+        stream = data
+        stream.device = adapter.device
+    else:
+        stream = DataStream(
+            data,
+            batch_size=batch_size,
+            device=adapter.device,
+            preprocess=preprocess,
+            labels=labels,
+            masks=masks,
+        )
+    start = time.perf_counter()
+    total = stream.total
+    sums: _Sums | None = None
+    names: list[str] = []
+    margin = 0
+    done = without = 0
+    for batch in stream:
+        if batch.inputs.ndim != 4:
+            raise InputError(
+                f"The audit works on 2D images (N, C, H, W); got {tuple(batch.inputs.shape)}."
+            )
+        if reference == "masks" and batch.masks is None:
+            raise OptionError("reference='masks' needs masks: pass masks=... or (x, y, masks).")
+        targets = batch_targets(batch, group_by)
+        exp = run_explainer(info, adapter, batch.inputs, targets, options)
+        if len(exp.raw) > 1 or exp.full.shape[1] != 1:
+            raise OptionError("The audit explains one class and one layer per image.")
+        raw = exp.full[:, 0, 0]  # (B, H, W) on the input grid
+        classes = exp.targets[:, 0]
+        if sums is None:  # the first batch tells the number of classes and the image size
+            names = _class_names(class_names, exp.scores.shape[1])
+            sums = _new_sums(len(names), raw.shape[1:], raw.device, batch.masks)
+            margin = mask_margin if mask_margin is not None else round(0.05 * max(raw.shape[1:]))
+        without += _accumulate(sums, batch, raw, classes, min_lift, margin)
+        done += len(batch)
+        if progress is not None:
+            progress(done, total)
+    if sums is None:
+        raise InputError("The dataset is empty: no batch came out of it.")
+    result = _find_flags(sums, names, reference, min_share, min_lift, min_fraction, min_images)
+    result.method = method
+    result.images = done
+    result.without_attribution = without
+    result.failed = dict(stream.failed)
+    result.settings = {
+        "method": method,
+        "options": {k: repr(v) for k, v in options.items()},
+        "group_by": group_by,
+        "reference": reference,
+        "masks": sums.off is not None,
+        "min_share": min_share,
+        "min_lift": min_lift,
+        "min_fraction": min_fraction,
+        "min_images": min_images,
+        "mask_margin": mask_margin,
+    }
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _check_settings(
+    group_by, reference, min_share, min_lift, min_fraction, min_images, mask_margin
+) -> None:
+    if group_by not in ("auto", "label", "prediction"):
+        raise OptionError(
+            f"group_by must be 'auto', 'label' or 'prediction'; got {group_by!r} (the audit "
+            f"counts each image for one class)."
+        )
+    if reference not in REFERENCES:
+        raise OptionError(
+            f"reference must be one of {REFERENCES}; got {reference!r}."
+            f"{did_you_mean(str(reference), REFERENCES)}"
+        )
+    for name, value, low, high in (
+        ("min_share", min_share, 0.0, 1.0),
+        ("min_fraction", min_fraction, 0.0, 1.0),
+    ):
+        if not isinstance(value, int | float) or not low < value <= high:
+            raise OptionError(f"{name} must be in ({low}, {high}]; got {value!r}.")
+    if not isinstance(min_lift, int | float) or not math.isfinite(min_lift) or min_lift <= 1:
+        raise OptionError(f"min_lift must be a number > 1 (times uniform); got {min_lift!r}.")
+    if isinstance(min_images, bool) or not isinstance(min_images, int) or min_images < 1:
+        raise OptionError(f"min_images must be a positive int; got {min_images!r}.")
+    if mask_margin is not None and (not isinstance(mask_margin, int) or mask_margin < 0):
+        raise OptionError(f"mask_margin must be an int >= 0 (pixels); got {mask_margin!r}.")
+
+
+def _class_names(names: Sequence[str] | None, count: int) -> list[str]:
+    if names is None:
+        return [str(c) for c in range(count)]
+    names = [str(n) for n in names]
+    if len(names) != count:
+        raise OptionError(f"Got {len(names)} class names for a model with {count} outputs.")
+    return names
+
+
+def _new_sums(classes: int, spatial: Sequence[int], device, masks) -> _Sums:
+    def empty() -> ClassMaps:
+        return ClassMaps.empty(classes, spatial, device)
+
+    sums = _Sums(maps=empty(), positive=empty(), hits=empty(), image=empty())
+    if masks is not None:
+        sums.off, sums.off_hits = empty(), empty()
+        sums.masked = torch.zeros(classes, dtype=torch.long, device=device)
+    return sums
+
+
+def _accumulate(
+    sums: _Sums,
+    batch: Any,
+    raw: torch.Tensor,
+    classes: torch.Tensor,
+    min_lift: float,
+    margin: int,
+) -> int:
+    """Add one batch; return how many of its maps had no positive attribution."""
+    sums.maps.add(normalize(raw, 2), classes)
+    sums.image.add(batch.inputs.mean(dim=1), classes)
+    # Shares come from the evidence for the class, the positive part of the raw map: min-max
+    # normalisation would lift a signed map's zero (occlusion's "no effect") to a positive share.
+    positive = raw.clamp(min=0)
+    sums.positive.add(positive, classes)
+    totals = positive.flatten(1).sum(dim=1).view(-1, 1, 1)
+    own_share = torch.where(totals > 0, positive / totals.clamp(min=1e-30), 0)
+    hot = own_share * positive[0].numel() >= min_lift
+    sums.hits.add(hot.to(positive.dtype), classes)
+    if sums.off is not None:
+        if batch.masks is None:
+            raise InputError("Masks were given for some batches but not for others.")
+        # Maps are smoother than lesions: attribution just around a lesion is still on it.
+        widened = F.max_pool2d(batch.masks[:, None].float(), 2 * margin + 1, 1, margin)[:, 0]
+        outside = widened == 0
+        sums.off.add(positive * outside, classes)
+        sums.off_hits.add((hot & outside).to(positive.dtype), classes)
+        has_mask = batch.masks.flatten(1).any(dim=1)
+        sums.masked.index_add_(0, classes[has_mask], torch.ones_like(classes[has_mask]))
+    return int((totals.flatten() == 0).sum())
+
+
+def _find_flags(
+    sums: _Sums,
+    names: list[str],
+    reference: str,
+    min_share: float,
+    min_lift: float,
+    min_fraction: float,
+    min_images: int,
+) -> AuditResult:
+    from scipy import ndimage  # scipy comes with scikit-image, a core dependency
+
+    mean_positive = sums.positive.mean.cpu()  # (C, H, W) float64
+    totals = mean_positive.flatten(1).sum(dim=1).view(-1, 1, 1)
+    share = torch.where(totals > 0, mean_positive / totals.clamp(min=1e-300), 0)
+    counts = sums.positive.counts.cpu()
+    pixels = share[0].numel()
+    skipped = {}
+    for c, name in enumerate(names):
+        if 0 < int(counts[c]) < min_images:
+            skipped[name] = f"{int(counts[c])} image(s), fewer than min_images={min_images}"
+        elif int(counts[c]) > 0 and float(totals[c]) == 0:
+            skipped[name] = "no positive attribution in any of its images"
+    audited = [c for c in range(len(names)) if int(counts[c]) > 0 and names[c] not in skipped]
+    unexplained = torch.zeros_like(share)
+    references = ["none"] * len(names)
+    flags: list[Flag] = []
+    for c in audited:
+        others = [o for o in audited if o != c]
+        kind, expected, hits = _reference(sums, c, reference, share, totals, others)
+        references[c] = kind
+        unexplained[c] = (share[c] - expected).clamp(min=0)
+        regions, _ = ndimage.label(
+            (unexplained[c] * pixels >= min_lift).numpy(), structure=np.ones((3, 3))
+        )
+        needed = max(1, math.ceil(min_fraction * int(counts[c])))
+        for index, (rows, cols) in enumerate(ndimage.find_objects(regions), start=1):
+            images = int(hits[torch.from_numpy(regions == index)].max())
+            free = float(unexplained[c][rows, cols].sum())
+            if free < min_share or images < needed:
+                continue
+            flags.append(
+                Flag(
+                    class_index=c,
+                    class_name=names[c],
+                    box=(cols.start, rows.start, cols.stop, rows.stop),
+                    share=float(share[c][rows, cols].sum()),
+                    unexplained=free,
+                    reference=kind,
+                    reference_share=float(expected[rows, cols].sum()),
+                    other_classes_share=(
+                        float(share[others][:, rows, cols].sum(dim=(1, 2)).mean())
+                        if others
+                        else None
+                    ),
+                    area=(rows.stop - rows.start) * (cols.stop - cols.start) / pixels,
+                    images=images,
+                    class_images=int(counts[c]),
+                )
+            )
+    flags.sort(key=lambda f: -f.unexplained)
+    return AuditResult(
+        method="",
+        class_names=names,
+        flags=flags,
+        counts=[int(n) for n in counts],
+        mean=sums.maps.mean.float().cpu(),
+        std=sums.maps.std.float().cpu(),
+        share=share.float(),
+        unexplained=unexplained.float(),
+        mean_image=sums.image.mean.float().cpu(),
+        references=references,
+        skipped_classes=skipped,
+    )
+
+
+def _reference(
+    sums: _Sums,
+    c: int,
+    reference: str,
+    share: torch.Tensor,
+    totals: torch.Tensor,
+    others: list[int],
+) -> tuple[str, torch.Tensor, torch.Tensor]:
+    """The reference used for class ``c``: its name, expected share map, and hit counts."""
+    masked = sums.masked is not None and int(sums.masked[c]) > 0
+    if reference in ("auto", "masks") and masked:
+        # The share lying on the (widened) masks is expected: the difference is what lies off them.
+        on_evidence = share[c] - sums.off.mean[c].cpu() / totals[c]
+        return "masks", on_evidence, sums.off_hits.sums[c].cpu()
+    hits = sums.hits.sums[c].cpu()
+    if reference == "classes" and others:
+        return "classes", share[others].mean(dim=0), hits
+    return "uniform", torch.full_like(share[c], 1 / share[c].numel()), hits
