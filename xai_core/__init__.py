@@ -30,7 +30,7 @@ __version__ = "0.1.0"
 
 
 def list_explainers(**filters: Any) -> list[ExplainerInfo]:
-    """Installed, usable explainers, filtered by ``scope``, ``dependence``, ``requires``, ``model``."""
+    """Installed, usable explainers; filters: ``scope``, ``dependence``, ``requires``, ``model``."""
     return get_registry().list_explainers(**filters)
 
 
