@@ -12,13 +12,13 @@ Grad-CAM++ is eq. 19 of Chattopadhyay et al. (2018) under the paper's exponentia
 assumption (``Y = exp(S)``), which turns the higher derivatives into powers of the first; it is
 the form of the authors' code and of the common libraries, so maps are comparable.
 
-Several layers share one forward pass and several targets share one batched backward pass
-(``torch.autograd.grad(..., is_grads_batched=True)``).
+Several layers share one forward pass; several targets share it too, each with one backward pass
+through the retained graph (see :func:`target_gradients` for why not one vmapped backward).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -36,39 +36,23 @@ VARIANTS = ("gradcam", "guided", "gradcam++")
 
 def target_gradients(
     scores: torch.Tensor, activations: list[torch.Tensor]
-) -> list[torch.Tensor | None]:
-    """d scores[:, k] / d activation for every target k, as ``(K, *activation.shape)`` each.
+) -> Iterator[tuple[torch.Tensor | None, ...]]:
+    """For each target ``k`` in turn, ``d scores[:, k] / d activation`` for every activation.
 
     Samples are independent in eval mode, so the gradient of ``scores[:, k].sum()`` holds every
-    sample's own gradient. The K backward passes run as one batched (vmapped) backward; if an
-    operation of the model has no batching rule, they run one after another instead. ``None``
-    stands for an activation the scores do not depend on.
+    sample's own gradient. The K backward passes share the one forward pass: each runs through
+    the retained graph, the last one frees it, and the caller reduces each target's gradients
+    before the next pass, so no ``(K, *activation.shape)`` tensor is ever built. (One vmapped
+    backward, ``is_grads_batched=True``, gives bitwise the same gradients but was slower on CPU:
+    convolution and batch-norm backward still run once per target under vmap, and their results
+    are stacked at every layer; docs/performance.md.) ``None`` stands for an activation the
+    scores do not depend on.
     """
     count = scores.shape[1]
-    if count == 1:
-        grads = torch.autograd.grad(scores.sum(), activations, allow_unused=True)
-        return [None if g is None else g.unsqueeze(0) for g in grads]
-    eye = torch.eye(count, dtype=scores.dtype, device=scores.device)
-    seeds = eye[:, None, :].expand(count, *scores.shape)  # seed k selects target column k
-    try:
-        return list(
-            torch.autograd.grad(
-                scores,
-                activations,
-                seeds,
-                retain_graph=True,
-                is_grads_batched=True,
-                allow_unused=True,
-            )
+    for k in range(count):
+        yield torch.autograd.grad(
+            scores[:, k].sum(), activations, retain_graph=k < count - 1, allow_unused=True
         )
-    except RuntimeError:
-        per_target = [
-            torch.autograd.grad(
-                scores[:, k].sum(), activations, retain_graph=True, allow_unused=True
-            )
-            for k in range(count)
-        ]
-        return [None if gs[0] is None else torch.stack(gs) for gs in zip(*per_target, strict=True)]
 
 
 def channel_weights(variant: str, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
@@ -137,13 +121,16 @@ class GradCAM:
                 )
             if not a.requires_grad:  # it does not depend on the input at all
                 raise _not_on_path(name)
+        weights: list[list[torch.Tensor]] = [[] for _ in acts]  # per layer, (1, N, C) per target
+        for grads in target_gradients(chosen, acts):
+            for name, a, g, alphas in zip(hooked, acts, grads, weights, strict=True):
+                if g is None:
+                    raise _not_on_path(name)
+                alphas.append(channel_weights(variant, a.detach(), g.unsqueeze(0)))
         maps = []
-        for name, a, g in zip(hooked, acts, target_gradients(chosen, acts), strict=True):
-            if g is None:
-                raise _not_on_path(name)
-            a = a.detach()
-            alpha = channel_weights(variant, a, g)  # (K, N, C)
-            cam = torch.einsum("knc,nc...->nk...", alpha, a)
+        for a, alphas in zip(acts, weights, strict=True):
+            alpha = torch.cat(alphas)  # (K, N, C)
+            cam = torch.einsum("knc,nc...->nk...", alpha, a.detach())
             maps.append(cam.clamp(min=0) if relu else cam)
         calls = {name: len(seen.outputs[name]) for name in hooked}
         return Attribution(
