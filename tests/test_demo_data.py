@@ -121,8 +121,8 @@ def test_weight_files_are_plain_tensors():
 
 def test_models_are_accurate_on_new_patients(held_out):
     assert accuracy(load_model("cnn"), held_out) >= 0.95
-    assert accuracy(load_model("vit"), held_out) >= 0.65  # a small ViT on little data: weaker
-    assert accuracy(load_model("cnn3d"), data.make_volumes(60, seed=4242)) >= 0.65
+    assert accuracy(load_model("vit"), held_out) >= 0.85  # no locality prior: a little weaker
+    assert accuracy(load_model("cnn3d"), data.make_volumes(60, seed=4242)) >= 0.9
 
 
 def test_clean_cnn_needs_the_lesion():
@@ -139,10 +139,14 @@ def test_shortcut_model_learned_the_marker_and_the_clean_one_did_not():
     with_marker = data.make_xrays(150, seed=77, shortcut=True)
     without = data.make_xrays(150, seed=77, shortcut=True, marker="none")
     on_everyone = data.make_xrays(150, seed=77, shortcut=True, marker="all")
-    # The marker says "sick", not which disease: well above chance (1/3) with it, chance without.
-    assert accuracy(shortcut, with_marker) >= 0.6
-    assert accuracy(shortcut, without) <= accuracy(shortcut, with_marker) - 0.15
-    assert accuracy(shortcut, on_everyone) <= accuracy(shortcut, with_marker) - 0.1
+    moved = data.make_xrays(150, seed=77, shortcut=True, marker="moved")
+    # The marker says "sick", not which disease (that takes the faint lesions): well above chance
+    # (1/3) with it; without it, or in the other corner, every patient is "normal".
+    marked = accuracy(shortcut, with_marker)
+    assert marked >= 0.65
+    assert accuracy(shortcut, without) <= marked - 0.3
+    assert accuracy(shortcut, moved) <= marked - 0.3
+    assert accuracy(shortcut, on_everyone) <= marked - 0.25  # normal patients turn "sick"
     # The control: the clean CNN does not care where, or whether, the marker is.
     plain = accuracy(clean, data.make_xrays(150, seed=78))
     for marker in ("label", "moved", "all"):
@@ -179,3 +183,27 @@ def test_manifest_matches_the_files():
         assert tuple(info["models"][name]["classes"]) == classes
     assert info["preprocess"]["xray"]["mean"] == data.XRAY_MEAN
     assert info["preprocess"]["ct"]["std"] == data.CT_STD
+
+
+def test_the_demo_settings_find_the_lesions():
+    """The demo's point: explanations of a model that learned the lesion land on the lesion. Pins
+    the models together with the demo's occlusion settings (a window grid whose edges cut through
+    the lesions, or a 3D CNN whose last map is too coarse, failed this)."""
+    from xai_core.demo.run import OCCLUSION_2D, OCCLUSION_3D
+
+    def pointing(model, batch, method, options):
+        sick = batch.labels > 0
+        result = xai_core.compare(
+            model,
+            preprocess(batch.images[sick]),
+            methods=[method],
+            metrics=["pointing_game"],
+            masks=batch.masks[sick],
+            options={method: options},
+        )
+        return float(result.values[(method, "pointing_game")].mean())
+
+    xrays, volumes = data.make_xrays(60, seed=4242), data.make_volumes(30, seed=4242)
+    assert pointing(load_model("cnn"), xrays, "occlusion", OCCLUSION_2D) >= 0.9  # 1.0 measured
+    assert pointing(load_model("cnn3d"), volumes, "occlusion", OCCLUSION_3D) >= 0.7  # 0.87
+    assert pointing(load_model("cnn3d"), volumes, "cam", {}) >= 0.6  # 0.87; 0.0 at a 4^3 map

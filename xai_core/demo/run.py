@@ -1,6 +1,6 @@
 """``xai demo``: every method and metric on the embedded synthetic medical data, one report.
 
-Five studies, each a :func:`xai_core.compare` call on models that ship with the package:
+Six studies, each a :func:`xai_core.compare` call on models that ship with the package:
 
 1. the chest-X-ray CNN (GAP + linear head): CAM, Grad-CAM, occlusion, scored against the known
    lesion masks (pointing games) and by every other metric;
@@ -31,8 +31,11 @@ from xai_core.demo import data
 from xai_core.report import HtmlReport, comparison_json, comparison_markdown
 
 SEED = 2026
-OCCLUSION_2D = {"window": 8, "stride": 8}  # 64 boxes per 64x64 image: the demo stays fast
-OCCLUSION_3D = {"window": 8, "stride": 8}
+# Windows about the size of the lesions, overlapping by half: 225 boxes per 64x64 image, 343 per
+# 32^3 volume. Strides equal to the window put the grid's edges through many lesions (the pointing
+# game on 40 new patients fell from 1.0 to 0.65 in 2D, from 0.9 to 0.2 in 3D).
+OCCLUSION_2D = {"window": 8, "stride": 4}
+OCCLUSION_3D = {"window": 6, "stride": 4}
 METRIC_OPTIONS = {
     "randomization": {"stages": 3},
     "deletion": {"steps": 16},
@@ -96,7 +99,7 @@ def _display(images: torch.Tensor) -> np.ndarray:
 def run_demo(
     out: str | Path = "xai-demo", progress: Callable[[str], None] | None = None
 ) -> DemoResult:
-    """Run the five studies, write ``report.html`` and the tables into ``out``."""
+    """Run the six studies, write ``report.html`` and the tables into ``out``."""
     from xai_core.demo import load_model, onnx_path
 
     start = time.perf_counter()
