@@ -28,6 +28,7 @@ from xai_core.adapters.base import ModelAdapter
 from xai_core.adapters.torch import TorchAdapter, is_attention_module
 from xai_core.capture import capture_attention
 from xai_core.errors import CapabilityError, LayerNotFoundError, OptionError, did_you_mean
+from xai_core.ops import target_gradients
 
 __version__ = "0.1.0"
 
@@ -234,42 +235,6 @@ def differentiable(name: str, weights: torch.Tensor) -> torch.Tensor:
     return weights
 
 
-def target_gradients(
-    scores: torch.Tensor, tensors: list[torch.Tensor]
-) -> list[torch.Tensor | None]:
-    """``d scores[:, k] / d tensor`` for every target ``k``, as ``(K, *tensor.shape)`` each.
-
-    Samples are independent in eval mode, so the gradient of ``scores[:, k].sum()`` holds every
-    sample's own gradient. ``K`` targets share one batched (vmapped) backward pass; if an operation
-    has no batching rule, one pass per target runs instead. ``None`` for an unused tensor.
-    """
-    count = scores.shape[1]
-    if count == 1:
-        grads = torch.autograd.grad(scores.sum(), tensors, allow_unused=True)
-        return [None if g is None else g.unsqueeze(0) for g in grads]
-    seeds = torch.eye(count, dtype=scores.dtype, device=scores.device)[:, None, :]
-    try:
-        return list(
-            torch.autograd.grad(
-                scores,
-                tensors,
-                seeds.expand(count, *scores.shape),
-                retain_graph=True,
-                is_grads_batched=True,
-                allow_unused=True,
-            )
-        )
-    except RuntimeError:
-        per_target = [
-            torch.autograd.grad(scores[:, k].sum(), tensors, retain_graph=True, allow_unused=True)
-            for k in range(count)
-        ]
-        return [
-            None if any(g is None for g in gs) else torch.stack(gs)
-            for gs in zip(*per_target, strict=True)
-        ]
-
-
 def per_target(maps: torch.Tensor, count: int) -> torch.Tensor:
     """``(N, *grid)`` -> ``(N, K, *grid)``: one copy per target, for target-independent maps."""
     return maps.unsqueeze(1).expand(maps.shape[0], count, *maps.shape[1:]).clone()
@@ -397,19 +362,21 @@ class GradAttentionRollout:
         tokens = same_tokens(calls)
         has_cls, grid = token_layout(tokens, inputs.shape[2:], class_token)
         names = [n for n, _ in calls]
-        grads = target_gradients(chosen, [differentiable(n, w) for n, w in calls])
         eye = torch.eye(tokens, dtype=calls[0][1].dtype, device=calls[0][1].device)
-        steps = []
-        for (name, weights), grad in zip(calls, grads, strict=True):
-            if grad is None:
-                raise CapabilityError(
-                    f"The scores do not depend on the weights recorded by attention layer "
-                    f"{name!r}: record the very tensor that multiplies the values."
-                )
-            grad = grad.reshape(grad.shape[0], *weights.shape)  # (K, N, heads, T, T)
-            a_bar = (grad * weights.detach()).clamp(min=0).mean(dim=2)
-            steps.append(eye + a_bar)  # R <- R + Abar R, the paper's update
-        maps = token_map(chain(steps), has_cls, grid).transpose(0, 1)  # (N, K, *grid)
+        per_target = []  # one backward per target through the retained graph, reduced at once
+        for grads in target_gradients(chosen, [differentiable(n, w) for n, w in calls]):
+            steps = []
+            for (name, weights), grad in zip(calls, grads, strict=True):
+                if grad is None:
+                    raise CapabilityError(
+                        f"The scores do not depend on the weights recorded by attention layer "
+                        f"{name!r}: record the very tensor that multiplies the values."
+                    )
+                grad = grad.reshape(weights.shape)  # (N, heads, T, T)
+                a_bar = (grad * weights.detach()).clamp(min=0).mean(dim=1)
+                steps.append(eye + a_bar)  # R <- R + Abar R, the paper's update
+            per_target.append(token_map(chain(steps), has_cls, grid))  # (N, *grid)
+        maps = torch.stack(per_target, dim=1)  # (N, K, *grid)
         return Attribution(
             maps=maps.contiguous(),
             scores=scores.detach(),

@@ -13,12 +13,13 @@ assumption (``Y = exp(S)``), which turns the higher derivatives into powers of t
 the form of the authors' code and of the common libraries, so maps are comparable.
 
 Several layers share one forward pass; several targets share it too, each with one backward pass
-through the retained graph (see :func:`target_gradients` for why not one vmapped backward).
+through the retained graph (:func:`xai_core.ops.target_gradients` says why not one vmapped
+backward).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -28,31 +29,11 @@ from xai_core import Attribution, Capability, Tags, Targets
 from xai_core.adapters.torch import TorchAdapter
 from xai_core.capture import capture
 from xai_core.errors import LayerTypeError, OptionError
+from xai_core.ops import target_gradients
 
 __version__ = "0.1.0"
 
 VARIANTS = ("gradcam", "guided", "gradcam++")
-
-
-def target_gradients(
-    scores: torch.Tensor, activations: list[torch.Tensor]
-) -> Iterator[tuple[torch.Tensor | None, ...]]:
-    """For each target ``k`` in turn, ``d scores[:, k] / d activation`` for every activation.
-
-    Samples are independent in eval mode, so the gradient of ``scores[:, k].sum()`` holds every
-    sample's own gradient. The K backward passes share the one forward pass: each runs through
-    the retained graph, the last one frees it, and the caller reduces each target's gradients
-    before the next pass, so no ``(K, *activation.shape)`` tensor is ever built. (One vmapped
-    backward, ``is_grads_batched=True``, gives bitwise the same gradients but was slower on CPU:
-    convolution and batch-norm backward still run once per target under vmap, and their results
-    are stacked at every layer; docs/performance.md.) ``None`` stands for an activation the
-    scores do not depend on.
-    """
-    count = scores.shape[1]
-    for k in range(count):
-        yield torch.autograd.grad(
-            scores[:, k].sum(), activations, retain_graph=k < count - 1, allow_unused=True
-        )
 
 
 def channel_weights(variant: str, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ from xai_metrics import (
     PointingGame,
     Stability,
 )
-from xai_metrics.common import average_ranks, gaussian_blur, spearman, ssim
+from xai_metrics.common import average_ranks, spearman, ssim
 from xai_metrics.sanity import cascade_order, cascade_points, rotate
 
 import xai_core
@@ -36,6 +36,7 @@ from xai_core import Attribution, Tags
 from xai_core.errors import InputError, OptionError, UnknownOptionError
 from xai_core.explanation import Explanation
 from xai_core.metrics import Direction, MetricContext, MetricResult, check_metric_class
+from xai_core.ops import gaussian_blur
 
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 NAMES = {
@@ -323,12 +324,6 @@ def test_deletion_and_insertion_equal_brute_force(device, spatial, steps, kind, 
         assert float(insertion.values[b]) == pytest.approx(expected, rel=1e-4, abs=1e-5)
         model.to(device)
     assert deletion.values.device.type == device
-
-
-def test_gaussian_blur_equals_scipy():
-    x = torch.randn(2, 3, 9, 7, 5, dtype=torch.float64)
-    expected = gaussian_filter(x.numpy(), (0, 0, 1.0, 2.0, 0.5), mode="nearest", truncate=3)
-    torch.testing.assert_close(gaussian_blur(x, (1.0, 2.0, 0.5)), torch.from_numpy(expected))
 
 
 def test_true_attribution_beats_a_random_map(registry):

@@ -9,7 +9,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from xai_core.errors import InputError, OptionError, did_you_mean
 from xai_core.metrics import MetricContext
@@ -159,27 +158,6 @@ def ssim(
         _, full = structural_similarity(x, y, win_size=win, data_range=1.0, full=True)
         values.append(full[keep].mean() if x.max() > 0 else math.nan)  # as spearman(): NaN
     return torch.tensor(values, device=original.device)
-
-
-def gaussian_blur(inputs: torch.Tensor, sigma: Sequence[float]) -> torch.Tensor:
-    """Each channel of ``(N, C, *spatial)`` blurred by a separable Gaussian, on its device.
-
-    Cut at ``round(3 sigma)``, edges replicated (a zero border would add a dark frame the model
-    may react to): ``scipy.ndimage.gaussian_filter(x, sigma, mode="nearest", truncate=3)``.
-    """
-    rank = inputs.ndim - 2
-    conv = (F.conv1d, F.conv2d, F.conv3d)[rank - 1]
-    out = inputs.reshape(-1, 1, *inputs.shape[2:])  # channels never mix
-    for axis, s in enumerate(sigma):
-        radius = int(3 * s + 0.5)
-        t = torch.arange(-radius, radius + 1, device=inputs.device, dtype=inputs.dtype)
-        kernel = torch.exp(-0.5 * (t / s) ** 2)
-        shape = [1, 1] + [1] * rank
-        shape[2 + axis] = kernel.numel()
-        pad = [0] * (2 * rank)  # F.pad lists the last axis first
-        pad[2 * (rank - 1 - axis)] = pad[2 * (rank - 1 - axis) + 1] = radius
-        out = conv(F.pad(out, pad, mode="replicate"), (kernel / kernel.sum()).view(shape))
-    return out.reshape(inputs.shape)
 
 
 def per_class(values: torch.Tensor, targets: torch.Tensor) -> dict[int, float]:

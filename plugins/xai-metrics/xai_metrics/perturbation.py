@@ -28,10 +28,10 @@ import torch
 from xai_core.errors import OptionError
 from xai_core.explanation import normalize
 from xai_core.metrics import Direction, MetricContext, MetricResult, Need
+from xai_core.ops import gaussian_blur
 from xai_metrics.common import (
     exact_float,
     finite_float,
-    gaussian_blur,
     integer,
     per_axis,
     score_kind,

@@ -10,10 +10,11 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 from torch import nn
-from xai_occlusion import Occlusion, gaussian_blur
+from xai_occlusion import Occlusion
 
 import xai_core
 from xai_core.errors import OptionError, UnknownOptionError
+from xai_core.ops import gaussian_blur
 from xai_core.testing import explainer_checks
 
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]

@@ -27,12 +27,12 @@ import numbers
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 
 import xai_core
 from xai_core import Attribution, Tags, Targets
 from xai_core.adapters.base import ModelAdapter
 from xai_core.errors import OptionError, did_you_mean
+from xai_core.ops import gaussian_blur
 from xai_occlusion.incremental import (
     adaptive_deltas,
     approximation_settings,
@@ -95,27 +95,6 @@ def box_masks(index: torch.Tensor, boxes: Sequence[torch.Tensor]) -> torch.Tenso
         shape[1 + axis] = box.shape[1]
         mask = mask & box[i].view(shape)
     return mask
-
-
-def gaussian_blur(inputs: torch.Tensor, sigma: Sequence[float]) -> torch.Tensor:
-    """Each channel of ``(N, C, *spatial)`` blurred by a separable Gaussian, on its device.
-
-    The kernel is cut at ``round(3 sigma)`` and edges are replicated: the same as
-    ``scipy.ndimage.gaussian_filter(x, sigma, mode="nearest", truncate=3)`` per channel.
-    """
-    rank = inputs.ndim - 2
-    conv = (F.conv1d, F.conv2d, F.conv3d)[rank - 1]
-    out = inputs.reshape(-1, 1, *inputs.shape[2:])  # channels never mix
-    for axis, s in enumerate(sigma):
-        radius = int(3 * s + 0.5)
-        t = torch.arange(-radius, radius + 1, device=inputs.device, dtype=inputs.dtype)
-        kernel = torch.exp(-0.5 * (t / s) ** 2)
-        shape = [1, 1] + [1] * rank
-        shape[2 + axis] = kernel.numel()
-        pad = [0] * (2 * rank)  # F.pad lists the last axis first
-        pad[2 * (rank - 1 - axis)] = pad[2 * (rank - 1 - axis) + 1] = radius
-        out = conv(F.pad(out, pad, mode="replicate"), (kernel / kernel.sum()).view(shape))
-    return out.reshape(inputs.shape)
 
 
 def baseline_fill(inputs: torch.Tensor, baseline: object, sigma: object) -> torch.Tensor:

@@ -1,0 +1,56 @@
+"""Tensor operations that several explainers and metrics need, in one place.
+
+Everything runs on the inputs' device and keeps their dtype; nothing leaves torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def gaussian_blur(inputs: torch.Tensor, sigma: Sequence[float]) -> torch.Tensor:
+    """Each channel of ``(N, C, *spatial)`` blurred by a separable Gaussian, one sigma per axis.
+
+    The kernel is cut at ``round(3 sigma)`` and edges are replicated (a zero border would add a
+    dark frame the model may react to): per channel, the same as
+    ``scipy.ndimage.gaussian_filter(x, sigma, mode="nearest", truncate=3)``.
+    """
+    rank = inputs.ndim - 2
+    if len(sigma) != rank:
+        raise ValueError(f"need one sigma per spatial axis ({rank}); got {list(sigma)}")
+    conv = (F.conv1d, F.conv2d, F.conv3d)[rank - 1]
+    out = inputs.reshape(-1, 1, *inputs.shape[2:])  # channels never mix
+    for axis, s in enumerate(sigma):
+        radius = int(3 * s + 0.5)
+        t = torch.arange(-radius, radius + 1, device=inputs.device, dtype=inputs.dtype)
+        kernel = torch.exp(-0.5 * (t / s) ** 2)
+        shape = [1, 1] + [1] * rank
+        shape[2 + axis] = kernel.numel()
+        pad = [0] * (2 * rank)  # F.pad lists the last axis first
+        pad[2 * (rank - 1 - axis)] = pad[2 * (rank - 1 - axis) + 1] = radius
+        out = conv(F.pad(out, pad, mode="replicate"), (kernel / kernel.sum()).view(shape))
+    return out.reshape(inputs.shape)
+
+
+def target_gradients(
+    scores: torch.Tensor, tensors: Sequence[torch.Tensor]
+) -> Iterator[tuple[torch.Tensor | None, ...]]:
+    """For each target ``k`` in turn, ``d scores[:, k] / d t`` for every tensor ``t``.
+
+    ``scores`` is ``(N, K)``: each sample's chosen target scores. Samples are independent in eval
+    mode, so the gradient of ``scores[:, k].sum()`` holds every sample's own gradient. The K
+    backward passes share one forward pass: each runs through the retained graph and the last
+    one frees it. Reduce each target's gradients before asking for the next, so that no
+    ``(K, *t.shape)`` tensor is ever built. (One vmapped backward, ``is_grads_batched=True``,
+    gives bitwise the same gradients but was slower on CPU: convolution, batch-norm and
+    attention backward still run once per target under vmap, and their results are stacked at
+    every layer; docs/performance.md.) ``None`` stands for a tensor the scores do not depend on.
+    """
+    count = scores.shape[1]
+    for k in range(count):
+        yield torch.autograd.grad(
+            scores[:, k].sum(), list(tensors), retain_graph=k < count - 1, allow_unused=True
+        )
