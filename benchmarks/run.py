@@ -60,7 +60,7 @@ class Config:
     quick: bool
     size: int  # image side, px
     windows: tuple[tuple[int, int], ...]  # (window, stride) per occlusion case
-    chunk: int  # xai-core occlusion's chunk_size (its default)
+    chunk: int  # occlusion's default chunk_size with the incremental engine: peers' batch, memory
     batch_sizes: tuple[int, ...]  # candidates for the bound's best batch size
     repeats: int  # timed repeats of xai-core and its bound
     slow_repeats: int  # timed repeats of the peers' loops
@@ -510,9 +510,12 @@ def occlusion_contenders(
     of newer xai-occlusion), also with ``chunk_size`` = the bound's best batch when that differs
     from the default: the gap between the two is the chunk size's, not the plugin's. The first
     call (tracing, caches) is the warm-up."""
+    from xai_occlusion import default_chunk_size
+
     import xai_core
 
-    def call(targets: Any, chunk: int = cfg.chunk, **extra: Any) -> Callable[[], Any]:
+    def call(targets: Any, chunk: int | None = None, **extra: Any) -> Callable[[], Any]:
+        sized = {} if chunk is None else {"chunk_size": chunk}  # None: the plugin's default
         return lambda: xai_core.explain(
             model,
             x,
@@ -520,7 +523,7 @@ def occlusion_contenders(
             targets=targets,
             window=window,
             stride=stride,
-            chunk_size=chunk,
+            **sized,
             **extra,
         )
 
@@ -533,10 +536,11 @@ def occlusion_contenders(
     ours5.mode, ours5.tag = f", {K} targets{mode}", f"k{K}"
     plain = []
     off = {"incremental": False} if mode else {}
-    chunks = [cfg.chunk] if mode else []
-    chunks += [best] if best != cfg.chunk else []
+    plain_chunk = default_chunk_size(incremental=False, device=x.device)
+    chunks: list[int | None] = [None] if mode else []  # plain occlusion at its default
+    chunks += [best] if best != plain_chunk else []
     for chunk in chunks:
-        extra = "" if chunk == cfg.chunk else f", chunk_size={chunk}"
+        extra = "" if chunk is None else f", chunk_size={chunk}"
         how = (", incremental=False" if off else "") + extra
         c = Contender(f"xai-core k1{how}", call(0, chunk, **off), cfg.repeats)
         c.mode = f", 1 target{how}"
@@ -674,6 +678,7 @@ def onnx_case(cfg_window: int, cfg_stride: int) -> Case:
     def run(cfg: Config) -> list[Row]:
         import numpy as np
         import onnxruntime as ort
+        from xai_occlusion import default_chunk_size
 
         import xai_core
 
@@ -705,6 +710,7 @@ def onnx_case(cfg_window: int, cfg_stride: int) -> Case:
             session.run(["y"], {"x": batch})
 
         best, speeds = best_batch(lambda b: ort_forward(np.repeat(xn, b, axis=0)), cfg.batch_sizes)
+        plain_chunk = default_chunk_size(incremental=False, device=x.device)  # what ours uses
         xb = np.ascontiguousarray(np.repeat(xn, best, axis=0))
 
         def bound_run() -> None:
@@ -713,7 +719,7 @@ def onnx_case(cfg_window: int, cfg_stride: int) -> Case:
                 ort_forward(xb[: min(best, total - start)])
 
         bound = Contender(
-            bound_label(total + 1, "onnxruntime runs", best, speeds, cfg.chunk),
+            bound_label(total + 1, "onnxruntime runs", best, speeds, plain_chunk),
             bound_run,
             cfg.repeats,
             warmup=bound_run,
@@ -727,7 +733,6 @@ def onnx_case(cfg_window: int, cfg_stride: int) -> Case:
                 targets=0,
                 window=window,
                 stride=stride,
-                chunk_size=cfg.chunk,
             ),
             cfg.repeats,
         )

@@ -120,7 +120,7 @@ class GlobalOcclusion:
         stride: int | Sequence[int] | None = None,
         baseline: float | str = "zero",
         sigma: float | Sequence[float] = 5.0,
-        chunk_size: int = 32,
+        chunk_size: int | None = None,
     ) -> Attribution:
         """Occlusion's options, with its defaults (see docs/methods/occlusion.md); maps are raw
         score drops, so the class mean is the mean drop in the class's score."""

@@ -10,11 +10,10 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 from torch import nn
-from xai_occlusion import Occlusion
+from xai_occlusion import Occlusion, default_chunk_size
 
 import xai_core
 from xai_core.errors import OptionError, UnknownOptionError
-from xai_core.ops import gaussian_blur
 from xai_core.testing import explainer_checks
 
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
@@ -97,13 +96,6 @@ def test_equals_brute_force(size, window, stride, baseline, sigma, n):
     torch.testing.assert_close(got.scores, model(x).detach())
 
 
-@pytest.mark.parametrize("sigma", [0.1, 1.0, (0.7, 2.5)])
-def test_blur_matches_scipy(sigma):
-    x = batch(2, (9, 12), channels=3)
-    sig = sigma if isinstance(sigma, tuple) else (sigma, sigma)
-    torch.testing.assert_close(gaussian_blur(x, sig), reference_fill(x, "blur", sigma))
-
-
 def test_chunk_size_does_not_change_the_result():
     size = (5, 6)
     model, x = cnn(size), batch(3, size)
@@ -122,6 +114,21 @@ def test_chunk_size_does_not_change_the_result():
     ]
     for other in maps[1:]:
         torch.testing.assert_close(other, maps[0], atol=1e-6, rtol=1e-5)
+
+
+def test_default_chunk_size_follows_the_engine():
+    """Plain forwards on a CPU run 8 at a time (faster there than 32), the incremental engine and
+    accelerators 32; an explicit chunk_size always wins."""
+    model, x = cnn((8, 8)), batch(1, (8, 8))
+
+    def chunk(**options):
+        exp = xai_core.explain(model, x, method="occlusion", window=2, **options)
+        return exp.details["chunk_size"], exp.details["incremental"]["mode"]
+
+    assert chunk(incremental=False) == (8, "off")
+    assert chunk(incremental="exact") == (32, "exact")
+    assert chunk(incremental=False, chunk_size=5) == (5, "off")
+    assert default_chunk_size(incremental=False, device=torch.device("cuda")) == 32
 
 
 def linear_model(weights: list[list[float]], bias: float = 0.3) -> nn.Module:
