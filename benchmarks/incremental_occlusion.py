@@ -20,7 +20,9 @@ thread (``--threads 1``) the CPU-time ratio does not move when other processes t
 
 Models are torchvision's with ``weights=None`` (no downloads): their occlusion maps are close to
 white noise at the window grid, the hardest case for an approximation (docs/methods/occlusion.md).
-``--weights resnet18=PATH`` loads a state dict of your own for a model.
+``--weights resnet18=PATH`` loads a state dict of your own for a model (its class count read from
+the head); ``--input xray`` explains a demo chest X-ray at 224 px instead of the scene, for the
+ResNet-18 that ``benchmarks/train_xray_resnet18.py`` trains.
 
 The main benchmark calls :func:`run` (rows as dicts) or :func:`main`.
 """
@@ -122,14 +124,31 @@ def scene(size: Sequence[int], seed: int = 0) -> torch.Tensor:
     return (img - mean) / std
 
 
+def xray(size: Sequence[int], seed: int = 0) -> torch.Tensor:
+    """A sick patient's demo chest X-ray (an opacity) at ``size``, as
+    ``benchmarks/train_xray_resnet18.py`` trains on: upsampled, three channels."""
+    from xai_core.demo import data
+
+    batch = data.make_xrays(6, seed=seed)
+    image = batch.images[batch.labels == data.XRAY_CLASSES.index("opacity")][:1]
+    x = F.interpolate(data.preprocess(image), size=tuple(size), mode="bilinear")
+    return x.expand(-1, 3, -1, -1).contiguous()
+
+
+INPUTS = {"scene": scene, "xray": xray}
+
+
 def make_model(name: str, weights: dict[str, str]) -> torch.nn.Module:
     import torchvision
 
     torch.manual_seed(0)
     family = torchvision.models.video if name.startswith(("r3d", "r2plus1d", "mc3")) else None
-    model = getattr(family or torchvision.models, name)(weights=None)
-    if name in weights:
-        model.load_state_dict(torch.load(weights[name], map_location="cpu", weights_only=True))
+    if name not in weights:
+        return getattr(family or torchvision.models, name)(weights=None).eval()
+    state = torch.load(weights[name], map_location="cpu", weights_only=True)
+    head = [v for k, v in state.items() if k.endswith("weight") and v.ndim == 2][-1]
+    model = getattr(family or torchvision.models, name)(weights=None, num_classes=head.shape[0])
+    model.load_state_dict(state)
     return model.eval()
 
 
@@ -192,10 +211,11 @@ def run_case(
     batch_sizes: Sequence[int],
     weights: dict[str, str],
     log: Callable[[str], Any],
+    inputs: str = "scene",
 ) -> Row:
     import xai_core
 
-    model, x = make_model(case.model, weights), scene(case.size)
+    model, x = make_model(case.model, weights), INPUTS[inputs](case.size)
     total = case.windows + 1  # the unperturbed forward too
     log(f"{case.id}: {case.windows} windows")
     speeds = {}
@@ -212,7 +232,8 @@ def run_case(
             "  engine: "
             + ", ".join(f"chunk {c} {t * 1e3:.1f} ms/window" for c, t in chunks.items())
         )
-    options = {"window": case.window, "stride": case.stride, "chunk_size": chunk, "targets": 0}
+    # The predicted class, as users run it (the class of the lesion for the trained X-ray model).
+    options = {"window": case.window, "stride": case.stride, "chunk_size": chunk, "targets": None}
 
     def explain(mode: str, approximation: dict | None = None) -> tuple[float, float, Any]:
         start, cpu = time.perf_counter(), time.process_time()
@@ -289,6 +310,7 @@ def run(
     only: Sequence[str] = (),
     weights: dict[str, str] | None = None,
     log: Callable[[str], Any] = print,
+    inputs: str = "scene",
 ) -> list[dict[str, Any]]:
     """Benchmark every case (or those whose id contains one of ``only``); rows as dicts."""
     previous = torch.get_num_threads()
@@ -305,6 +327,7 @@ def run(
                     batch_sizes=(8, 32) if quick else batch_sizes,
                     weights=weights or {},
                     log=log,
+                    inputs=inputs,
                 )
             )
             for case in cases
@@ -344,6 +367,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--only", default="", help="comma-separated substrings of case ids")
     parser.add_argument("--weights", action="append", default=[], help="MODEL=PATH state dict")
     parser.add_argument("--json", default=None, help="write the rows to this file")
+    parser.add_argument(
+        "--input", choices=list(INPUTS), default="scene", help="xray: for --weights from "
+        "benchmarks/train_xray_resnet18.py (2D cases only)"
+    )
     args = parser.parse_args(argv)
     weights = dict(item.split("=", 1) for item in args.weights)
     rows = run(
@@ -354,6 +381,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         only=[o for o in args.only.split(",") if o],
         weights=weights,
         log=lambda message: print(message, file=sys.stderr, flush=True),
+        inputs=args.input,
     )
     print(table(rows))
     if args.json:

@@ -6,12 +6,14 @@ still runs against the current plugins and peers, and that its tables keep their
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "run.py"
@@ -113,3 +115,43 @@ def test_runs_without_the_peers(tmp_path):
     assert all(cells[5] == "not installed" for cells in peer_cells)
     assert "gradcam/densenet121/b2" in rows and "occlusion3d/conv3d/k1" in rows
     assert "not installed" in output and "captum not installed" in output
+
+
+@pytest.mark.slow
+def test_incremental_benchmark_runs_on_a_state_dict_and_an_xray(tmp_path):
+    """benchmarks/incremental_occlusion.py, as run for the trained-model rows of
+    docs/performance.md: a state dict with its own class count, the demo X-ray input."""
+    import torchvision
+
+    weights = tmp_path / "resnet18_xray.pt"
+    torch.save(torchvision.models.resnet18(weights=None, num_classes=3).state_dict(), weights)
+    out = tmp_path / "rows.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "incremental_occlusion.py"),
+            "--quick",
+            "--threads",
+            "1",
+            "--only",
+            "resnet18",
+            "--input",
+            "xray",
+            "--weights",
+            f"resnet18={weights}",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = json.loads(out.read_text())
+    assert row["case"].startswith("resnet18/96px") and row["windows"] == 121
+    for key in ("exact_ratio", "approximate_ratio", "adaptive_ratio"):
+        assert row[key] > 0
+    assert -1 <= row["approximate_rho"] <= 1 and -1 <= row["adaptive_rho"] <= 1
+    assert "| resnet18/96px/w16s8 | 121 |" in done.stdout
