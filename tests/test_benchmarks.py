@@ -35,6 +35,15 @@ QUICK_ROWS = [
     "occlusion3d/conv3d/k1",
     "occlusion3d/conv3d/k5",
     "gradcam3d/conv3d/b1",
+    *(
+        f"incremental/{case}/{mode}"
+        for case in (
+            "resnet18/96px/w16s8",
+            "densenet121/96px/w16s16",
+            "r3d_18/4x32x32px/w4x16x16s4x8x8",
+        )
+        for mode in ("exact", "approximate", "adaptive")
+    ),
 ]
 PEERS = [
     "captum Occlusion (default ppe=1)",
