@@ -54,9 +54,10 @@ PEERS = [
 ]
 
 
-def bench(*args: str, env: dict[str, str] | None = None) -> str:
+def bench(*args: str, env: dict[str, str] | None = None, script: Path = SCRIPT) -> str:
+    """stdout of a benchmark script on its quick configuration, one thread; it must succeed."""
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--threads", "1", *args],
+        [sys.executable, str(script), "--quick", "--threads", "1", *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -135,32 +136,14 @@ def test_incremental_benchmark_runs_on_a_state_dict_and_an_xray(tmp_path):
     weights = tmp_path / "resnet18_xray.pt"
     torch.save(torchvision.models.resnet18(weights=None, num_classes=3).state_dict(), weights)
     out = tmp_path / "rows.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "incremental_occlusion.py"),
-            "--quick",
-            "--threads",
-            "1",
-            "--only",
-            "resnet18",
-            "--input",
-            "xray",
-            "--weights",
-            f"resnet18={weights}",
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-        check=False,
+    stdout = bench(
+        *("--only", "resnet18", "--input", "xray", "--weights", f"resnet18={weights}"),
+        *("--json", str(out)),
+        script=ROOT / "benchmarks" / "incremental_occlusion.py",
     )
-    assert done.returncode == 0, done.stderr[-3000:]
     (row,) = json.loads(out.read_text())
     assert row["case"].startswith("resnet18/96px") and row["windows"] == 121
     for key in ("exact_ratio", "approximate_ratio", "adaptive_ratio"):
         assert row[key] > 0
     assert -1 <= row["approximate_rho"] <= 1 and -1 <= row["adaptive_rho"] <= 1
-    assert "| resnet18/96px/w16s8 | 121 |" in done.stdout
+    assert "| resnet18/96px/w16s8 | 121 |" in stdout
