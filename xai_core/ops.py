@@ -5,10 +5,13 @@ Everything runs on the inputs' device and keeps their dtype; nothing leaves torc
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from xai_core.errors import CapabilityError
 
 
 def gaussian_blur(inputs: torch.Tensor, sigma: Sequence[float]) -> torch.Tensor:
@@ -54,3 +57,42 @@ def target_gradients(
         yield torch.autograd.grad(
             scores[:, k].sum(), list(tensors), retain_graph=k < count - 1, allow_unused=True
         )
+
+
+# -- token models (vision transformers) ------------------------------------------------------
+
+
+def patch_grid(tokens: int, spatial: Sequence[int]) -> tuple[int, ...] | None:
+    """The grid of ``tokens`` patches that tiles an input of size ``spatial``, or ``None``.
+
+    A patch size ``p`` gives the grid ``s // p`` per axis (or ``ceil(s / p)`` for patchifiers that
+    pad): the first ``p`` whose grid holds exactly ``tokens`` patches wins. So the grid keeps the
+    input's aspect ratio, and a square input needs a perfect square.
+    """
+    for p in range(1, max(spatial) + 1):
+        for grid in (tuple(s // p for s in spatial), tuple(-(-s // p) for s in spatial)):
+            if math.prod(grid) == tokens:
+                return grid
+    return None
+
+
+def token_layout(
+    tokens: int, spatial: Sequence[int], class_token: bool | None
+) -> tuple[bool, tuple[int, ...]]:
+    """Whether token 0 is a class token, and the patch grid of the other tokens.
+
+    Auto (``class_token=None``): a class token when the last ``T - 1`` tokens tile the input as a
+    patch grid (``T = 197`` at 224x224 px: 196 = 14 x 14 patches), else none when all ``T`` do.
+    """
+    options = [class_token] if class_token is not None else [True, False]
+    for has_cls in options:
+        grid = patch_grid(tokens - int(has_cls), spatial)
+        if grid is not None:
+            return has_cls, grid
+    wanted = {True: "T - 1", False: "T"}
+    raise CapabilityError(
+        f"Cannot lay {' or '.join(wanted[c] for c in options)} of the T={tokens} tokens out as a "
+        f"patch grid of the {tuple(spatial)} input. Models with extra tokens (distillation, "
+        f"registers) or patch grids that do not follow the input's shape are not supported; "
+        f"pass class_token=True/False if the automatic choice is wrong."
+    )

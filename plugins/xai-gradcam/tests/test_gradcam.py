@@ -273,6 +273,83 @@ def test_hooked_output_aliasing_a_tensor_edited_later():
     torch.testing.assert_close(got.raw[0], want.raw[0])
 
 
+# -- token layers (vision transformers) ----------------------------------------------------
+
+
+class Tokens(nn.Module):
+    """(N, C, H, W) -> (N, [1 +] H*W, C) in raster order, with a learned class token first."""
+
+    def __init__(self, channels: int, class_token: bool) -> None:
+        super().__init__()
+        self.cls = nn.Parameter(torch.randn(1, 1, channels)) if class_token else None
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        t = f.flatten(2).transpose(1, 2)
+        return t if self.cls is None else torch.cat([self.cls.expand(len(t), -1, -1), t], dim=1)
+
+
+class TokenNet(nn.Module):
+    """A conv feature map turned into tokens, then a non-linear per-token mix and mean pooling:
+    the token layer's patch tokens are the conv output, permuted."""
+
+    def __init__(self, class_token: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(2, 5, 3, padding=1)
+        self.tokens = Tokens(5, class_token)
+        self.mix, self.fc = nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.tanh(self.mix(self.tokens(self.conv(x)))).mean(dim=1))
+
+
+@pytest.mark.parametrize("class_token", [True, False])
+@pytest.mark.parametrize("variant", ["gradcam", "guided", "gradcam++"])
+def test_token_layer_equals_the_feature_map_it_holds(class_token, variant):
+    model, x = TokenNet(class_token), batch(2, (6, 7))
+    targets = [[0, 2], [1, 1]]
+    on_tokens = xai_core.explain(
+        model, x, method="gradcam", layer="tokens", variant=variant, targets=targets
+    )
+    on_conv = xai_core.explain(
+        model, x, method="gradcam", layer="conv", variant=variant, targets=targets
+    )
+    torch.testing.assert_close(on_tokens.raw[0], on_conv.raw[0], atol=1e-6, rtol=1e-5)
+    assert on_tokens.details["token_layers"] == {"tokens": (class_token, (6, 7))}
+    assert on_conv.details["token_layers"] == {}
+    assert float(on_tokens.raw[0].abs().sum()) > 0
+
+
+def test_tokens_that_tile_no_grid_are_refused():
+    model, x = TokenNet(class_token=False), batch(1, (6, 7))  # 42 tokens
+    with pytest.raises(LayerTypeError, match=r"tokens \(1, 42, 5\).*patch grid"):
+        xai_core.explain(model, x, method="gradcam", layer="tokens", class_token=True)
+
+
+@pytest.mark.slow
+def test_torchvision_vit_before_the_last_attention():
+    """On ViT-B/16 the last block's input norm is the layer to take: after the last attention
+    only the class token reaches the head, so the patch tokens' gradients are exactly zero."""
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.vit_b_16(weights=None).eval()
+    torch.manual_seed(0)
+    nn.init.normal_(model.heads.head.weight, std=0.02)  # torchvision starts it at zero
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    exp = xai_core.explain(
+        model,
+        x,
+        method="gradcam",
+        layers=["encoder.layers.encoder_layer_11.ln_1", "encoder.ln"],
+        relu=False,  # random weights: the map may well be negative everywhere
+    )
+    before, after = exp.raw
+    assert before.shape == (2, 1, 14, 14) and exp.maps.shape[-2:] == (224, 224)
+    assert torch.isfinite(before).all() and float(before.abs().sum()) > 0
+    assert float(after.abs().sum()) == 0
+    assert exp.details["token_layers"]["encoder.ln"] == (True, (14, 14))
+    assert hook_count(model) == 0
+
+
 # -- torchvision models and devices --------------------------------------------------------
 
 

@@ -28,8 +28,8 @@ import xai_core
 from xai_core import Attribution, Capability, Tags, Targets
 from xai_core.adapters.torch import TorchAdapter
 from xai_core.capture import capture
-from xai_core.errors import LayerTypeError, OptionError
-from xai_core.ops import target_gradients
+from xai_core.errors import CapabilityError, LayerTypeError, OptionError
+from xai_core.ops import target_gradients, token_layout
 
 __version__ = "0.1.0"
 
@@ -48,6 +48,38 @@ def channel_weights(variant: str, acts: torch.Tensor, grads: torch.Tensor) -> to
     denominator = 2 * g2 + acts.sum(dim=tuple(range(2, acts.ndim)), keepdim=True) * g3
     alpha = g2 / torch.where(denominator != 0, denominator, torch.ones_like(denominator))
     return (alpha * grads.clamp(min=0)).sum(dim=spatial)
+
+
+TokenGrid = tuple[bool, tuple[int, ...]] | None  # (class token?, patch grid), None: a feature map
+
+
+def feature_grid(
+    name: str, output: torch.Tensor, inputs: torch.Tensor, class_token: bool | None
+) -> TokenGrid:
+    """How a layer's output becomes a feature map ``(N, C, *spatial)``: as it is (``None``), or
+    for tokens ``(N, T, C)`` of a batch-first transformer, the patch grid they tile."""
+    if output.ndim == inputs.ndim:
+        return None
+    if output.ndim == 3 and output.shape[0] == inputs.shape[0]:
+        try:
+            return token_layout(output.shape[1], inputs.shape[2:], class_token)
+        except CapabilityError as error:
+            message = f"Layer {name!r} outputs tokens {tuple(output.shape)}: {error}"
+            raise LayerTypeError(message) from error
+    raise LayerTypeError(
+        f"Layer {name!r} outputs shape {tuple(output.shape)}, neither a feature map "
+        f"(N, C, *spatial) like the inputs {tuple(inputs.shape)} nor tokens (N, T, C); choose a "
+        f"convolutional layer, or a transformer block's."
+    )
+
+
+def as_feature_map(tokens: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
+    """``(N, T, C)`` patch tokens -> ``(N, C, *grid)`` (the class token dropped); a feature map
+    passes through."""
+    if grid is None:
+        return tokens
+    has_cls, shape = grid
+    return tokens[:, int(has_cls) :].transpose(1, 2).unflatten(2, shape)
 
 
 def _not_on_path(layer: str) -> OptionError:
@@ -73,11 +105,18 @@ class GradCAM:
         layers: Sequence[str | nn.Module] | None = None,
         variant: str = "gradcam",
         relu: bool = True,
+        class_token: bool | None = None,
     ) -> Attribution:
         """:param layer: one layer (name or module); default: the last with a spatial output.
+            A vision transformer's token layer ``(N, T, C)`` works too: its patch tokens are laid
+            out on their grid; take one before the last attention (e.g. torchvision's
+            ``encoder.layers.encoder_layer_11.ln_1``), since after it only the class token
+            reaches the head.
         :param layers: several layers, explained from the same forward and backward pass.
         :param variant: ``"gradcam"``, ``"guided"`` or ``"gradcam++"``.
         :param relu: apply the final ReLU (``False`` keeps negative evidence visible).
+        :param class_token: for token layers, token 0 is a class token (dropped); ``None``
+            decides from the token count.
         """
         if variant not in VARIANTS:
             raise OptionError(f"variant must be one of {VARIANTS}; got {variant!r}.")
@@ -93,32 +132,34 @@ class GradCAM:
             scores = model.forward(x)
         chosen = targets.resolve(scores).select(scores)  # (N, K)
         acts = [seen.last(name) for name in hooked]  # a layer used twice: its last call
+        grids = []
         for name, a in zip(hooked, acts, strict=True):
-            if a.ndim != inputs.ndim:
-                raise LayerTypeError(
-                    f"Layer {name!r} outputs shape {tuple(a.shape)}, not a feature map "
-                    f"(N, C, *spatial) like the inputs {tuple(inputs.shape)}; choose a "
-                    f"convolutional layer."
-                )
+            grids.append(feature_grid(name, a, inputs, class_token))
             if not a.requires_grad:  # it does not depend on the input at all
                 raise _not_on_path(name)
         weights: list[list[torch.Tensor]] = [[] for _ in acts]  # per layer, (1, N, C) per target
         for grads in target_gradients(chosen, acts):
-            for name, a, g, alphas in zip(hooked, acts, grads, weights, strict=True):
+            for name, a, g, grid, alphas in zip(hooked, acts, grads, grids, weights, strict=True):
                 if g is None:
                     raise _not_on_path(name)
-                alphas.append(channel_weights(variant, a.detach(), g.unsqueeze(0)))
+                feature, g = as_feature_map(a.detach(), grid), as_feature_map(g, grid)
+                alphas.append(channel_weights(variant, feature, g.unsqueeze(0)))
         maps = []
-        for a, alphas in zip(acts, weights, strict=True):
+        for a, grid, alphas in zip(acts, grids, weights, strict=True):
             alpha = torch.cat(alphas)  # (K, N, C)
-            cam = torch.einsum("knc,nc...->nk...", alpha, a.detach())
+            cam = torch.einsum("knc,nc...->nk...", alpha, as_feature_map(a.detach(), grid))
             maps.append(cam.clamp(min=0) if relu else cam)
         calls = {name: len(seen.outputs[name]) for name in hooked}
         return Attribution(
             maps=maps,
             scores=scores.detach(),
             layers=list(hooked),
-            details={"variant": variant, "calls": calls, "multi_layer": layers is not None},
+            details={
+                "variant": variant,
+                "calls": calls,
+                "multi_layer": layers is not None,
+                "token_layers": {n: g for n, g in zip(hooked, grids, strict=True) if g},
+            },
         )
 
 
