@@ -104,6 +104,17 @@ def test_capture_records_every_call_of_a_module_used_twice():
     assert len(seen.outputs["1"]) == 2
 
 
+def test_default_layer_of_a_transformer_is_the_tokens_entering_the_last_attention(caplog):
+    from xai_core.demo.models import DemoViT
+
+    model = DemoViT(depth=2).eval()
+    adapter = xai_core.adapt(model)
+    with caplog.at_level("INFO", logger="xai_core"):
+        assert adapter.default_layer(torch.randn(1, 1, 64, 64)) == "blocks.1.norm1"
+    assert "the tokens entering the last attention, 'blocks.1.attention'" in caplog.text
+    assert hook_count(model) == 0
+
+
 def test_default_layer_is_last_spatial_and_reported(caplog):
     model = tiny_cnn()
     adapter = xai_core.adapt(model)

@@ -143,34 +143,60 @@ class TorchAdapter(ModelAdapter):
         return resolved
 
     def default_layer(self, inputs: torch.Tensor) -> str:
-        """The last module, in execution order, whose output is still a spatial feature map.
+        """The layer gradient-weighted maps (Grad-CAM) explain when the user names none.
 
-        Found by running one sample with a forward hook on every module (then removed), cached per
-        model and input shape, and logged so users see which layer was chosen.
+        A CNN: the last module, in execution order, whose output is still a spatial feature map.
+        A transformer (a model with attention modules): the module whose output the last
+        attention reads as its query, i.e. the tokens entering it; after the last attention only
+        the class token reaches the head, and the last spatial output would be the patch
+        embedding. Found by running one sample with forward hooks (then removed), cached per model
+        and input shape, and logged so users see which layer was chosen.
         """
         key = tuple(inputs.shape[1:])
         cached = _default_layer_cache.setdefault(self.module, {})
         if key not in cached:
-            candidates = {
-                name: m for name, m in self.named_layers().items() if not isinstance(m, _POOLING)
-            }
+            layers = self.named_layers()
+            candidates = {name: m for name, m in layers.items() if not isinstance(m, _POOLING)}
+            attention = {name: m for name, m in layers.items() if is_attention_module(m)}
             with (
                 torch.no_grad(),
                 self.session(),
                 capture(candidates, detach=True, strict=False) as seen,
+                capture(attention, inputs=True) as queries,
             ):
                 self.forward(inputs[:1])
-            # Hooks fire when a module *finishes*: the last spatial output fired is the deepest.
-            spatial = [
-                name
-                for name, out in seen.order
-                if out.ndim == inputs.ndim and out.shape[2:].numel() > 1
-            ]
-            if not spatial:
-                raise LayerNotFoundError(
-                    "No layer of this model outputs a spatial feature map for this input; pass "
-                    "the layer to explain explicitly (option `layer`)."
-                )
-            cached[key] = spatial[-1]
-            log.info("xai-core chose layer %r (the last with a spatial output)", spatial[-1])
+            chosen, why = self._tokens_entering(seen.order, queries.order), "the tokens entering "
+            if chosen is None:
+                # Hooks fire when a module *finishes*: the last spatial output is the deepest.
+                spatial = [
+                    name
+                    for name, out in seen.order
+                    if out.ndim == inputs.ndim and out.shape[2:].numel() > 1
+                ]
+                if not spatial:
+                    raise LayerNotFoundError(
+                        "No layer of this model outputs a spatial feature map for this input; "
+                        "pass the layer to explain explicitly (option `layer`)."
+                    )
+                chosen, why = spatial[-1], "the last with a spatial output"
+            else:
+                why += f"the last attention, {queries.order[-1][0]!r}"
+            cached[key] = chosen
+            log.info("xai-core chose layer %r (%s)", chosen, why)
         return cached[key]
+
+    @staticmethod
+    def _tokens_entering(
+        outputs: list[tuple[str, torch.Tensor]], queries: list[tuple[str, torch.Tensor]]
+    ) -> str | None:
+        """The last module whose recorded output equals the last attention call's query, or
+        None (no attention, or its query is computed by no module, e.g. a functional norm)."""
+        if not queries:
+            return None
+        attention, query = queries[-1]
+        for name, out in reversed(outputs):
+            if name == attention or name.startswith(attention + "."):
+                continue
+            if out.shape == query.shape and torch.equal(out, query):
+                return name
+        return None

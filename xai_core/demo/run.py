@@ -36,9 +36,6 @@ SEED = 2026
 # game on 40 new patients fell from 1.0 to 0.65 in 2D, from 0.9 to 0.2 in 3D).
 OCCLUSION_2D = {"window": 8, "stride": 4}
 OCCLUSION_3D = {"window": 6, "stride": 4}
-# After the ViT's last attention only the class token reaches the head: Grad-CAM takes the tokens
-# entering it (its default layer, the last spatial output, would be the patch embedding).
-VIT_GRADCAM = {"layer": "blocks.2.norm1"}
 METRIC_OPTIONS = {
     "randomization": {"stages": 3},
     "deletion": {"steps": 16},
@@ -161,11 +158,12 @@ def run_demo(
     study(
         "X-ray ViT",
         "A small vision transformer (8-pixel patches, class token) on the same images. "
-        "Grad-CAM reads the patch tokens entering the last attention layer.",
+        "Grad-CAM reads the patch tokens entering the last attention layer (its default on "
+        "transformers).",
         load_model("vit"),
         x,
         lesion,
-        options={"occlusion": OCCLUSION_2D, "gradcam": VIT_GRADCAM},
+        options={"occlusion": OCCLUSION_2D},
         truth=truth,
         display=_display(xrays.images),
     )

@@ -344,6 +344,9 @@ def test_torchvision_vit_before_the_last_attention():
     )
     before, after = exp.raw
     assert before.shape == (2, 1, 14, 14) and exp.maps.shape[-2:] == (224, 224)
+    default = xai_core.explain(model, x, method="gradcam", relu=False)
+    assert default.layers == ["encoder.layers.encoder_layer_11.ln_1"]
+    torch.testing.assert_close(default.raw[0], before)
     assert torch.isfinite(before).all() and float(before.abs().sum()) > 0
     assert float(after.abs().sum()) == 0
     assert exp.details["token_layers"]["encoder.ln"] == (True, (14, 14))

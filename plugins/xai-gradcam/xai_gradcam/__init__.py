@@ -107,11 +107,9 @@ class GradCAM:
         relu: bool = True,
         class_token: bool | None = None,
     ) -> Attribution:
-        """:param layer: one layer (name or module); default: the last with a spatial output.
-            A vision transformer's token layer ``(N, T, C)`` works too: its patch tokens are laid
-            out on their grid; take one before the last attention (e.g. torchvision's
-            ``encoder.layers.encoder_layer_11.ln_1``), since after it only the class token
-            reaches the head.
+        """:param layer: one layer (name or module); default: the last with a spatial output,
+            or on a transformer the tokens entering the last attention (after it only the class
+            token reaches the head). Token layers ``(N, T, C)`` are laid out on their patch grid.
         :param layers: several layers, explained from the same forward and backward pass.
         :param variant: ``"gradcam"``, ``"guided"`` or ``"gradcam++"``.
         :param relu: apply the final ReLU (``False`` keeps negative evidence visible).
