@@ -111,8 +111,31 @@ def test_default_layer_of_a_transformer_is_the_tokens_entering_the_last_attentio
     adapter = xai_core.adapt(model)
     with caplog.at_level("INFO", logger="xai_core"):
         assert adapter.default_layer(torch.randn(1, 1, 64, 64)) == "blocks.1.norm1"
-    assert "the tokens entering the last attention, 'blocks.1.attention'" in caplog.text
+    assert "the tokens entering the last self-attention, 'blocks.1.attention'" in caplog.text
     assert hook_count(model) == 0
+
+
+class LearnedQueries(nn.Module):
+    """Conv features read by an attention whose queries are learned (as DETR's): the tokens
+    entering the last attention are no patch grid, so the default stays the conv map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.queries = nn.Embedding(3, 8)
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.conv(x)
+        tokens = f.flatten(2).transpose(1, 2)
+        q = self.queries(torch.arange(3).expand(len(x), -1))  # (N, 3, 8)
+        return self.fc(self.attention(q, tokens, tokens)[0].mean(dim=1))
+
+
+def test_default_layer_ignores_attention_queries_that_are_no_patch_grid():
+    adapter = xai_core.adapt(LearnedQueries().eval())
+    assert adapter.default_layer(torch.randn(1, 1, 6, 7)) == "conv"
 
 
 def test_default_layer_is_last_spatial_and_reported(caplog):

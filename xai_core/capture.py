@@ -74,6 +74,8 @@ class Captured:
 
     outputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     order: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # in firing order
+    # With inputs=True: every positional tensor argument of each call, in firing order.
+    arguments: list[tuple[str, tuple[torch.Tensor, ...]]] = field(default_factory=list)
 
     def last(self, name: str) -> torch.Tensor:
         calls = self.outputs.get(name)
@@ -90,6 +92,7 @@ class Captured:
         for calls in self.outputs.values():
             calls.clear()
         self.order.clear()
+        self.arguments.clear()
 
 
 @contextmanager
@@ -120,6 +123,8 @@ def capture(
                 if args and isinstance(args[0], torch.Tensor):
                     record.outputs[name].append(args[0].detach())
                     record.order.append((name, args[0].detach()))
+                tensors = tuple(a.detach() for a in args if isinstance(a, torch.Tensor))
+                record.arguments.append((name, tensors))
                 return None
             if not isinstance(output, torch.Tensor):
                 if not strict:

@@ -146,11 +146,11 @@ class TorchAdapter(ModelAdapter):
         """The layer gradient-weighted maps (Grad-CAM) explain when the user names none.
 
         A CNN: the last module, in execution order, whose output is still a spatial feature map.
-        A transformer (a model with attention modules): the module whose output the last
-        attention reads as its query, i.e. the tokens entering it; after the last attention only
-        the class token reaches the head, and the last spatial output would be the patch
-        embedding. Found by running one sample with forward hooks (then removed), cached per model
-        and input shape, and logged so users see which layer was chosen.
+        A transformer: the module whose output the last self-attention reads as its query, i.e.
+        the patch tokens entering it; after the last attention only the class token reaches the
+        head, and the last spatial output would be the patch embedding. Found by running one
+        sample with forward hooks (then removed), cached per model and input shape, and logged
+        so users see which layer was chosen.
         """
         key = tuple(inputs.shape[1:])
         cached = _default_layer_cache.setdefault(self.module, {})
@@ -165,7 +165,7 @@ class TorchAdapter(ModelAdapter):
                 capture(attention, inputs=True) as queries,
             ):
                 self.forward(inputs[:1])
-            chosen, why = self._tokens_entering(seen.order, queries.order), "the tokens entering "
+            chosen, attention = self._tokens_entering(seen.order, queries.arguments, inputs)
             if chosen is None:
                 # Hooks fire when a module *finishes*: the last spatial output is the deepest.
                 spatial = [
@@ -178,25 +178,42 @@ class TorchAdapter(ModelAdapter):
                         "No layer of this model outputs a spatial feature map for this input; "
                         "pass the layer to explain explicitly (option `layer`)."
                     )
-                chosen, why = spatial[-1], "the last with a spatial output"
+                why = "the last with a spatial output"
+                chosen = spatial[-1]
             else:
-                why += f"the last attention, {queries.order[-1][0]!r}"
+                why = f"the tokens entering the last self-attention, {attention!r}"
             cached[key] = chosen
             log.info("xai-core chose layer %r (%s)", chosen, why)
         return cached[key]
 
     @staticmethod
     def _tokens_entering(
-        outputs: list[tuple[str, torch.Tensor]], queries: list[tuple[str, torch.Tensor]]
-    ) -> str | None:
-        """The last module whose recorded output equals the last attention call's query, or
-        None (no attention, or its query is computed by no module, e.g. a functional norm)."""
-        if not queries:
-            return None
-        attention, query = queries[-1]
-        for name, out in reversed(outputs):
-            if name == attention or name.startswith(attention + "."):
+        outputs: list[tuple[str, torch.Tensor]],
+        calls: list[tuple[str, tuple[torch.Tensor, ...]]],
+        inputs: torch.Tensor,
+    ) -> tuple[str | None, str | None]:
+        """The module whose recorded output is the query of the last *self*-attention call
+        (query equal to key: a transformer encoder block), and that attention's name; or
+        ``(None, None)``: no self-attention, a query computed by no module (a functional norm),
+        or tokens that do not tile the input as patches. Cross-attention (learned object
+        queries reading image tokens, as in DETR) is not a patch grid and is skipped."""
+        from xai_core.errors import CapabilityError
+        from xai_core.ops import token_layout
+
+        for attention, args in reversed(calls):
+            if len(args) < 2 or args[0].shape != args[1].shape or not torch.equal(*args[:2]):
                 continue
-            if out.shape == query.shape and torch.equal(out, query):
-                return name
-        return None
+            query = args[0]
+            if query.ndim != 3 or query.shape[0] != 1:  # batch-first tokens of the probe
+                return None, None
+            try:
+                token_layout(query.shape[1], inputs.shape[2:], None)
+            except CapabilityError:
+                return None, None
+            for name, out in reversed(outputs):
+                if name == attention or name.startswith(attention + "."):
+                    continue
+                if out.shape == query.shape and torch.equal(out, query):
+                    return name, attention
+            return None, None
+        return None, None
