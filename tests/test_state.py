@@ -133,6 +133,41 @@ class LearnedQueries(nn.Module):
         return self.fc(self.attention(q, tokens, tokens)[0].mean(dim=1))
 
 
+class OneInputAttention(nn.Module):
+    """Self-attention that projects its one input itself (timm's ``Attention(x)``)."""
+
+    xai_attention = True
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return (q @ k.transpose(1, 2)).softmax(dim=-1) @ v
+
+
+class OneBlockViT(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(1, 8, 2, 2)
+        self.norm = nn.LayerNorm(8)
+        self.attention = OneInputAttention(8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed(x).flatten(2).transpose(1, 2)  # no class token: mean pooling
+        return self.head((t + self.attention(self.norm(t))).mean(dim=1))
+
+
+def test_default_layer_with_a_one_input_self_attention():
+    model, x = OneBlockViT().eval(), torch.randn(2, 1, 8, 6)
+    assert xai_core.adapt(model).default_layer(x) == "norm"
+    exp = xai_core.explain(model, x, method="gradcam", relu=False)  # 12 tokens on a 4 x 3 grid
+    assert exp.layers == ["norm"] and exp.raw[0].shape == (2, 1, 4, 3)
+    assert exp.details["token_layers"] == {"norm": (False, (4, 3))}
+
+
 def test_default_layer_ignores_attention_queries_that_are_no_patch_grid():
     adapter = xai_core.adapt(LearnedQueries().eval())
     assert adapter.default_layer(torch.randn(1, 1, 6, 7)) == "conv"

@@ -193,7 +193,7 @@ class TorchAdapter(ModelAdapter):
         inputs: torch.Tensor,
     ) -> tuple[str | None, str | None]:
         """The module whose recorded output is the query of the last *self*-attention call
-        (query equal to key: a transformer encoder block), and that attention's name; or
+        (query equal to key, or a single input: a transformer encoder block), and its name; or
         ``(None, None)``: no self-attention, a query computed by no module (a functional norm),
         or tokens that do not tile the input as patches. Cross-attention (learned object
         queries reading image tokens, as in DETR) is not a patch grid and is skipped."""
@@ -201,7 +201,12 @@ class TorchAdapter(ModelAdapter):
         from xai_core.ops import token_layout
 
         for attention, args in reversed(calls):
-            if len(args) < 2 or args[0].shape != args[1].shape or not torch.equal(*args[:2]):
+            # One argument: a module that projects its input to queries, keys and values itself
+            # (timm's Attention(x)); several: nn.MultiheadAttention(query, key, value).
+            self_attention = len(args) == 1 or (
+                len(args) > 1 and args[0].shape == args[1].shape and torch.equal(*args[:2])
+            )
+            if not self_attention:
                 continue
             query = args[0]
             if query.ndim != 3 or query.shape[0] != 1:  # batch-first tokens of the probe
