@@ -739,3 +739,28 @@ def test_ledger_keeps_live_temp_files_and_removes_stale_ones(tmp_path):
 def test_input_item_is_hashable_and_typed():
     item = InputItem("x.png", InputKind.IMAGE, (Path("x.png"),))
     assert {item: 1}[item] == 1 and item.kind == "image"
+
+
+def test_mask_folder_matches_inputs_by_stem_and_resizes(tmp_path):
+    from xai_core.errors import InputError
+    from xai_core.io.inputs import MaskFolder, file_stem
+
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir(), masks.mkdir()
+    for name in ("a", "b"):
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(images / f"{name}.png")
+    lesion = np.zeros((4, 4), np.uint8)
+    lesion[:2, :2] = 255  # the top-left quarter
+    Image.fromarray(lesion).save(masks / "a.png")
+    items = find_inputs([images])
+    keys = [item.key for item in items]
+    x = torch.zeros(2, 1, 8, 8)
+    got = MaskFolder(masks, items).read(keys, x)  # "b" has no mask file: an empty mask
+    expected = torch.zeros(2, 8, 8, dtype=torch.bool)
+    expected[[file_stem(i.source) for i in items].index("a"), :4, :4] = True
+    assert torch.equal(got, expected)
+    with pytest.raises(InputError, match=r"No mask for input .*b"):
+        MaskFolder(masks, items).read(keys, x, required=True)
+    with pytest.raises(InputFileError, match="folder of mask files"):
+        MaskFolder(masks / "a.png", items)
+    assert file_stem(Path("scan.nii.gz")) == "scan" and file_stem(Path("x.DCM")) == "x"

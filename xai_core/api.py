@@ -27,6 +27,21 @@ from xai_core.targets import Targets, TargetSpec
 from xai_core.types import Attribution, ExplainerInfo
 
 
+def check_masks(masks: Any, inputs: torch.Tensor) -> torch.Tensor:
+    """Ground-truth masks as booleans ``(N, *spatial)``, one per sample on the input grid
+    (``(N, 1, *spatial)`` is accepted too); an :class:`InputError` otherwise."""
+    if not isinstance(masks, torch.Tensor):
+        raise InputError(f"masks must be a tensor (N, *spatial); got {type(masks).__name__}.")
+    if masks.ndim == inputs.ndim:
+        masks = masks[:, 0]
+    if tuple(masks.shape) != (inputs.shape[0], *inputs.shape[2:]):
+        raise InputError(
+            f"masks must have shape {(inputs.shape[0], *inputs.shape[2:])} (one per sample, on the "
+            f"input grid); got {tuple(masks.shape)}."
+        )
+    return masks.bool()
+
+
 def validate_inputs(inputs: Any, adapter: ModelAdapter) -> None:
     """Raise a typed error that says what is wrong with ``inputs`` for this model."""
     if not isinstance(inputs, torch.Tensor):

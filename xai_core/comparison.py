@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from xai_core.api import check_options, run_explainer, validate_inputs
+from xai_core.api import check_masks, check_options, run_explainer, validate_inputs
 from xai_core.errors import OptionError, UnknownOptionError, XaiError, did_you_mean
 from xai_core.explanation import Explanation
 from xai_core.metrics import Direction, MetricContext, Need, metric_options
@@ -217,7 +217,7 @@ def compare(
     options = dict(options or {})
     metric_opts = dict(metric_options or {})
     if masks is not None:
-        masks = _check_masks(masks, inputs).to(adapter.device)
+        masks = check_masks(masks, inputs).to(adapter.device)
 
     chosen, skipped_methods = _choose_methods(registry, adapter, methods)
     unknown = set(options) - set(chosen) - set(skipped_methods)
@@ -319,21 +319,6 @@ def compare(
 
 def metric_options_of(cls: type) -> list[str]:
     return list(metric_options(cls))
-
-
-def _check_masks(masks: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-    from xai_core.errors import InputError
-
-    if not isinstance(masks, torch.Tensor):
-        raise InputError(f"masks must be a tensor (N, *spatial); got {type(masks).__name__}.")
-    if masks.ndim == inputs.ndim:  # (N, 1, *spatial) is accepted too
-        masks = masks[:, 0]
-    if tuple(masks.shape) != (inputs.shape[0], *inputs.shape[2:]):
-        raise InputError(
-            f"masks must have shape {(inputs.shape[0], *inputs.shape[2:])} (one per sample, on the "
-            f"input grid); got {tuple(masks.shape)}."
-        )
-    return masks.bool()
 
 
 def _choose_methods(registry, adapter, methods):

@@ -17,15 +17,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from xai_core.api import check_options, run_explainer
-from xai_core.errors import CapabilityError, InputError, InputFileError, OptionError, XaiError
+from xai_core.api import check_masks, check_options, run_explainer
+from xai_core.errors import CapabilityError, InputError, OptionError, XaiError
+from xai_core.io.inputs import MaskFolder
 from xai_core.registry import get_registry
 from xai_core.tags import Scope
 
@@ -168,7 +167,7 @@ class DataStream:
         from xai_core.io.preprocess import Preprocess
 
         preprocess = self.preprocess if self.preprocess is not None else Preprocess()
-        masks = None if self.masks is None else _MaskFolder(self.masks, self._items())
+        masks = None if self.masks is None else MaskFolder(self.masks, self._items())
         first: tuple[str, tuple[int, ...]] | None = None  # every batch must share one size
         keys: list[str] = []
         tensors: list[torch.Tensor] = []
@@ -194,7 +193,7 @@ class DataStream:
             yield self._file_batch(keys, tensors, masks)
 
     def _file_batch(
-        self, keys: list[str], tensors: list[torch.Tensor], masks: _MaskFolder | None
+        self, keys: list[str], tensors: list[torch.Tensor], masks: MaskFolder | None
     ) -> Batch:
         x = torch.cat(tensors)
         found = None if masks is None else masks.read(keys, x)
@@ -212,7 +211,7 @@ class DataStream:
         x = x.to(self.device, non_blocking=True)
         labels = None if y is None else _labels(y, x.shape[0]).to(self.device)
         if masks is not None:
-            masks = _masks(masks, x).to(self.device)
+            masks = check_masks(torch.as_tensor(masks), x).to(self.device)
         return Batch(x, labels, masks)
 
 
@@ -269,53 +268,6 @@ def _labels(y: Any, n: int) -> torch.Tensor:
     if labels.numel() and int(labels.min()) < 0:
         raise InputError(f"Labels must be >= 0; got {int(labels.min())}.")
     return labels.long()
-
-
-def _masks(masks: Any, x: torch.Tensor) -> torch.Tensor:
-    masks = torch.as_tensor(masks)
-    if masks.ndim == x.ndim:  # (B, 1, *spatial) is accepted too
-        masks = masks[:, 0]
-    if tuple(masks.shape) != (x.shape[0], *x.shape[2:]):
-        raise InputError(
-            f"masks must have shape {(x.shape[0], *x.shape[2:])} (one per image, on the input "
-            f"grid); got {tuple(masks.shape)}."
-        )
-    return masks.bool()
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".dcm", ".dicom"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-class _MaskFolder:
-    """The masks of file inputs: a folder of files named like the inputs (by file stem)."""
-
-    def __init__(self, folder: PathLike, items: list[Any]) -> None:
-        from xai_core.io.inputs import find_inputs
-
-        if not Path(folder).is_dir():
-            raise InputFileError(folder, "the masks must be a folder of mask files")
-        self.by_stem = {_stem(item.paths[0]): item for item in find_inputs([folder])}
-        self.stems = {item.key: _stem(item.source) for item in items}
-
-    def read(self, keys: list[str], x: torch.Tensor) -> torch.Tensor:
-        """One mask per row of ``x`` on its grid; an input without a mask file has an empty one."""
-        from xai_core.io.inputs import read_item
-
-        spatial = tuple(x.shape[2:])
-        masks = torch.zeros((x.shape[0], *spatial), dtype=torch.bool)
-        for row, key in enumerate(keys):
-            item = self.by_stem.get(self.stems[key])
-            if item is None:
-                continue  # no lesion, no mask file
-            array = torch.from_numpy(np.ascontiguousarray(read_item(item).array))
-            region = (array.amax(dim=0) > 0).float()[None, None]
-            masks[row] = F.interpolate(region, size=spatial, mode="nearest")[0, 0] > 0.5
-        return masks
 
 
 @dataclass

@@ -20,7 +20,7 @@ import torch
 
 import xai_core
 from xai_core.errors import XaiError
-from xai_core.io.inputs import InputItem, find_inputs, read_item
+from xai_core.io.inputs import InputItem, MaskFolder, read_item
 from xai_core.io.outputs import RunLedger, atomic_save_npy, atomic_write_bytes, atomic_write_text
 from xai_core.io.preprocess import Preprocess
 from xai_core.report import HtmlReport, overlay, to_png
@@ -244,7 +244,9 @@ def compare_files(
         )
     keys = list(tensors)
     x = torch.cat([tensors[k] for k in keys]).to(device)
-    mask_tensor = None if masks is None else _read_masks(masks, items, keys, x).to(device)
+    mask_tensor = (
+        None if masks is None else MaskFolder(masks, items).read(keys, x, required=True).to(device)
+    )
 
     def step(message: str) -> None:
         if progress:
@@ -282,32 +284,3 @@ def compare_files(
     summary.done = keys
     atomic_write_text(out / "summary.json", json.dumps(summary.as_dict(), indent=2))
     return summary
-
-
-def _read_masks(folder: Path, items: Sequence[InputItem], keys: list[str], x: torch.Tensor):
-    """One boolean mask per input, found in ``folder`` by the input's file stem."""
-    import torch.nn.functional as F
-
-    by_stem = {_stem(i.paths[0]): i for i in find_inputs([folder])}
-    stems = {i.key: _stem(i.source) for i in items}
-    spatial = tuple(x.shape[2:])
-    found = []
-    for key in keys:
-        item = by_stem.get(stems[key])
-        if item is None:
-            raise xai_core.errors.InputError(
-                f"No mask for input {key!r} in {folder} (expected a file named "
-                f"{stems[key]}.png, .nii.gz, ...)."
-            )
-        array = torch.from_numpy(np.ascontiguousarray(read_item(item).array))
-        region = (array.amax(dim=0) > 0).float()[None, None]
-        found.append(F.interpolate(region, size=spatial, mode="nearest")[0, 0] > 0.5)
-    return torch.stack(found)
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".dcm"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name

@@ -369,3 +369,50 @@ def _min_max(values: np.ndarray) -> np.ndarray:
     if high <= low:
         return np.zeros(values.shape, np.float32)
     return ((values - low) / (high - low)).astype(np.float32)
+
+
+def file_stem(path: Path) -> str:
+    """A file's name without its image suffix (``.nii.gz`` counts as one): how masks are matched
+    to the inputs they belong to."""
+    name = path.name
+    for suffix in (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".dcm", ".dicom"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+class MaskFolder:
+    """The masks of file inputs: a folder of mask files named like the inputs (by file stem)."""
+
+    def __init__(self, folder: str | os.PathLike[str], items: Sequence[InputItem]) -> None:
+        if not Path(folder).is_dir():
+            raise InputFileError(folder, "the masks must be a folder of mask files")
+        self.folder = Path(folder)
+        self.by_stem = {file_stem(item.paths[0]): item for item in find_inputs([folder])}
+        self.stems = {item.key: file_stem(item.source) for item in items}
+
+    def read(self, keys: Sequence[str], x: Any, *, required: bool = False) -> Any:
+        """One boolean mask per row of ``x`` (the inputs ``keys``), on its spatial grid: nonzero
+        pixels of any channel, resized by nearest neighbour. An input without a mask file has an
+        empty mask, or with ``required=True`` raises :class:`~xai_core.errors.InputError`."""
+        import torch
+        import torch.nn.functional as F
+
+        from xai_core.errors import InputError
+
+        spatial = tuple(x.shape[2:])
+        masks = torch.zeros((x.shape[0], *spatial), dtype=torch.bool)
+        for row, key in enumerate(keys):
+            item = self.by_stem.get(self.stems[key])
+            if item is None:
+                if required:
+                    raise InputError(
+                        f"No mask for input {key!r} in {self.folder} (expected a file named "
+                        f"{self.stems[key]}.png, .nii.gz, ...)."
+                    )
+                continue  # no lesion, no mask file
+            array = torch.from_numpy(np.ascontiguousarray(read_item(item).array))
+            region = (array.amax(dim=0) > 0).float()[None, None]
+            masks[row] = F.interpolate(region, size=spatial, mode="nearest")[0, 0] > 0.5
+        return masks
+

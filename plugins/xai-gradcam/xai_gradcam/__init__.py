@@ -135,17 +135,18 @@ class GradCAM:
             grids.append(feature_grid(name, a, inputs, class_token))
             if not a.requires_grad:  # it does not depend on the input at all
                 raise _not_on_path(name)
+        features = [as_feature_map(a.detach(), g) for a, g in zip(acts, grids, strict=True)]
         weights: list[list[torch.Tensor]] = [[] for _ in acts]  # per layer, (1, N, C) per target
         for grads in target_gradients(chosen, acts):
-            for name, a, g, grid, alphas in zip(hooked, acts, grads, grids, weights, strict=True):
+            for name, f, g, grid, alphas in zip(
+                hooked, features, grads, grids, weights, strict=True
+            ):
                 if g is None:
                     raise _not_on_path(name)
-                feature, g = as_feature_map(a.detach(), grid), as_feature_map(g, grid)
-                alphas.append(channel_weights(variant, feature, g.unsqueeze(0)))
+                alphas.append(channel_weights(variant, f, as_feature_map(g, grid).unsqueeze(0)))
         maps = []
-        for a, grid, alphas in zip(acts, grids, weights, strict=True):
-            alpha = torch.cat(alphas)  # (K, N, C)
-            cam = torch.einsum("knc,nc...->nk...", alpha, as_feature_map(a.detach(), grid))
+        for f, alphas in zip(features, weights, strict=True):
+            cam = torch.einsum("knc,nc...->nk...", torch.cat(alphas), f)  # alphas: (K, N, C)
             maps.append(cam.clamp(min=0) if relu else cam)
         calls = {name: len(seen.outputs[name]) for name in hooked}
         return Attribution(
