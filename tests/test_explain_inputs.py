@@ -35,6 +35,8 @@ GOOD = torch.randn(2, 3, 8, 8)
     [
         ([[1.0]], InputTypeError, "torch.Tensor"),
         (torch.zeros(2, 3, 8, 8, dtype=torch.uint8), InputTypeError, "floating point"),
+        (torch.zeros(2, 3, 8, 8, dtype=torch.float64), InputTypeError, "torch.float32"),
+        (torch.zeros(2, 3, 8, 8, dtype=torch.float16), InputTypeError, "model.double()"),
         (torch.zeros(3, 8, 8), InputError, "unsqueeze(0)"),
         (torch.zeros(2, 3, 8), InputError, "(N, C, H, W)"),
         (torch.zeros(2, 3, 4, 8, 8), InputError, "(N, C, H, W)"),

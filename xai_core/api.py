@@ -92,6 +92,11 @@ def validate_inputs(inputs: Any, adapter: ModelAdapter) -> None:
             raise InputError(
                 f"This model was exported for spatial size {fixed}; got {got}. Resize the inputs."
             )
+    if spec.dtype is not None and inputs.dtype != spec.dtype:
+        raise InputTypeError(
+            f"inputs are {inputs.dtype} but the model computes in {spec.dtype}; convert with "
+            f"inputs.to({spec.dtype}) (or the model, e.g. model.double())."
+        )
     if not _same_device(inputs.device, adapter.device):
         raise DeviceError(
             f"inputs are on {inputs.device} but the model runs on {adapter.device}; move them "

@@ -20,6 +20,7 @@ class InputSpec:
     rank: int | None = None  # 4 for (N, C, H, W), 5 for (N, C, D, H, W)
     channels: int | None = None
     spatial: tuple[int | None, ...] | None = None  # fixed spatial size (ONNX files), if any
+    dtype: torch.dtype | None = None  # floating dtype the model computes in (PyTorch modules)
 
 
 class ModelAdapter(ABC):

@@ -87,11 +87,12 @@ class TorchAdapter(ModelAdapter):
             caps.add(Capability.ATTENTION)
         self.capabilities = frozenset(caps)
         first_conv = next((m for m in modules if isinstance(m, _CONV)), None)
+        floating = next((t.dtype for t in tensors if t.is_floating_point()), None)
         if first_conv is not None:
             rank = {nn.Conv1d: 3, nn.Conv2d: 4, nn.Conv3d: 5}[type(first_conv)]
-            self.input_spec = InputSpec(rank=rank, channels=first_conv.in_channels)
+            self.input_spec = InputSpec(rank, first_conv.in_channels, dtype=floating)
         else:
-            self.input_spec = InputSpec()
+            self.input_spec = InputSpec(dtype=floating)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return scores_of(self.module(inputs))
