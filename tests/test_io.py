@@ -161,8 +161,9 @@ def write_dicom(
         ds.InstanceNumber = instance
     if pixels:
         ds.PixelData = stored.astype("<i2").tobytes()
-    else:  # like a structured report: no image at all
+    else:  # a structured report: no image at all (and a class that says so)
         del ds.Rows, ds.Columns
+        ds.SOPClassUID = meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
     ds.save_as(path, enforce_file_format=True)
     return path
 

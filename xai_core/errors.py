@@ -106,3 +106,20 @@ class InputFileError(XaiError, ValueError):
 
 class OutputFileError(XaiError, OSError):
     """An output file is missing or cannot be written where a run expects it."""
+
+
+class InputTooLargeError(InputFileError):
+    """An input file declares more decoded data than the input size limit allows.
+
+    Raised from the header, before anything is decoded, so a small compressed file that would
+    inflate to gigabytes (a decompression bomb) costs nothing. ``declared_bytes`` and
+    ``limit_bytes`` say by how much; see :mod:`xai_core.io.limits` for raising the limit.
+    """
+
+    def __init__(self, path: object, reason: str, declared_bytes: int = 0, limit_bytes: int = 0):
+        super().__init__(path, reason)
+        self.declared_bytes = declared_bytes
+        self.limit_bytes = limit_bytes
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.reason, self.declared_bytes, self.limit_bytes))

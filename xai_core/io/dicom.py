@@ -22,9 +22,15 @@ from typing import Any
 
 import numpy as np
 
-from xai_core.errors import InputFileError, OptionError
+from xai_core.errors import InputFileError, InputTooLargeError, OptionError
+from xai_core.io.limits import ENV_VAR, check_declared_size, format_bytes
+from xai_core.io.limits import max_input_bytes as max_input_bytes_of
 
 DICM_OFFSET = 128  # the 128-byte preamble is followed by the magic "DICM"
+DEFLATED = "1.2.840.10008.1.2.1.99"
+HEADER_PEEK = 1024**2  # inflated bytes read for a deflated file's header
+_PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # PixelData, Float and DoubleFloat
+_CHUNK = 1024**2
 
 
 def has_dicom_preamble(path: Path) -> bool:
@@ -67,20 +73,18 @@ class Header:
 def scan_header(path: Path) -> Header:
     """The file's :class:`Header`.
 
-    Only a well-formed DICOM object without image rows (a report, a structure set) is said not
-    to be an image. A damaged file counts as an image that belongs to no volume: it becomes an
-    input of its own, so that reading it reports the error instead of the scan hiding it.
+    Only a DICOM object of a known non-image class (a report, a structure set, a presentation
+    state) is said not to be an image. Anything else without usable image rows (a file cut off
+    before its Rows, a damaged or non-DICOM file) counts as an image that belongs to no volume:
+    it becomes an input of its own, so that reading it reports the error instead of the scan
+    hiding it. A deflated file is only inflated as far as its header (no bomb at discovery).
     """
-    import pydicom
-
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=_HEADER_TAGS)
+        ds = read_header(path, tags=_HEADER_TAGS)
     except Exception:
         return Header(is_image=True)
-    meta = getattr(ds, "file_meta", None)
-    well_formed = "SOPClassUID" in ds or (meta is not None and "MediaStorageSOPClassUID" in meta)
     if "Rows" not in ds:
-        return Header(is_image=not well_formed)
+        return Header(is_image=not _is_non_image_class(ds))
     try:
         uid = str(ds.get("SeriesInstanceUID", "")) or None
         single = int(ds.get("NumberOfFrames", 1) or 1) == 1
@@ -89,11 +93,85 @@ def scan_header(path: Path) -> Header:
         orientation = _numbers(ds.get("ImageOrientationPatient"), 6)
         projection = str(ds.get("Modality", "")).upper() in PROJECTION_MODALITIES
         shape = (int(ds.Rows), int(ds.get("Columns", 0) or 0))
-    except (TypeError, ValueError):
+    except Exception:  # unreadable values: an input of its own, whose reading says what is wrong
         return Header(is_image=True)
     if uid is None or not single or not grey or (projection and position is None):
         return Header(is_image=True)
     return Header(True, (uid, *shape, orientation), position)
+
+
+# Classes with pixels whose names lack "Image" (pydicom names every standard SOP class).
+_PIXEL_CLASSES = ("RT Dose", "Segmentation", "Parametric Map", "RT Image")
+
+
+def _is_non_image_class(ds: Any) -> bool:
+    """True only for a standard SOP class known to hold no image (SR, RTSTRUCT, PDF...)."""
+    from pydicom.uid import UID
+
+    meta = getattr(ds, "file_meta", None)
+    sop = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else None)
+    if not sop:
+        return False
+    name = UID(str(sop)).name
+    if name == str(sop):  # a private or unknown class: cannot tell, so list it
+        return False
+    return "Image" not in name and not any(kind in name for kind in _PIXEL_CLASSES)
+
+
+def read_header(path: Path, tags: Sequence[str] | None = None) -> Any:
+    """The dataset without its pixel data, reading at most a bounded amount of memory.
+
+    A deflated file (Deflated Explicit VR Little Endian) is inflated only up to
+    :data:`HEADER_PEEK` bytes, which holds any real header, so that a few hundred KB that
+    inflate to gigabytes cost nothing here. Raises what pydicom raises for unreadable files.
+    """
+    import pydicom
+
+    if _transfer_syntax(path) != DEFLATED:
+        return pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=tags)
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
+
+    with open(path, "rb") as f:
+        read_preamble(f, force=True)
+        meta = _read_file_meta_info(f)
+        head, _ = _inflate(f, HEADER_PEEK)
+    ds = read_dataset(
+        DicomBytesIO(head),
+        is_implicit_VR=False,
+        is_little_endian=True,
+        stop_when=lambda tag, vr, length: tag in _PIXEL_TAGS,
+        specific_tags=list(tags) if tags is not None else None,
+    )
+    ds.file_meta = meta
+    return ds
+
+
+def _transfer_syntax(path: Path) -> str:
+    from pydicom.filereader import read_file_meta_info
+
+    try:
+        return str(read_file_meta_info(path).get("TransferSyntaxUID", ""))
+    except Exception:  # no file meta: pydicom guesses the syntax, which is never deflated
+        return ""
+
+
+def _inflate(f: Any, cap: int, keep: bool = True) -> tuple[bytearray, int]:
+    """(the first ``cap`` inflated bytes if ``keep``, total inflated size up to ``cap + 1``):
+    inflates in chunks, so memory stays at ``cap`` (or a chunk) whatever the file expands to."""
+    import zlib
+
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    kept, total = bytearray(), 0
+    while total <= cap and not inflater.eof:
+        data = inflater.unconsumed_tail or f.read(_CHUNK)
+        if not data:
+            break
+        out = inflater.decompress(data, min(_CHUNK, cap + 1 - total))
+        total += len(out)
+        if keep:
+            kept += out[: max(0, cap - len(kept))]
+    return kept, total
 
 
 def _numbers(value: Any, count: int) -> tuple[float, ...] | None:
@@ -106,30 +184,58 @@ def _numbers(value: Any, count: int) -> tuple[float, ...] | None:
     return numbers if len(numbers) == count else None
 
 
-def read_dicom_file(path: Path, window: tuple[float, float] | None = None) -> dict[str, Any]:
-    """One DICOM file: (C, H, W), or (C, D, H, W) for a multi-frame file. See the module doc."""
-    ds = _read(path)
+def read_dicom_file(
+    path: Path, window: tuple[float, float] | None = None, *, max_input_bytes: int | None = None
+) -> dict[str, Any]:
+    """One DICOM file: (C, H, W), or (C, D, H, W) for a multi-frame file. See the module doc.
+
+    ``max_input_bytes``: the limit on the declared decoded size (see :mod:`xai_core.io.limits`).
+    """
+    limit = max_input_bytes_of(max_input_bytes)
+    ds = _read(path, limit)
+    shape, itemsize = declared_shape(ds, path)
+    check_declared_size(path, shape, itemsize, limit, _describe_shape(shape, ds))
     pixels = _pixels(ds, path)
-    meta = _common_meta(ds)
-    if _is_colour(ds):
+    notes: list[str] = []
+    meta = _common_meta(ds, notes)
+    if _is_colour(ds, path):
         rgb = _colour(ds, pixels, path)  # (..., H, W, 3) in [0, 1]
         array = np.moveaxis(rgb, -1, 0)  # channels first: (3, H, W) or (3, D, H, W)
-        return {"array": array, "display": to_uint8(rgb), "meta": meta}
-    grey, window_meta = _window(_modality(ds, pixels), ds, window)  # (H, W) or (frames, H, W)
+        return {"array": array, "display": to_uint8(rgb), "meta": _noted(meta, notes)}
+    if pixels.ndim not in (2, 3):
+        raise InputFileError(path, f"grey pixels of shape {pixels.shape}: expected 2D frames")
+    values = _modality(ds, pixels, path, notes)
+    grey, window_meta = _window(values, ds, window, path)  # (H, W) or (frames, H, W)
     meta.update(window_meta)
-    return {"array": grey[None], "display": to_uint8(grey), "meta": meta}
+    return {"array": grey[None], "display": to_uint8(grey), "meta": _noted(meta, notes)}
 
 
 def read_dicom_series(
-    paths: Sequence[Path], window: tuple[float, float] | None = None
+    paths: Sequence[Path],
+    window: tuple[float, float] | None = None,
+    *,
+    max_input_bytes: int | None = None,
 ) -> dict[str, Any]:
-    """Single-frame grey-scale slices sharing a series, stacked into (1, D, H, W)."""
-    slices = [(Path(p), _read(Path(p))) for p in paths]
+    """Single-frame grey-scale slices sharing a series, stacked into (1, D, H, W).
+
+    The limit (``max_input_bytes``) applies to each slice and to the stacked volume, checked
+    from the headers before any slice is decoded.
+    """
+    limit = max_input_bytes_of(max_input_bytes)
+    slices = [(Path(p), _read(Path(p), limit)) for p in paths]
+    total = 0
+    for path, ds in slices:
+        shape, itemsize = declared_shape(ds, path)
+        check_declared_size(path, shape, itemsize, limit, _describe_shape(shape, ds))
+        total += int(np.prod(shape))
+    series_path = slices[0][0].parent
+    check_declared_size(series_path, (total,), 4, limit, f"{len(slices)} slices together")
     order, sort_by, positions = _slice_order(slices)
     slices = [slices[i] for i in order]
     first_path, first = slices[0]
-    if _is_colour(first):
+    if _is_colour(first, first_path):
         raise InputFileError(first_path, "colour DICOM series are not supported")
+    notes: list[str] = []
     planes = []
     for path, ds in slices:
         pixels = _pixels(ds, path)
@@ -140,26 +246,57 @@ def read_dicom_series(
                 path, f"slice is {pixels.shape} but {first_path.name} is {planes[0].shape}"
             )
         # Each slice has its own rescale (PET, some MR), so transform before stacking.
-        planes.append(_modality(ds, pixels))
+        planes.append(_modality(ds, pixels, path, notes))
     volume = np.stack(planes)
-    grey, window_meta = _window(volume, first, window)
-    meta = _common_meta(first)
+    del planes
+    grey, window_meta = _window(volume, first, window, first_path)
+    meta = _common_meta(first, notes)
     meta.update(window_meta)
     meta.update({"slices": len(slices), "sorted_by": sort_by})
     if positions is not None and len(positions) > 1:
         meta["slice_spacing"] = float(np.median(np.diff(np.sort(positions))))
+    meta = _noted(meta, sorted(set(notes)))
     return {"array": grey[None], "display": to_uint8(grey), "meta": meta}
+
+
+def _noted(meta: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    """``meta`` with the tolerated oddities of the file under "notes" (when there are any)."""
+    if notes:
+        meta["notes"] = list(notes)
+    return meta
 
 
 # -- reading ---------------------------------------------------------------------------------
 
 
-def _read(path: Path) -> Any:
+def _read(path: Path, limit: int) -> Any:
+    """The whole dataset. A deflated file is first checked from its header and then by its
+    inflated size, counted in chunks, so that pydicom's inflating it in one piece is bounded."""
     import pydicom
 
     try:
+        if _transfer_syntax(path) == DEFLATED:
+            header = read_header(path)
+            if "Rows" in header:
+                shape, itemsize = declared_shape(header, path)
+                check_declared_size(path, shape, itemsize, limit, _describe_shape(shape, header))
+            with open(path, "rb") as f:
+                pydicom.filereader.read_preamble(f, force=True)
+                pydicom.filereader._read_file_meta_info(f)
+                _, inflated = _inflate(f, limit, keep=False)
+            if inflated > limit:
+                raise InputTooLargeError(
+                    path,
+                    f"its deflated dataset inflates to more than the input limit of "
+                    f"{format_bytes(limit)} (stopped there; nothing was decoded). If the file "
+                    f"is genuine, raise the limit: max_input_bytes= or {ENV_VAR}.",
+                    inflated,
+                    limit,
+                )
         # force=True: many exporters omit the preamble; a non-DICOM file then fails below.
         ds = pydicom.dcmread(path, force=True)
+    except InputFileError:
+        raise
     except Exception as exc:
         raise InputFileError(
             path, f"not a readable DICOM file ({describe_exception(exc)})"
@@ -167,6 +304,75 @@ def _read(path: Path) -> Any:
     if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise InputFileError(path, "no pixel data: not a DICOM image (or not DICOM at all)")
     return ds
+
+
+def declared_shape(ds: Any, path: Path) -> tuple[tuple[int, ...], int]:
+    """((frames, rows, columns, samples), bytes per stored value) as the header declares them.
+
+    Raises :class:`InputFileError` naming the tag when one is missing, empty or not a number.
+    """
+    rows = _count(ds, "Rows", path)
+    columns = _count(ds, "Columns", path)
+    frames = _count(ds, "NumberOfFrames", path, default=1)
+    samples = _count(ds, "SamplesPerPixel", path, default=1)
+    if _text(ds, "PhotometricInterpretation").upper() == "PALETTE COLOR":
+        samples = 3  # the palette turns each index into three 16-bit samples
+    if "DoubleFloatPixelData" in ds:
+        itemsize = 8
+    elif "FloatPixelData" in ds:
+        itemsize = 4
+    else:
+        itemsize = max(1, (_count(ds, "BitsAllocated", path, default=8) + 7) // 8)
+    return (frames, rows, columns, samples), itemsize
+
+
+def _describe_shape(shape: tuple[int, ...], ds: Any) -> str:
+    frames, rows, columns, samples = shape
+    return (
+        f"Rows {rows} x Columns {columns} x {frames} frame(s) x {samples} sample(s) "
+        f"of {_text(ds, 'BitsAllocated') or '?'} bits"
+    )
+
+
+def _count(ds: Any, keyword: str, path: Path, default: int | None = None) -> int:
+    """A positive whole number from the header; ``default`` when the tag is absent or empty."""
+    value = _element(ds, keyword, path)
+    if value is None or value == "":
+        if default is None:
+            raise InputFileError(path, f"no {keyword}: the image size is unknown")
+        return default
+    if _is_multi(value):
+        value = value[0] if len(value) == 1 else value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InputFileError(path, f"{keyword} {value!r} is not a whole number") from None
+    if not number.is_integer() or number < 1:
+        raise InputFileError(path, f"{keyword} is {value!r}; it must be a whole number >= 1")
+    return int(number)
+
+
+def _element(ds: Any, keyword: str, path: Path) -> Any:
+    """The value of ``keyword`` (None when absent); a value pydicom cannot decode is an error."""
+    try:
+        return ds.get(keyword)
+    except Exception as exc:
+        raise InputFileError(
+            path, f"unreadable {keyword} ({describe_exception(exc)})"
+        ) from exc
+
+
+def _text(ds: Any, keyword: str) -> str:
+    """A tag as text ("" when absent or undecodable): for names such as the modality."""
+    try:
+        value = ds.get(keyword)
+    except Exception:
+        return ""
+    return "" if value is None else str(value).strip()
+
+
+def _is_multi(value: Any) -> bool:
+    return isinstance(value, list | tuple) or type(value).__name__ == "MultiValue"
 
 
 def _pixels(ds: Any, path: Path) -> np.ndarray:
@@ -188,44 +394,94 @@ def describe_exception(exc: BaseException) -> str:
 
 def _shared_group(ds: Any, sequence: str) -> Any:
     """The first item of ``sequence`` in the shared functional groups of an enhanced file."""
-    shared = ds.get("SharedFunctionalGroupsSequence")
-    if shared and sequence in shared[0] and shared[0][sequence].value:
-        return shared[0][sequence][0]
+    try:
+        shared = ds.get("SharedFunctionalGroupsSequence")
+        if shared and sequence in shared[0] and shared[0][sequence].value:
+            return shared[0][sequence][0]
+    except Exception:  # a damaged sequence: as if absent (the tags it holds are optional)
+        return None
     return None
 
 
-def _first(value: Any) -> float | None:
-    """The first number of a possibly multi-valued element, or None."""
-    if value is None or value == "":
+def _number(ds: Any, keyword: str, path: Path, hint: str = "") -> float | None:
+    """The first number of a possibly multi-valued element; None when absent or empty.
+
+    Text, or a value that is not finite, is an :class:`InputFileError` naming the tag.
+    """
+    value = _element(ds, keyword, path)
+    if _is_multi(value):
+        value = value[0] if len(value) else None
+    if value is None or (isinstance(value, str | bytes) and not value.strip()):
         return None
-    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
-        return float(value[0]) if len(value) else None
-    return float(value)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or not np.isfinite(number):
+        raise InputFileError(path, f"{keyword} {value!r} is not a finite number{hint}")
+    return number
 
 
 # -- grey-scale pipeline ---------------------------------------------------------------------
 
 
-def _modality(ds: Any, pixels: np.ndarray) -> np.ndarray:
-    """Stored values to physical units (Hounsfield units for CT), as float32."""
-    if ds.get("ModalityLUTSequence"):
-        from pydicom.pixels import apply_modality_lut
+def _modality(ds: Any, pixels: np.ndarray, path: Path, notes: list[str]) -> np.ndarray:
+    """Stored values to physical units (Hounsfield units for CT), as float32.
 
-        return np.asarray(apply_modality_lut(pixels, ds), dtype=np.float32)
+    A Modality LUT that is empty or lacks its descriptor or data is ignored (the rescale, or
+    none, is used instead) and noted; text in RescaleSlope/RescaleIntercept is an error; a
+    slope of 0 (invalid) counts as 1.
+    """
+    lut = _element(ds, "ModalityLUTSequence", path)
+    if lut:
+        if "LUTDescriptor" in lut[0] and "LUTData" in lut[0]:
+            from pydicom.pixels import apply_modality_lut
+
+            try:
+                values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float32)
+            except Exception as exc:
+                raise InputFileError(
+                    path, f"unusable Modality LUT ({describe_exception(exc)})"
+                ) from exc
+            return _finite(values, path, "the Modality LUT gives")
+        notes.append("ModalityLUTSequence without LUTDescriptor/LUTData: ignored")
+    elif lut is not None:
+        notes.append("empty ModalityLUTSequence: ignored")
     source = ds
     if "RescaleSlope" not in ds and "RescaleIntercept" not in ds:  # enhanced multi-frame files
         source = _shared_group(ds, "PixelValueTransformationSequence") or ds
-    slope = _first(source.get("RescaleSlope")) or 1.0  # a slope of 0 is invalid: treat as 1
-    intercept = _first(source.get("RescaleIntercept")) or 0.0
-    return pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    slope = _number(source, "RescaleSlope", path) or 1.0  # a slope of 0 is invalid: treat as 1
+    intercept = _number(source, "RescaleIntercept", path) or 0.0
+    values = pixels.astype(np.float32)
+    if slope != 1.0:
+        values *= np.float32(slope)
+    if intercept != 0.0:
+        values += np.float32(intercept)
+    return _finite(values, path, f"RescaleSlope {slope:g} and RescaleIntercept {intercept:g} give")
 
 
-def _file_window(ds: Any) -> tuple[float, float] | None:
+def _finite(values: np.ndarray, path: Path, what: str) -> np.ndarray:
+    if not np.isfinite(values).all():
+        raise InputFileError(path, f"{what} values that are not finite in float32 (NaN or inf)")
+    return values
+
+
+_WINDOW_HINT = "; pass a window (centre, width) to use instead of the file's"
+_WINDOW_RANGE = 1e30  # beyond any pixel value; keeps the window arithmetic finite in float32
+
+
+def _file_window(ds: Any, path: Path) -> tuple[float, float] | None:
+    """The file's first window (several are allowed: the first is the default one), or None
+    when there is none or its width is not positive. Text in it is an error."""
     source = ds if "WindowCenter" in ds else _shared_group(ds, "FrameVOILUTSequence") or ds
-    center = _first(source.get("WindowCenter"))
-    width = _first(source.get("WindowWidth"))
+    center = _number(source, "WindowCenter", path, _WINDOW_HINT)
+    width = _number(source, "WindowWidth", path, _WINDOW_HINT)
     if center is None or width is None or width <= 0:
         return None
+    if abs(center) > _WINDOW_RANGE or width > _WINDOW_RANGE:
+        raise InputFileError(
+            path, f"window centre {center:g}, width {width:g} is out of range{_WINDOW_HINT}"
+        )
     return center, width
 
 
@@ -242,9 +498,9 @@ def apply_window(values: np.ndarray, center: float, width: float) -> np.ndarray:
 
 
 def _window(
-    values: np.ndarray, ds: Any, override: tuple[float, float] | None
+    values: np.ndarray, ds: Any, override: tuple[float, float] | None, path: Path
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    window = override if override is not None else _file_window(ds)
+    window = override if override is not None else _file_window(ds, path)
     if window is not None:
         grey = apply_window(values, float(window[0]), float(window[1]))
         meta: dict[str, Any] = {
@@ -257,7 +513,7 @@ def _window(
         grey = (values - low) / span if span > 0 else np.zeros_like(values)
         grey = grey.astype(np.float32, copy=False)
         meta = {"window": None, "window_source": "data range", "data_range": [low, high]}
-    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+    if _text(ds, "PhotometricInterpretation").upper() == "MONOCHROME1":
         grey = 1.0 - grey  # MONOCHROME1 shows low values bright; make 1 mean bright
     return grey, meta
 
@@ -265,13 +521,13 @@ def _window(
 # -- colour ----------------------------------------------------------------------------------
 
 
-def _is_colour(ds: Any) -> bool:
-    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
-    return int(ds.get("SamplesPerPixel", 1) or 1) > 1 or photometric == "PALETTE COLOR"
+def _is_colour(ds: Any, path: Path) -> bool:
+    photometric = _text(ds, "PhotometricInterpretation").upper()
+    return _count(ds, "SamplesPerPixel", path, default=1) > 1 or photometric == "PALETTE COLOR"
 
 
 def _colour(ds: Any, pixels: np.ndarray, path: Path) -> np.ndarray:
-    if str(ds.get("PhotometricInterpretation", "")).upper() == "PALETTE COLOR":
+    if _text(ds, "PhotometricInterpretation").upper() == "PALETTE COLOR":
         from pydicom.pixels import apply_color_lut
 
         try:
@@ -281,10 +537,10 @@ def _colour(ds: Any, pixels: np.ndarray, path: Path) -> np.ndarray:
         top = float(np.iinfo(pixels.dtype).max) if pixels.dtype.kind in "ui" else 1.0
     else:
         # pydicom 3 already converts YBR_* to RGB; scale by the stored bit depth.
-        top = float(2 ** int(ds.get("BitsStored", 8) or 8) - 1)
-    if pixels.shape[-1] != 3:
+        top = float(2 ** min(_count(ds, "BitsStored", path, default=8), 64) - 1)
+    if pixels.shape[-1] != 3 or pixels.ndim not in (3, 4):
         raise InputFileError(path, f"expected 3 colour samples, got shape {pixels.shape}")
-    return np.clip(pixels.astype(np.float32) / top, 0.0, 1.0)
+    return _finite(np.clip(pixels.astype(np.float32) / top, 0.0, 1.0), path, "colour gives")
 
 
 # -- series ----------------------------------------------------------------------------------
@@ -298,9 +554,12 @@ def _slice_order(slices: list[tuple[Path, Any]]) -> tuple[list[int], str, np.nda
     if positions is not None:
         order = sorted(range(len(slices)), key=lambda i: (positions[i], names[i]))
         return order, "ImagePositionPatient", positions
-    numbers = [ds.get("InstanceNumber") for ds in datasets]
-    if all(n is not None and n != "" for n in numbers):
-        order = sorted(range(len(slices)), key=lambda i: (int(numbers[i]), names[i]))
+    try:
+        numbers = [float(ds.get("InstanceNumber")) for ds in datasets]
+    except Exception:  # absent, empty or text in any slice: fall back to the file names
+        numbers = None
+    if numbers is not None and all(np.isfinite(numbers)):
+        order = sorted(range(len(slices)), key=lambda i: (numbers[i], names[i]))
         return order, "InstanceNumber", None
     return sorted(range(len(slices)), key=lambda i: names[i]), "file name", None
 
@@ -309,16 +568,16 @@ def _positions_along_normal(datasets: list[Any]) -> np.ndarray | None:
     """Each slice's position projected on the slice normal (row x column direction)."""
     try:
         ipp = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in datasets])
-    except (AttributeError, TypeError, ValueError):
+    except Exception:  # absent, empty or text in any slice
         return None
-    if ipp.shape != (len(datasets), 3):
+    if ipp.shape != (len(datasets), 3) or not np.isfinite(ipp).all():
         return None
     try:
         iop = np.array([float(v) for v in datasets[0].ImageOrientationPatient])
         normal = np.cross(iop[:3], iop[3:6])
-    except (AttributeError, TypeError, ValueError, IndexError):
+    except Exception:
         normal = np.array([0.0, 0.0, 1.0])  # no orientation: assume axial slices
-    if not np.any(normal):
+    if not np.any(normal) or not np.isfinite(normal).all():
         normal = np.array([0.0, 0.0, 1.0])
     return ipp @ normal
 
@@ -326,15 +585,30 @@ def _positions_along_normal(datasets: list[Any]) -> np.ndarray | None:
 # -- shared ----------------------------------------------------------------------------------
 
 
-def _common_meta(ds: Any) -> dict[str, Any]:
+def _common_meta(ds: Any, notes: list[str]) -> dict[str, Any]:
     meta: dict[str, Any] = {
-        "modality": str(ds.get("Modality", "")) or None,
-        "photometric": str(ds.get("PhotometricInterpretation", "")) or None,
-        "series_uid": str(ds.get("SeriesInstanceUID", "")) or None,
+        "modality": _text(ds, "Modality") or None,
+        "photometric": _text(ds, "PhotometricInterpretation") or None,
+        "series_uid": _text(ds, "SeriesInstanceUID") or None,
     }
-    spacing = ds.get("PixelSpacing")
-    if spacing is not None and len(spacing) == 2:
-        meta["pixel_spacing"] = [float(spacing[0]), float(spacing[1])]
+    try:
+        spacing = ds.get("PixelSpacing")
+    except Exception:
+        spacing = "(undecodable)"
+    if spacing is None or spacing == "":
+        return meta
+    # PixelSpacing is metadata, not used on the pixels: an odd value is noted, never fatal.
+    try:
+        numbers = [float(v) for v in (spacing if _is_multi(spacing) else [spacing])]
+    except (TypeError, ValueError):
+        numbers = []
+    if len(numbers) == 1:  # seen in the wild: one value for square pixels
+        numbers *= 2
+        notes.append("one-valued PixelSpacing: taken as square pixels")
+    if len(numbers) == 2 and all(np.isfinite(n) and n > 0 for n in numbers):
+        meta["pixel_spacing"] = numbers
+    else:
+        notes.append(f"PixelSpacing {spacing!r} ignored: expected two positive numbers")
     return meta
 
 

@@ -34,9 +34,11 @@ from typing import Any
 
 import numpy as np
 
-from xai_core.errors import InputFileError
+from xai_core.errors import InputFileError, InputTooLargeError, XaiError
 from xai_core.io import dicom
 from xai_core.io.dicom import describe_exception, to_uint8
+from xai_core.io.limits import check_declared_size
+from xai_core.io.limits import max_input_bytes as max_input_bytes_of
 from xai_core.io.preprocess import Preprocess, find_sidecar, read_sidecar
 
 __all__ = [
@@ -248,37 +250,78 @@ def _unique(items: list[InputItem]) -> list[InputItem]:
 # -- reading ---------------------------------------------------------------------------------
 
 
-def read_item(item: InputItem, *, window: tuple[float, float] | None = None) -> LoadedInput:
-    """Read one input. ``window`` (centre, width) overrides a DICOM file's own window."""
-    if item.kind is InputKind.IMAGE:
-        loaded = read_image(item.paths[0])
-    elif item.kind is InputKind.NIFTI:
-        loaded = read_nifti(item.paths[0])
-    elif item.kind is InputKind.DICOM:
-        loaded = LoadedInput(**dicom.read_dicom_file(item.paths[0], window))
-    else:
-        loaded = LoadedInput(**dicom.read_dicom_series(item.paths, window))
+def read_item(
+    item: InputItem,
+    *,
+    window: tuple[float, float] | None = None,
+    max_input_bytes: int | None = None,
+) -> LoadedInput:
+    """Read one input. ``window`` (centre, width) overrides a DICOM file's own window.
+
+    ``max_input_bytes`` limits the decoded size each file may declare, checked from its header
+    before decoding (default: ``XAI_CORE_MAX_INPUT_BYTES`` or 512 MiB; see
+    :mod:`xai_core.io.limits`). Every failure is an :class:`~xai_core.errors.XaiError`: an
+    unreadable, malformed or too large file an :class:`InputFileError` naming it.
+    """
+    limit = max_input_bytes_of(max_input_bytes)  # a bad setting fails here, not as the file's
+    try:
+        if item.kind is InputKind.IMAGE:
+            loaded = read_image(item.paths[0], max_input_bytes=limit)
+        elif item.kind is InputKind.NIFTI:
+            loaded = read_nifti(item.paths[0], max_input_bytes=limit)
+        elif item.kind is InputKind.DICOM:
+            read = dicom.read_dicom_file(item.paths[0], window, max_input_bytes=limit)
+            loaded = LoadedInput(**read)
+        else:
+            read = dicom.read_dicom_series(item.paths, window, max_input_bytes=limit)
+            loaded = LoadedInput(**read)
+    except XaiError:
+        raise
+    except Exception as exc:  # a case no check foresaw: still the file's error, not a crash
+        raise InputFileError(
+            item.source, f"unexpected error while reading ({describe_exception(exc)})"
+        ) from exc
     loaded.meta.update({"key": item.key, "kind": str(item.kind), "source": str(item.source)})
     return loaded
 
 
-def read_image(path: Path) -> LoadedInput:
-    """A PNG or JPEG file: grey stays one channel, colour becomes RGB (alpha dropped)."""
+def read_image(path: Path, *, max_input_bytes: int | None = None) -> LoadedInput:
+    """A PNG or JPEG file: grey stays one channel, colour becomes RGB (alpha dropped).
+
+    The size is checked from the header (width x height x channels, lazily opened) before
+    decoding; see ``max_input_bytes`` in :func:`read_item`.
+    """
     from PIL import Image, ImageOps
 
+    limit = max_input_bytes_of(max_input_bytes)
     try:
         with Image.open(path) as opened:
-            opened.load()
             mode = opened.mode
+            channels = 1 if mode in _GREY_MODES else 3
+            width, height = opened.size
+            check_declared_size(
+                path, (channels, height, width), 1, limit,
+                f"{width} x {height} pixels x {channels} channel(s) ({opened.format} {mode})",
+            )  # fmt: skip
+            opened.load()
             # Apply EXIF rotation, as every viewer does, so maps line up with what users see.
             image = ImageOps.exif_transpose(opened)
             array, display, bits = _pil_arrays(image)
     except InputFileError:
         raise
+    except Image.DecompressionBombError as exc:  # Pillow's own limit, checked when opening
+        raise InputTooLargeError(
+            path, f"Pillow refuses it as a decompression bomb ({exc}); Image.MAX_IMAGE_PIXELS "
+            "is Pillow's limit, separate from xai-core's"
+        ) from exc  # fmt: skip
     except Exception as exc:  # Pillow raises many types for bad files: report them all as one
         raise InputFileError(path, f"not a readable image ({describe_exception(exc)})") from exc
     meta = {"mode": mode, "bits": bits, "size": list(array.shape[-2:])}
     return LoadedInput(array, display, meta)
+
+
+# Modes read as one channel (palettes may be grey too, but are checked as colour).
+_GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 
 
 def _pil_arrays(image: Any) -> tuple[np.ndarray, np.ndarray, int]:
@@ -305,15 +348,31 @@ def _palette_is_grey(image: Any) -> bool:
     return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
 
 
-def read_nifti(path: Path) -> LoadedInput:
-    """A NIfTI volume (the first of a 4D series) as (1, D, H, W); see the module doc for axes."""
+def read_nifti(path: Path, *, max_input_bytes: int | None = None) -> LoadedInput:
+    """A NIfTI volume (the first of a 4D series) as (1, D, H, W); see the module doc for axes.
+
+    The dims and data type in the header are checked against the limit (``max_input_bytes``,
+    see :func:`read_item`) before any voxel is read; a zero-length dimension is an error.
+    """
     import nibabel as nib
 
+    limit = max_input_bytes_of(max_input_bytes)
     try:
-        image = nib.load(str(path))
+        image = nib.load(str(path))  # reads the header only: the data stays on disk
         original_shape = tuple(int(n) for n in image.shape)
         if len(original_shape) < 2:
             raise InputFileError(path, f"a {len(original_shape)}D NIfTI is not an image")
+        if min(original_shape) < 1:
+            raise InputFileError(
+                path, f"its header declares a dimension of length 0 (shape {original_shape})"
+            )
+        dtype = image.get_data_dtype()
+        first = original_shape[:3]  # what is read: the first volume of a 4D (or 5D...) file
+        check_declared_size(
+            path, first, dtype.itemsize, limit,
+            " x ".join(map(str, first)) + f" voxels of {dtype}"
+            + (f" (first volume of {original_shape})" if len(original_shape) > 3 else ""),
+        )  # fmt: skip
         while len(image.shape) > 3:  # 4D (time, diffusion): keep the first volume
             image = image.slicer[..., 0]
         orientation = "RAS+ -> (D=I->S, H=A->P, W=R->L)"
@@ -415,4 +474,3 @@ class MaskFolder:
             region = (array.amax(dim=0) > 0).float()[None, None]
             masks[row] = F.interpolate(region, size=spatial, mode="nearest")[0, 0] > 0.5
         return masks
-
