@@ -18,7 +18,9 @@ the layout of an axial DICOM series, so a scan reads the same from either format
 spacing follows in ``meta["spacing"]`` in the same (D, H, W) order.
 
 A file that cannot be read raises :class:`~xai_core.errors.InputFileError` naming the file and
-the reason, so that a batch job can report it and go on with the next input.
+the reason, so that a batch job can report it and go on with the next input. Sizes are checked
+from the header before decoding (:mod:`xai_core.io.limits`); odd but usable tags are read and
+noted in ``meta["notes"]``. See docs/inputs.md.
 """
 
 from __future__ import annotations
