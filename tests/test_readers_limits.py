@@ -21,7 +21,7 @@ import pytest
 
 from tests.files import write_dicom_series, write_png
 from xai_core.errors import InputFileError, InputTooLargeError, OptionError
-from xai_core.io import find_inputs, read_item
+from xai_core.io import InputKind, find_inputs, read_item
 from xai_core.io.dicom import read_dicom_file
 from xai_core.io.inputs import read_image, read_nifti
 from xai_core.io.limits import DEFAULT_MAX_INPUT_BYTES, ENV_VAR, max_input_bytes
@@ -157,6 +157,22 @@ def test_small_deflated_dicom_still_reads(tmp_path):
     (item,) = find_inputs([path])
     loaded = read_item(item)
     assert loaded.array.shape == (1, 8, 6) and np.isfinite(loaded.array).all()
+
+
+def test_deflated_series_is_grouped_from_peeked_headers(tmp_path):
+    from pydicom import dcmread
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    plain = write_dicom_series(tmp_path / "plain", slices=3, size=8)
+    deflated = tmp_path / "deflated"
+    deflated.mkdir()
+    for path in plain.iterdir():
+        ds = dcmread(path)
+        ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+        ds.save_as(deflated / path.name)
+    (item,) = find_inputs([deflated])
+    assert item.kind is InputKind.DICOM_SERIES and len(item.paths) == 3
+    np.testing.assert_array_equal(read_item(item).array, read_item(find_inputs([plain])[0]).array)
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow's, at open

@@ -131,6 +131,7 @@ def read_header(path: Path, tags: Sequence[str] | None = None) -> Any:
         return pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=tags)
     from pydicom.filebase import DicomBytesIO
     from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
+    from pydicom.tag import Tag
 
     with open(path, "rb") as f:
         read_preamble(f, force=True)
@@ -141,7 +142,7 @@ def read_header(path: Path, tags: Sequence[str] | None = None) -> Any:
         is_implicit_VR=False,
         is_little_endian=True,
         stop_when=lambda tag, vr, length: tag in _PIXEL_TAGS,
-        specific_tags=list(tags) if tags is not None else None,
+        specific_tags=[Tag(t) for t in tags] if tags is not None else None,
     )
     ds.file_meta = meta
     return ds
