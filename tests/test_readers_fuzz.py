@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from xai_core.errors import XaiError
-from xai_core.io import InputItem, InputKind, read_item
+from xai_core.io import InputItem, InputKind, find_inputs, read_item
 
 pytestmark = pytest.mark.filterwarnings("ignore")  # pydicom and Pillow warn on odd headers
 
@@ -129,8 +129,13 @@ def write_fuzzed_dicom(path: Path, header: dict, pixel_bytes: bytes) -> None:
 
 
 @FUZZ
-@given(header=dicom_headers(), exact=st.integers(0, 4).map(bool), extra=st.binary(max_size=99))
-def test_fuzzed_dicom_headers(tmp_path, header, exact, extra):
+@given(
+    header=dicom_headers(),
+    exact=st.integers(0, 4).map(bool),
+    extra=st.binary(max_size=99),
+    cut=st.one_of(st.none(), st.none(), st.integers(0, 1200)),
+)
+def test_fuzzed_dicom_headers(tmp_path, header, exact, extra, cut):
     rows, columns = header["Rows"][0], header["Columns"][0]
     samples = max(1, header["SamplesPerPixel"][0])
     bits = max(8, header["BitsAllocated"][0])
@@ -141,8 +146,14 @@ def test_fuzzed_dicom_headers(tmp_path, header, exact, extra):
     pixels = bytes(expected) if exact and expected <= 65536 else extra
     if exact and expected <= 65536:  # random values, so the data range is not always empty
         pixels = np.random.default_rng(len(extra)).integers(0, 256, expected, np.uint8).tobytes()
-    path = tmp_path / "fuzz.dcm"
+    folder = tmp_path / "dicom"
+    folder.mkdir(exist_ok=True)
+    path = folder / "fuzz.dcm"
     write_fuzzed_dicom(path, header, pixels + bytes(len(pixels) % 2))
+    if cut is not None:  # cut off anywhere, header included
+        path.write_bytes(path.read_bytes()[:cut])
+    # A folder scan lists the file whatever its state (an image class): never a silent drop.
+    assert [item.paths for item in find_inputs([folder])] == [(path,)]
     check(path, InputKind.DICOM, rows, columns)
 
 

@@ -183,6 +183,21 @@ def test_png_bomb_is_refused_from_its_header(tmp_path):
     assert "12000 x 12000 pixels x 1 channel(s)" in str(error) and "PNG 1" in str(error)
 
 
+@pytest.mark.parametrize("size", [12000, 60000])  # under and over Pillow's own bomb limit
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_jpeg_declaring_a_huge_size_is_refused_from_its_header(tmp_path, size):
+    from PIL import Image
+
+    path = tmp_path / "bomb.jpg"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path, quality=50)
+    data = bytearray(path.read_bytes())
+    sof = data.index(b"\xff\xc0")  # baseline frame header: length, precision, height, width
+    data[sof + 5 : sof + 9] = struct.pack(">HH", size, size)
+    path.write_bytes(bytes(data))
+    error = refused_cheaply(lambda: read_image(path), size * size * 3)
+    assert str(size) in str(error) and "bomb.jpg" in str(error)
+
+
 def test_limit_is_configurable_by_argument_and_environment(tmp_path, monkeypatch):
     png = write_png(tmp_path / "x.png", seed=0, size=48)  # 48 * 48 * 4 bytes as float32
     size = 48 * 48 * 4

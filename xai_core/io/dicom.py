@@ -109,10 +109,13 @@ def _is_non_image_class(ds: Any) -> bool:
     from pydicom.uid import UID
 
     meta = getattr(ds, "file_meta", None)
-    sop = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else None)
+    try:
+        sop = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else None)
+        name = UID(str(sop)).name if sop else ""
+    except Exception:  # an undecodable class: cannot tell, so list it
+        return False
     if not sop:
         return False
-    name = UID(str(sop)).name
     if name == str(sop):  # a private or unknown class: cannot tell, so list it
         return False
     return "Image" not in name and not any(kind in name for kind in _PIXEL_CLASSES)
