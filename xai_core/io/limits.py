@@ -8,7 +8,7 @@ decoded.
 
 The declared size counts each value as a float32 (4 bytes, the form every reader returns) or as
 its stored size when that is larger (float64 NIfTI). Reading holds a few such arrays at once
-(stored pixels, physical units, windowed), so peak memory is about 3-4 times the declared size.
+(stored pixels, physical units, windowed): peak memory measured about 2.5 times the declared size.
 
 The limit, first match wins: the ``max_input_bytes`` argument of the reading functions, the
 environment variable ``XAI_CORE_MAX_INPUT_BYTES`` (bytes, or with a unit: ``2GiB``, ``1500M``;
