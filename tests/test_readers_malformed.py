@@ -146,13 +146,20 @@ def test_rescale_that_overflows_float32_is_a_typed_error(tmp_path):
 
 @pytest.mark.parametrize(
     ("keyword", "value", "vr"),
-    [("NumberOfFrames", b"xy", "IS"), ("NumberOfFrames", b"0 ", "IS"), ("Rows", b"\0\0", "US")],
+    [("NumberOfFrames", b"xy", "IS"), ("NumberOfFrames", b"-1", "IS"), ("Rows", b"\0\0", "US")],
 )
 def test_bad_sizes_are_typed_errors(tmp_path, keyword, value, vr):
     ds = sample("MR_small.dcm")
     raw(ds, keyword, value, vr)
     with pytest.raises(InputFileError, match=keyword):
         read(save(ds, tmp_path / "mr.dcm"))
+
+
+def test_number_of_frames_of_zero_means_one_frame(tmp_path):
+    ds = sample("MR_small.dcm")
+    raw(ds, "NumberOfFrames", b"0 ", "IS")  # invalid, but seen in single-frame files
+    loaded = read(save(ds, tmp_path / "mr.dcm"))
+    np.testing.assert_array_equal(loaded.array, reference("MR_small.dcm", tmp_path).array)
 
 
 def test_text_instance_numbers_fall_back_to_file_names(tmp_path):

@@ -317,7 +317,8 @@ def declared_shape(ds: Any, path: Path) -> tuple[tuple[int, ...], int]:
     """
     rows = _count(ds, "Rows", path)
     columns = _count(ds, "Columns", path)
-    frames = _count(ds, "NumberOfFrames", path, default=1)
+    # NumberOfFrames of 0 is invalid but common in single-frame files; pydicom reads one frame.
+    frames = _count(ds, "NumberOfFrames", path, default=1, zero_is_default=True)
     samples = _count(ds, "SamplesPerPixel", path, default=1)
     if _text(ds, "PhotometricInterpretation").upper() == "PALETTE COLOR":
         samples = 3  # the palette turns each index into three 16-bit samples
@@ -338,8 +339,11 @@ def _describe_shape(shape: tuple[int, ...], ds: Any) -> str:
     )
 
 
-def _count(ds: Any, keyword: str, path: Path, default: int | None = None) -> int:
-    """A positive whole number from the header; ``default`` when the tag is absent or empty."""
+def _count(
+    ds: Any, keyword: str, path: Path, default: int | None = None, zero_is_default: bool = False
+) -> int:
+    """A positive whole number from the header; ``default`` when the tag is absent or empty
+    (or 0, with ``zero_is_default``)."""
     value = _element(ds, keyword, path)
     if value is None or value == "":
         if default is None:
@@ -351,6 +355,8 @@ def _count(ds: Any, keyword: str, path: Path, default: int | None = None) -> int
         number = float(value)
     except (TypeError, ValueError):
         raise InputFileError(path, f"{keyword} {value!r} is not a whole number") from None
+    if number == 0 and zero_is_default and default is not None:
+        return default
     if not number.is_integer() or number < 1:
         raise InputFileError(path, f"{keyword} is {value!r}; it must be a whole number >= 1")
     return int(number)
