@@ -462,6 +462,8 @@ def _modality(ds: Any, pixels: np.ndarray, path: Path, notes: list[str]) -> np.n
         source = _shared_group(ds, "PixelValueTransformationSequence") or ds
     slope = _number(source, "RescaleSlope", path) or 1.0  # a slope of 0 is invalid: treat as 1
     intercept = _number(source, "RescaleIntercept", path) or 0.0
+    if pixels.dtype.kind == "f":  # float pixel data: say so when the file itself holds NaN
+        _finite(pixels, path, "the pixel data holds")
     values = pixels.astype(np.float32)
     if slope != 1.0:
         values *= np.float32(slope)
