@@ -224,3 +224,16 @@ def test_a_real_report_is_still_skipped_in_folders(tmp_path):
     save(ds, tmp_path / "report.dcm")
     shutil.copy(get_testdata_file("MR_small.dcm"), tmp_path / "mr.dcm")
     assert [item.key for item in find_inputs([tmp_path])] == ["mr.dcm"]
+
+
+def test_float_pixel_data_with_nan_names_the_pixel_data(tmp_path):
+    ds = sample("MR_small.dcm")
+    values = np.ones((ds.Rows, ds.Columns), np.float32)
+    del ds.PixelData, ds.BitsStored, ds.HighBit, ds.PixelRepresentation
+    ds.BitsAllocated = 32
+    ds.FloatPixelData = values.tobytes()
+    assert read(save(ds, tmp_path / "ok.dcm")).array.shape == (1, ds.Rows, ds.Columns)
+    values[3, 4] = np.nan
+    ds.FloatPixelData = values.tobytes()
+    with pytest.raises(InputFileError, match="the pixel data holds values that are not finite"):
+        read(save(ds, tmp_path / "nan.dcm"))
