@@ -49,7 +49,7 @@ class Explanation:
       layer; a target axis ``(N, K, ...)`` is kept when several targets per sample were asked
       for, and a layer axis ``(N, [K,] L, ...)`` when several layers were;
     * ``targets``: ``(N, K)`` class indices (``None`` for a callable target); ``scores``: the
-      model's ``(N, outputs)`` scores on the batch.
+      model's ``(N, outputs)`` scores on the batch, ``(N, C, *spatial)`` for segmentation models.
     """
 
     method: str
