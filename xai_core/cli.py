@@ -215,7 +215,7 @@ def _setup(model_spec, arch, num_classes, size, mean, std, channels, slice_axis,
         channels=channels,
         slice_axis=slice_axis,
     )
-    if info.get("kind") == "demo":
+    if info.get("preprocess"):  # the model's own defaults (demo, timm, Hugging Face)
         preprocess = Preprocess(
             **{
                 **info.get("preprocess", {}),

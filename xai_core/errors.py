@@ -106,3 +106,7 @@ class InputFileError(XaiError, ValueError):
 
 class OutputFileError(XaiError, OSError):
     """An output file is missing or cannot be written where a run expects it."""
+
+
+class MissingDependencyError(XaiError, ImportError):
+    """An optional package a feature needs is not installed; the message names the extra."""
