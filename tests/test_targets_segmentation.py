@@ -322,3 +322,13 @@ def test_sigmoid_probability_target_rescales_the_logit_map_by_its_derivative():
     with torch.no_grad():
         s = model(x)[:, [1, 4]].sigmoid()
     torch.testing.assert_close(prob.maps, logit.maps * (s * (1 - s)).view(3, 2, 1, 1))
+
+
+def test_compare_keeps_the_region_of_a_region_target():
+    model, x = unet(), batch(2, 3, 16, 16)
+    mask = torch.zeros(2, 16, 16, dtype=torch.bool)
+    mask[:, :4] = True
+    target = Region(1, mask=mask)  # class 1 need not be predicted anywhere: the mask counts
+    result = xai_core.compare(model, x, targets=target, methods=["gradcam"], metrics=[])
+    alone = xai_core.explain(model, x, method="gradcam", targets=target)
+    torch.testing.assert_close(result.explanations["gradcam"].maps, alone.maps)
