@@ -87,6 +87,7 @@ def test_default_target_is_the_largest_predicted_class_over_its_predicted_region
     largest = area.argmax(1)
     exp = xai_core.explain(model, x, method="gradcam", layer="bottleneck")
     assert exp.targets[:, 0].tolist() == largest.tolist()
+    assert torch.equal(exp.regions[:, 0], predicted == largest.view(2, 1, 1))
     ref = reference_seg_gradcam(
         model, x, model.bottleneck, largest.tolist(), predicted == largest.view(2, 1, 1)
     )
