@@ -272,6 +272,8 @@ def test_fcn_resnet50_with_random_weights():
         (Region(1, mask=torch.zeros(2, 16, 16, dtype=torch.bool)), TargetError, "empty"),
         (Region(1, box=[[0, 4], [0, 4]], mask=torch.ones(2, 16, 16).bool()), TargetError, "not"),
         (Region("all"), TargetTypeError, "class indices"),
+        (Region(ignore=["background"]), TargetTypeError, "ignore"),
+        (Region(ignore=list(range(4))), TargetError, "predicted anywhere"),
         ("all", TargetError, "segmentation"),
         (7, TargetError, "out of range"),
     ],

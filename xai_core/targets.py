@@ -241,8 +241,12 @@ class Targets:
                     f"(N={self.n}, rank, 2); got {tuple(box.shape)}."
                 )
             box = box.to("cpu", torch.long)
-        ignore = torch.as_tensor(list(region.ignore), dtype=torch.long)
-        self.region = Region(None, mask, box, ignore.tolist())
+        ignore = list(region.ignore) if isinstance(region.ignore, Sequence) else [region.ignore]
+        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in ignore):
+            raise TargetTypeError(
+                f"Region ignore lists class indices (ints >= 0); got {region.ignore!r}."
+            )
+        self.region = Region(None, mask, box, ignore)
 
     def _check_nonnegative(self) -> None:
         assert self._indices is not None
