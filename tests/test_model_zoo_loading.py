@@ -95,10 +95,26 @@ def test_timm_state_dict_loads_offline_with_its_data_config(zoo, weights, no_net
     }
 
 
-def test_hugging_face_folder_loads_offline_with_labels_and_preprocessing(zoo, no_network):
-    before = os.environ.get("HF_HUB_OFFLINE")
+def test_hugging_face_folder_loads_offline_with_labels_and_preprocessing(
+    zoo, no_network, monkeypatch
+):
+    import huggingface_hub.constants
+
+    auto = transformers.AutoModelForImageClassification
+    original, seen = auto.from_pretrained, {}
+
+    def spy(*args, **kwargs):
+        seen["env"] = os.environ.get("HF_HUB_OFFLINE")
+        seen["hub"] = huggingface_hub.constants.HF_HUB_OFFLINE
+        seen["kwargs"] = kwargs
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(auto, "from_pretrained", spy)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     model, info = load_model(str(zoo / "vit"))
-    assert os.environ.get("HF_HUB_OFFLINE") == before  # restored after loading
+    assert seen["env"] == "1" and seen["hub"] is True  # offline while loading
+    assert seen["kwargs"]["local_files_only"] and not seen["kwargs"]["trust_remote_code"]
+    assert "HF_HUB_OFFLINE" not in os.environ  # restored after loading
     reference = transformers.ViTForImageClassification.from_pretrained(zoo / "vit").eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
