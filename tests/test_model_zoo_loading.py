@@ -159,6 +159,15 @@ def test_loading_errors_are_typed_and_clear(zoo, tmp_path, monkeypatch):
         load_model(str(tmp_path))
     with pytest.raises(ModelError, match="does not match the 3 labels"):
         load_model(str(zoo / "vit"), num_classes=4)
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    (remote / "config.json").write_text(
+        json.dumps({"model_type": "my_net", "auto_map": {"AutoConfig": "my_net.MyConfig"}})
+    )
+    (remote / "my_net.py").write_text("raise SystemExit('remote code ran')\n")
+    (remote / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelError, match="Cannot load the Hugging Face model"):
+        load_model(str(remote))  # custom code is never imported
     monkeypatch.setitem(sys.modules, "timm", None)  # as if not installed
     with pytest.raises(MissingDependencyError, match=r"xai-core\[timm\]"):
         load_model(str(zoo / "convnext.pth"), arch="timm:test_convnext")
