@@ -335,3 +335,18 @@ def test_compare_keeps_the_region_of_a_region_target():
     result = xai_core.compare(model, x, targets=target, methods=["gradcam"], metrics=[])
     alone = xai_core.explain(model, x, method="gradcam", targets=target)
     torch.testing.assert_close(result.explanations["gradcam"].maps, alone.maps)
+
+
+def test_global_aggregate_keeps_the_region_of_a_region_target():
+    from xai_core.explanation import normalize
+
+    model, x = unet(), batch(2, 3, 16, 16)
+    with torch.no_grad():
+        present = set(model(x).argmax(1).flatten().tolist())
+    absent = next(c for c in range(4) if c not in present)  # only the mask makes it explainable
+    mask = torch.zeros(2, 16, 16, dtype=torch.bool)
+    mask[:, 4:12, 4:12] = True
+    target = Region(absent, mask=mask)
+    summed = xai_core.explain(model, x, method="aggregate", targets=target)
+    local = xai_core.explain(model, x, method="gradcam", targets=target)
+    torch.testing.assert_close(summed.maps, normalize(local.maps, 2))
