@@ -169,7 +169,8 @@ def test_occlusion_keeps_the_predicted_region_fixed_under_perturbation():
 def test_3d_segmentation_runs_every_target_method_with_a_box():
     model, x = unet(dims=3), batch(1, 1, 8, 12, 12)
     target = Region(1, box=[[0, 4], [2, 10], [2, 10]])
-    for method, options in [("gradcam", {"layer": "bottleneck"}), ("occlusion", {"window": 4})]:
+    runs = [("gradcam", {"layer": "bottleneck", "variant": v}) for v in ("gradcam", "gradcam++")]
+    for method, options in [*runs, ("occlusion", {"window": 4})]:
         exp = xai_core.explain(model, x, method=method, targets=target, **options)
         assert exp.maps.shape == (1, 8, 12, 12)
         assert torch.isfinite(exp.maps).all() and exp.maps.abs().sum() > 0
