@@ -23,7 +23,7 @@ from xai_core.explanation import Explanation
 from xai_core.hookspecs import hookimpl
 from xai_core.registry import Registry, get_registry, reset_registry
 from xai_core.tags import Capability, Dependence, Scope, Tags
-from xai_core.targets import ResolvedTargets, Targets
+from xai_core.targets import Region, ResolvedTargets, Targets
 from xai_core.types import Attribution, Explainer, ExplainerInfo
 
 __version__ = "0.1.0"
@@ -49,6 +49,7 @@ __all__ = [
     "Explanation",
     "InputSpec",
     "ModelAdapter",
+    "Region",
     "Registry",
     "ResolvedTargets",
     "Scope",

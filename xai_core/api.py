@@ -211,4 +211,5 @@ def _wrap(
         options=dict(options),
         model=adapter.describe(),
         details=result.details,
+        regions=request.resolved.region,
     )

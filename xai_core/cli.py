@@ -151,7 +151,7 @@ def _per_sample(targets: Any, n: int) -> Any:
 ModelArg = Annotated[
     str,
     typer.Argument(
-        help="An ONNX file, a TorchScript file, a state_dict file with --arch, or demo:NAME."
+        help="An ONNX or TorchScript file, a state_dict with --arch, a HF folder, or demo:NAME."
     ),
 ]
 InputsArg = Annotated[
@@ -163,7 +163,7 @@ InputsArg = Annotated[
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder (created).")]
 ArchOpt = Annotated[
     str | None,
-    typer.Option(help="torchvision architecture of a state_dict file, e.g. resnet18, densenet121."),
+    typer.Option(help="Architecture of a state_dict: torchvision (resnet18) or timm:NAME."),
 ]
 ClassesOpt = Annotated[
     int | None, typer.Option(help="Number of classes, if it cannot be read from the state_dict.")
@@ -215,7 +215,7 @@ def _setup(model_spec, arch, num_classes, size, mean, std, channels, slice_axis,
         channels=channels,
         slice_axis=slice_axis,
     )
-    if info.get("kind") == "demo":
+    if info.get("preprocess"):  # the model's own defaults (demo, timm, Hugging Face)
         preprocess = Preprocess(
             **{
                 **info.get("preprocess", {}),

@@ -24,7 +24,7 @@ from xai_core.explanation import Explanation
 from xai_core.metrics import Direction, MetricContext, Need, metric_options
 from xai_core.registry import get_registry
 from xai_core.tags import Scope
-from xai_core.targets import Targets, TargetSpec
+from xai_core.targets import Region, Targets, TargetSpec
 
 Progress = Callable[[str], None]
 
@@ -247,6 +247,9 @@ def compare(
         fixed = request.resolve(adapter.forward(inputs)).indices
     assert fixed is not None
     class_targets = fixed[:, 0]
+    spec: Any = class_targets
+    if isinstance(targets, Region):  # segmentation: keep the user's mask or box with the classes
+        spec = Region(class_targets, mask=targets.mask, box=targets.box)
 
     explanations: dict[str, Explanation] = {}
     costs: dict[str, Cost] = {}
@@ -259,7 +262,7 @@ def compare(
             check_options(info, opts)
             with measure_peak(adapter.device) as peak:
                 start = time.perf_counter()
-                exp = run_explainer(info, adapter, inputs, class_targets, opts)
+                exp = run_explainer(info, adapter, inputs, spec, opts)
                 seconds = time.perf_counter() - start
         except XaiError as exc:
             if isinstance(exc, UnknownOptionError | OptionError):
@@ -277,7 +280,7 @@ def compare(
         info = registry.get_explainer(method)
         opts = options.get(method, {})
 
-        def rerun(inputs=inputs, model=adapter, targets=class_targets, _info=info, _opts=opts):
+        def rerun(inputs=inputs, model=adapter, targets=spec, _info=info, _opts=opts):
             return run_explainer(_info, registry.adapt(model), inputs, targets, dict(_opts))
 
         context = MetricContext(

@@ -123,3 +123,5 @@ class InputTooLargeError(InputFileError):
 
     def __reduce__(self):
         return (type(self), (self.path, self.reason, self.declared_bytes, self.limit_bytes))
+class MissingDependencyError(XaiError, ImportError):
+    """An optional package a feature needs is not installed; the message names the extra."""

@@ -49,7 +49,9 @@ class Explanation:
       layer; a target axis ``(N, K, ...)`` is kept when several targets per sample were asked
       for, and a layer axis ``(N, [K,] L, ...)`` when several layers were;
     * ``targets``: ``(N, K)`` class indices (``None`` for a callable target); ``scores``: the
-      model's ``(N, outputs)`` scores on the batch.
+      model's ``(N, outputs)`` scores on the batch, ``(N, C, *spatial)`` for segmentation models.
+    * ``regions``: for segmentation outputs, the ``(N, K, *out_spatial)`` bool regions whose
+      logits each target summed (:class:`~xai_core.Region`); ``None`` otherwise.
     """
 
     method: str
@@ -66,6 +68,7 @@ class Explanation:
     options: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+    regions: torch.Tensor | None = None
 
     @property
     def spatial_size(self) -> tuple[int, ...]:
@@ -119,6 +122,7 @@ class Explanation:
         moved.raw = [m.to(device) for m in self.raw]
         moved.scores = self.scores.to(device)
         moved.targets = None if self.targets is None else self.targets.to(device)
+        moved.regions = None if self.regions is None else self.regions.to(device)
         return moved
 
     def cpu(self) -> Explanation:

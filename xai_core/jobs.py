@@ -82,7 +82,7 @@ def explain_files(
     progress: Progress | None = None,
 ) -> JobSummary:
     """Explain every input file with one method; see the module docstring for guarantees."""
-    out = Path(out)
+    out = Path(out).absolute()  # the ledger takes output paths relative to `out` or absolute
     out.mkdir(parents=True, exist_ok=True)
     adapter = xai_core.adapt(model)
     device = torch.device(device) if device is not None else adapter.device

@@ -27,8 +27,9 @@ class ModelAdapter(ABC):
     """A model seen through the capabilities explainers need.
 
     Subclasses set ``kind`` (a short name), ``capabilities``, ``device`` and ``input_spec``.
-    ``forward`` maps an ``(N, C, *spatial)`` tensor on ``device`` to ``(N, outputs)`` scores on the
-    same device; it is called inside :meth:`session`, which an explanation enters exactly once.
+    ``forward`` maps an ``(N, C, *spatial)`` tensor on ``device`` to ``(N, outputs)`` scores (or
+    ``(N, classes, *spatial)`` for segmentation models) on the same device; it is called inside
+    :meth:`session`, which an explanation enters exactly once.
     """
 
     kind: str = "model"

@@ -9,7 +9,18 @@ Accepted ``spec`` values:
   with ``weights=None`` and the file read with ``torch.load(weights_only=True)``, which accepts
   tensors and plain containers only. Checkpoints that wrap the weights in ``"state_dict"`` or
   ``"model"``, and the ``module.`` prefix of DataParallel, are handled.
+* a state_dict file (``torch.save`` or ``.safetensors``) with ``arch="timm:<name>"``: built by
+  ``timm.create_model(name, pretrained=False, num_classes=K)``; the preprocessing defaults
+  (input size, mean, std) come from the model's timm data config.
+* a Hugging Face ``save_pretrained`` folder (``config.json`` and ``model.safetensors``, or a
+  ``pytorch_model.bin`` read with ``weights_only=True``): built by
+  ``AutoModelForImageClassification`` from local files only, never with remote code; its
+  ``preprocessor_config.json`` gives preprocessing defaults and ``config.id2label`` the class
+  names.
 * ``demo:<name>``: a demo model shipped with xai-core (:mod:`xai_core.demo`).
+
+timm and transformers are imported only for such specs, with ``HF_HUB_OFFLINE=1`` while loading:
+nothing is downloaded.
 
 A ``.pt``/``.pth`` file holding a whole pickled ``nn.Module`` is refused: unpickling it could run
 any code. Re-export it with ``torch.jit.script``/``trace``, or save its ``state_dict``.
@@ -18,19 +29,24 @@ any code. Re-export it with ``torch.jit.script``/``trace``, or save its ``state_
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import json
+import os
 import pickle
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from xai_core.errors import ModelError, did_you_mean
+from xai_core.errors import MissingDependencyError, ModelError, did_you_mean
 from xai_core.io.preprocess import read_sidecar
 
 DEMO_PREFIX = "demo:"
+TIMM_PREFIX = "timm:"
 # Keys under which training scripts commonly nest the weights in a checkpoint dict.
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
 # Prefixes added by nn.DataParallel / DistributedDataParallel and by torch.compile.
@@ -43,12 +59,23 @@ def load_model(
 ) -> tuple[Any, dict[str, Any]]:
     """The model object for ``spec`` (see the module doc) and a dict describing it.
 
-    The dict has ``kind`` ("onnx", "torchscript", "torchvision" or "demo"), ``path``, and for
-    files with a sidecar JSON its ``sidecar`` path and ``class_names``. Modules are in eval mode.
+    The dict has ``kind`` ("onnx", "torchscript", "torchvision", "timm", "huggingface" or
+    "demo"), ``path``, and for files with a sidecar JSON its ``sidecar`` path and
+    ``class_names``; ``preprocess`` holds the model's own preprocessing defaults where it has
+    them (the CLI's options and the sidecar take precedence). Modules are in eval mode.
     """
     if spec.startswith(DEMO_PREFIX):
         return _load_demo(spec[len(DEMO_PREFIX) :])
     path = Path(spec)
+    if path.is_dir():
+        if arch is not None:
+            warnings.warn(
+                f"{path} is a Hugging Face folder, whose config.json names the architecture; "
+                f"--arch {arch} is ignored.",
+                UserWarning,
+                stacklevel=2,
+            )
+        return _load_huggingface(path, num_classes)
     if not path.is_file():
         raise ModelError(f"Model file not found: {spec}")
     info: dict[str, Any] = {"path": str(path)}
@@ -75,6 +102,9 @@ def load_model(
             f"arbitrary code: export it with torch.jit.script/trace or torch.onnx, or save its "
             f"state_dict()."
         )
+    if arch.startswith(TIMM_PREFIX):
+        model, built = _load_timm(path, arch[len(TIMM_PREFIX) :], num_classes)
+        return model, {"kind": "timm", **built, **info}
     model, built = _load_torchvision(path, arch, num_classes)
     return model, {"kind": "torchvision", **info, **built}
 
@@ -138,7 +168,7 @@ def _load_torchvision(
         model = builder(weights=None, num_classes=num_classes)
     except Exception as exc:
         raise ModelError(f"Cannot build {arch} with num_classes={num_classes}: {exc}") from exc
-    _check_keys(model, state, arch, path)
+    _check_keys(model, state, f"torchvision's {arch}", path)
     model.load_state_dict(state, strict=False)  # strict checks were done above, with clear words
     return model.eval(), {"arch": arch, "num_classes": num_classes}
 
@@ -158,6 +188,12 @@ def _torchvision_builder(arch: str) -> Any:
 
 
 def _read_state_dict(path: Path) -> Any:
+    if path.suffix.lower() == ".safetensors":  # tensors only, by construction
+        load_file = _optional("safetensors.torch", "hf").load_file
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as exc:  # SafetensorError, truncated headers, ...
+            raise ModelError(f"Cannot read weights from {path}: {_first_line(exc)}") from exc
     try:
         # weights_only=True: tensors and plain containers only; never run a pickle's code.
         with warnings.catch_warnings():  # a note on pickle protocols, not for users
@@ -223,6 +259,8 @@ def _infer_num_classes(builder: Any, state: dict[str, torch.Tensor], arch: str, 
 def _check_keys(
     model: torch.nn.Module, state: dict[str, torch.Tensor], arch: str, path: Path
 ) -> None:
+    """Raise a :class:`ModelError` listing missing, unexpected and mis-shaped weights; ``arch``
+    names the architecture in the message (``"torchvision's resnet18"``)."""
     expected = model.state_dict()
     # Old checkpoints lack BatchNorm's step counter, which inference never reads.
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
@@ -240,7 +278,7 @@ def _check_keys(
             more = f" and {len(keys) - LISTED} more" if len(keys) > LISTED else ""
             parts.append(f"{len(keys)} {label}: {', '.join(keys[:LISTED])}{more}")
     raise ModelError(
-        f"The weights in {path} do not fit torchvision's {arch} ({'; '.join(parts)}). Check "
+        f"The weights in {path} do not fit {arch} ({'; '.join(parts)}). Check "
         f"--arch, and --num-classes if only the classifier differs."
     )
 
@@ -248,3 +286,177 @@ def _check_keys(
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
+
+
+# -- timm and Hugging Face -------------------------------------------------------------------
+
+
+def _optional(module: str, extra: str) -> Any:
+    """Import an optional dependency, or say which extra installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"Loading this model needs {module.split('.')[0]}, which is not installed: "
+            f"pip install 'xai-core[{extra}]'."
+        ) from exc
+
+
+@contextmanager
+def _offline() -> Iterator[None]:
+    """``HF_HUB_OFFLINE=1`` while loading, also for a huggingface_hub imported earlier (it reads
+    the variable once, at import): no download, no version check, no telemetry."""
+    saved = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants = importlib.import_module("huggingface_hub.constants") if _has_hub() else None
+    flag = getattr(constants, "HF_HUB_OFFLINE", None)
+    if constants is not None:
+        constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved
+        if constants is not None:
+            constants.HF_HUB_OFFLINE = flag
+
+
+def _has_hub() -> bool:
+    return importlib.util.find_spec("huggingface_hub") is not None
+
+
+def _load_timm(
+    path: Path, name: str, num_classes: int | None
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    with _offline():
+        timm = _optional("timm", "timm")
+        if not timm.is_model(name):
+            names = timm.list_models()
+            raise ModelError(
+                f"Unknown timm architecture {name!r}.{did_you_mean(name, names)} See "
+                f"timm.list_models()."
+            )
+
+        def builder(weights: None = None, **kwargs: Any) -> torch.nn.Module:
+            return timm.create_model(name, pretrained=False, **kwargs)
+
+        state = _unwrap(_read_state_dict(path), path)
+        if num_classes is None:
+            num_classes = _infer_num_classes(builder, state, f"timm:{name}", path)
+        try:
+            model = builder(num_classes=num_classes)
+        except Exception as exc:
+            raise ModelError(
+                f"Cannot build timm:{name} with num_classes={num_classes}: {exc}"
+            ) from exc
+        _check_keys(model, state, f"timm's {name}", path)
+        model.load_state_dict(state, strict=False)  # checked above, with clear words
+        config = timm.data.resolve_data_config({}, model=model)
+    preprocess = {
+        "channels": int(config["input_size"][0]),
+        "size": list(config["input_size"][1:]),
+        "mean": list(config["mean"]),
+        "std": list(config["std"]),
+    }
+    info = {"arch": f"timm:{name}", "num_classes": num_classes, "preprocess": preprocess}
+    return model.eval(), info
+
+
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+HF_PICKLE = "pytorch_model.bin"
+
+
+def _load_huggingface(
+    folder: Path, num_classes: int | None
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    if not (folder / "config.json").is_file():
+        raise ModelError(
+            f"{folder} is a folder but not a Hugging Face model: it has no config.json. Pass "
+            f"the folder written by model.save_pretrained(...), or a model file."
+        )
+    safetensors = any((folder / name).is_file() for name in HF_WEIGHTS)
+    if not safetensors and not (folder / HF_PICKLE).is_file():
+        raise ModelError(
+            f"{folder} has a config.json but no weights ({', '.join(HF_WEIGHTS)} or {HF_PICKLE})."
+        )
+    with _offline():
+        transformers = _optional("transformers", "hf")
+        auto = transformers.AutoModelForImageClassification
+        try:
+            config = transformers.AutoConfig.from_pretrained(
+                str(folder), local_files_only=True, trust_remote_code=False
+            )
+            if safetensors:
+                model = auto.from_pretrained(
+                    str(folder),
+                    config=config,
+                    local_files_only=True,
+                    trust_remote_code=False,
+                    use_safetensors=True,
+                )
+            else:  # read the pickle ourselves, tensors only, into a model built from the config
+                state = _unwrap(_read_state_dict(folder / HF_PICKLE), folder / HF_PICKLE)
+                model = auto.from_config(config, trust_remote_code=False)
+                _check_keys(model, state, f"the {config.model_type} model of config.json", folder)
+                model.load_state_dict(state, strict=False)
+        except ModelError:
+            raise
+        except Exception as exc:  # unknown model type, remote code, corrupt files, ...
+            raise ModelError(
+                f"Cannot load the Hugging Face model in {folder}: {_first_line(exc)}"
+            ) from exc
+    labels = config.id2label or {}
+    if num_classes is not None and num_classes != config.num_labels:
+        raise ModelError(
+            f"--num-classes {num_classes} does not match the {config.num_labels} labels of "
+            f"{folder / 'config.json'}."
+        )
+    info: dict[str, Any] = {
+        "path": str(folder),
+        "arch": f"hf:{config.model_type}",
+        "num_classes": config.num_labels,
+        "class_names": [str(labels.get(i, i)) for i in range(config.num_labels)],
+    }
+    channels = getattr(config, "num_channels", None)
+    preprocess = _hf_preprocess(folder / "preprocessor_config.json")
+    info["preprocess"] = {**({"channels": channels} if channels in (1, 3) else {}), **preprocess}
+    return model.eval(), {"kind": "huggingface", **info}
+
+
+def _hf_preprocess(path: Path) -> dict[str, Any]:
+    """Size, mean and std from a ``preprocessor_config.json`` (``{}`` without one).
+
+    ``size`` is ``{"height", "width"}``, ``{"shortest_edge": s}`` (resized to ``s x s``: xai-core
+    does not crop) or an int. Pixels are scaled to [0, 1] before mean/std, as ``do_rescale``
+    with ``1/255`` does.
+    """
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path} is not readable JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ModelError(f"{path} must hold a JSON object.")
+    settings: dict[str, Any] = {}
+    size = data.get("size")
+    if isinstance(size, dict) and {"height", "width"} <= size.keys():
+        settings["size"] = [size["height"], size["width"]]
+    elif isinstance(size, dict) and "shortest_edge" in size:
+        settings["size"] = [size["shortest_edge"]] * 2
+    elif isinstance(size, int) and not isinstance(size, bool):
+        settings["size"] = [size, size]
+    if data.get("do_normalize", True):
+        for key in ("mean", "std"):
+            value = data.get(f"image_{key}")
+            if value is not None:
+                settings[key] = value
+    try:
+        from xai_core.io.preprocess import Preprocess
+
+        Preprocess(**settings)  # check the values now, with the file's name in the message
+    except Exception as exc:
+        raise ModelError(f"Invalid preprocessing in {path}: {exc}") from exc
+    return settings

@@ -48,6 +48,17 @@ _found: weakref.WeakKeyDictionary[nn.Module, dict[tuple[object, ...], tuple[str,
 )
 
 
+def _classifier(scores: torch.Tensor) -> None:
+    """CAM needs class scores ``(N, classes)``; a segmentation head's ``(N, C, *spatial)`` has no
+    pooled classifier row to weight the features with."""
+    if scores.ndim != 2:
+        raise CapabilityError(
+            f"CAM does not apply to segmentation outputs (the model returned "
+            f"{tuple(scores.shape)}, not (N, classes)): there is no classifier after global "
+            f"pooling. Use method='gradcam' (Seg-Grad-CAM) or 'occlusion' with a region target."
+        )
+
+
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal up to rounding: the model's pooling and ours may sum in different orders."""
     if a.shape != b.shape:
@@ -98,6 +109,7 @@ def _probe(
         capture(linear, inputs=True) as fed,
     ):
         scores = model.forward(x)
+    _classifier(scores)
     # The head is the last linear layer called whose output is the model's output.
     name = next((n for n, _ in reversed(fed.order) if _close(seen.last(n), scores)), None)
     if name is None:
@@ -151,6 +163,11 @@ class CAM:
         :param head: the linear classifier (name or module); default: the last ``nn.Linear``
             the forward pass calls whose output is the model's output.
         """
+        if targets.region is not None:
+            raise CapabilityError(
+                "CAM does not apply to segmentation heads (a Region target); use "
+                "method='gradcam' (Seg-Grad-CAM) or 'occlusion'."
+            )
         if targets.function is not None:
             raise TargetTypeError(
                 "CAM explains class scores through the classifier's weights; a callable target "
@@ -176,6 +193,7 @@ class CAM:
             capture({head_name: head_module}, inputs=True) as fed,
         ):
             scores = model.forward(inputs)
+        _classifier(scores)
         indices = targets.resolve(scores).indices  # (N, K)
         # A layer or head called twice: its last call, the one nearest the output.
         features, z = seen.last(layer_name), fed.last(head_name)

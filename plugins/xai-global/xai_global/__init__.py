@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 import xai_core
-from xai_core import Attribution, Scope, Tags, Targets
+from xai_core import Attribution, Region, Scope, Tags, Targets
 from xai_core.adapters.base import ModelAdapter
 from xai_core.api import run_explainer
 from xai_core.datasets import ClassMaps, explain_dataset
@@ -69,7 +69,10 @@ def per_class(
             "int, one per sample, (N, K) or 'all'), not a callable."
         )
     # The local method explains exactly the classes fixed here, inside the same model session.
-    exp = run_explainer(info, model, inputs, classes, dict(options))
+    spec: Any = classes
+    if targets.region is not None:  # segmentation: the user's mask or box goes with the classes
+        spec = Region(classes, mask=targets.region.mask, box=targets.region.box)
+    exp = run_explainer(info, model, inputs, spec, dict(options))
     if len(exp.raw) > 1:
         raise OptionError("Aggregate one layer at a time: pass `layer`, not several `layers`.")
     maps = exp.full[:, :, 0]  # (N, K, *spatial) on the input grid

@@ -533,6 +533,11 @@ class Engine:
                 last[arg] = i
         for arg in self.output.all_input_nodes:
             last[arg] = len(self.steps)
+            if arg in self.regions:
+                # An output still held as a patch (a fully convolutional network, such as a
+                # segmentation head) is materialised from the cache at the end of each forward.
+                self._source(self._key(arg, (0,) * self.rank, (0,) * self.rank, 0.0))
+                self._add_cost(arg, 0, 3 * self.cache[arg][0].numel())
         for i, step in enumerate(self.steps):
             step.free = tuple(
                 a for a in step.node.all_input_nodes if last.get(a) == i and a in self.dependent
