@@ -106,3 +106,8 @@ class InputFileError(XaiError, ValueError):
 
 class OutputFileError(XaiError, OSError):
     """An output file is missing or cannot be written where a run expects it."""
+
+
+class PluginContractError(PluginError):
+    """A plugin's explainer or metric returned a result that breaks the documented contract
+    (docs/conventions.md): wrong shape, dtype, device, non-finite values. A bug in the plugin."""
