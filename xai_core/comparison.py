@@ -330,6 +330,7 @@ def _choose_methods(registry, adapter, methods):
     skipped: dict[str, str] = {}
     if methods is None:
         chosen = []
+        skipped.update(registry.unusable_explainers())  # never drop a method without a word
         for info in registry.list_explainers(scope=Scope.LOCAL):
             reason = registry.unsupported_reason(info, adapter)
             if reason is None:
@@ -352,7 +353,7 @@ def _choose_metrics(registry, adapter, metrics, masks):
     available = registry.metrics()
     names = list(available) if metrics is None else list(metrics)
     chosen: dict[str, type] = {}
-    skipped: dict[str, str] = {}
+    skipped: dict[str, str] = registry.unusable_metrics() if metrics is None else {}
     for name in names:
         cls = available.get(name) or registry.get_metric(name)
         missing = []

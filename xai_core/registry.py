@@ -446,6 +446,7 @@ class Registry:
         """
         import typer
 
+        self.load()
         taken = {_command_name(i) for i in (*app.registered_commands, *app.registered_groups)}
         for impl in self._plugin_impls("register_commands"):
             source = self._source(impl.plugin_name)
@@ -463,7 +464,7 @@ class Registry:
                 name = _command_name(info)
                 if name is None or name in taken:
                     owner = self.commands.get(name or "")
-                    by = f"plugin {_describe_source(owner)}" if owner else "xai-core itself"
+                    by = _describe_source(owner) if owner else "xai-core itself"
                     self._fail(
                         source,
                         "register_commands",
