@@ -117,12 +117,11 @@ def test_builtin_commands_cannot_be_replaced(hostile_site):
     adapters = {r["name"]: r for r in rows if r["kind"] == "adapter"}
     assert adapters["greedy_adapter"]["summary"] == "Adapts anything at all."
     assert "neither torch.nn.Module nor ONNX" in adapters["greedy_adapter"]["note"]
-    hello = subprocess.run([XAI, "impostor-hello"], capture_output=True, text=True, env=env)
-    assert hello.returncode == 0 and "hello from the impostor" in hello.stdout
 
 
 def test_plugin_commands_are_added_atomically_and_without_clashes():
     import typer
+    from typer.testing import CliRunner
 
     class First:
         @xai_core.hookimpl
@@ -133,7 +132,10 @@ def test_plugin_commands_are_added_atomically_and_without_clashes():
         @xai_core.hookimpl
         def register_commands(self, cli):
             cli.command("hello")(lambda: None)  # taken by the first plugin
-            cli.command("bye")(lambda: None)
+
+            @cli.command("bye")
+            def bye() -> None:
+                typer.echo("bye from the second plugin")
 
     class Crashing:
         @xai_core.hookimpl
@@ -149,6 +151,7 @@ def test_plugin_commands_are_added_atomically_and_without_clashes():
     app.command("plugins")(lambda: None)
     with pytest.warns(PluginWarning):
         registry.add_commands(app)
+    assert "bye from the second plugin" in CliRunner().invoke(app, ["bye"]).output
     names = [c.name for c in app.registered_commands]
     assert sorted(names) == ["bye", "hello", "plugins"]
     owners = {n: s.plugin for n, s in registry.commands.items()}

@@ -77,7 +77,6 @@ BUILTIN_DISTRIBUTIONS = frozenset(
 
 trace_log = logging.getLogger("xai_core.hooks")
 _NAME = re.compile(r"^[a-z][a-z0-9_\-.]*$")
-_CORE = "xai_core.builtin"  # the plugin name of the core's own hook implementations
 
 
 class PluginWarning(UserWarning):
@@ -237,7 +236,7 @@ class Registry:
         self.failures: list[PluginFailure] = []
         self.skipped: list[str] = []  # plugins not loaded because of the env allow/block lists
         self.commands: dict[str, PluginInfo] = {}  # `xai` sub-commands added by plugins
-        self._sources: dict[str, PluginInfo] = {_CORE: PluginInfo("xai_core", None, None)}
+        self._sources: dict[str, PluginInfo] = {}
         self._explainers: dict[str, list[_Entry]] | None = None
         self._metrics: dict[str, list[_Entry]] | None = None
         self._loaded = False
@@ -413,9 +412,8 @@ class Registry:
         return self._sources.get(plugin_name, PluginInfo(plugin_name, None, None))
 
     def _plugin_impls(self, hook_name: str) -> list[Any]:
-        """A hook's implementations in pluggy's call order (the core's own left out)."""
-        impls = reversed(getattr(self.pm.hook, hook_name).get_hookimpls())
-        return [impl for impl in impls if impl.plugin_name != _CORE]
+        """A hook's implementations in pluggy's call order (the last registered first)."""
+        return list(reversed(getattr(self.pm.hook, hook_name).get_hookimpls()))
 
     # -- calling hooks -----------------------------------------------------------------------
 
