@@ -94,3 +94,30 @@ def test_a_real_ctrl_c_still_interrupts():
         registry.list_explainers()
     assert registry.failures == []
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+def test_a_ctrl_c_while_loading_leaves_nothing_half_loaded(monkeypatch):
+    import xai_core.registry as module
+
+    class Interrupted:
+        """An entry point during whose import the user hits Ctrl-C."""
+
+        name, dist = "b_interrupted", None  # after `attention`, before `gradcam`
+
+        def load(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+
+    real, calls = module.entry_points, []
+
+    def entry_points(**kwargs):
+        calls.append(kwargs)
+        found = list(real(**kwargs))
+        return [*found, Interrupted()] if len(calls) == 1 else found
+
+    monkeypatch.setattr(module, "entry_points", entry_points)
+    registry = Registry()
+    with pytest.raises(KeyboardInterrupt):
+        registry.get_explainer("gradcam")
+    assert registry.get_explainer("gradcam").distribution == "xai-gradcam"  # loaded afresh
+    assert registry.failures == [] and len(calls) == 2

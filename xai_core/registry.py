@@ -294,9 +294,19 @@ class Registry:
             try:
                 if self.group is not None:
                     self._load_entry_points(self.group)
+            except BaseException:  # a real Ctrl-C: forget the partial load, the next call redoes it
+                for name in list(self._sources):
+                    if self.pm.has_plugin(name):
+                        self.pm.unregister(name=name)
+                self._sources.clear()
+                self.failures.clear()
+                self.skipped.clear()
+                self._unwarned.clear()
+                raise
+            else:
+                self._loaded = True
             finally:
                 self._loading = False
-                self._loaded = True
                 self._invalidate()
 
     def _load_entry_points(self, group: str) -> None:
