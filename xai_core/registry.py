@@ -79,6 +79,9 @@ trace_log = logging.getLogger("xai_core.hooks")
 _NAME = re.compile(r"^[a-z][a-z0-9_\-.]*$")
 
 
+_ADAPTER_NOTE = "(asked only for models that are neither torch.nn.Module nor ONNX)"
+
+
 class PluginWarning(UserWarning):
     """A plugin was skipped because it is broken; see ``xai plugins`` for details."""
 
@@ -750,6 +753,7 @@ class Registry:
         for impl in self._plugin_impls("adapt_model"):
             source = self._source(impl.plugin_name)
             doc = inspect.getdoc(impl.function) or ""
+            summary = doc.strip().splitlines()[0] if doc.strip() else ""
             rows.append(
                 {
                     "name": source.plugin,
@@ -760,8 +764,8 @@ class Registry:
                     "version": source.version,
                     "status": "ok",
                     "origin": _origin(source),
-                    "summary": doc.strip().splitlines()[0] if doc.strip() else "",
-                    "note": "asked only for models that are neither torch.nn.Module nor ONNX",
+                    "summary": summary,
+                    "note": f"{summary} {_ADAPTER_NOTE}" if summary else _ADAPTER_NOTE,
                 }
             )
         for name, source in sorted(self.commands.items()):
