@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import xai_core
+from xai_core import Tags
 from xai_core.registry import PluginWarning, Registry
 
 XAI = str(Path(sys.executable).with_name("xai"))
@@ -121,3 +122,39 @@ def test_a_ctrl_c_while_loading_leaves_nothing_half_loaded(monkeypatch):
         registry.get_explainer("gradcam")
     assert registry.get_explainer("gradcam").distribution == "xai-gradcam"  # loaded afresh
     assert registry.failures == [] and len(calls) == 2
+
+
+def test_a_broken_unsupported_reason_breaks_nothing_else(fresh_registry, cnn, images):
+    class Fussy:
+        name = "fussy"
+        tags = Tags("local", "model-agnostic")
+
+        @classmethod
+        def unsupported_reason(cls, model):
+            raise AttributeError("plugin bug in unsupported_reason")
+
+        def explain(self, model, inputs, targets):
+            raise NotImplementedError
+
+    class Vague(Fussy):
+        name = "vague"
+
+        @classmethod
+        def unsupported_reason(cls, model):
+            return False  # neither a reason nor None
+
+    class Plugin:
+        @xai_core.hookimpl
+        def register_explainers(self, register):
+            register(Fussy)
+            register(Vague)
+
+    fresh_registry.register_plugin(Plugin(), "fussy-plugin")
+    with pytest.warns(PluginWarning):
+        runnable = {i.name for i in xai_core.list_explainers(model=cnn)}
+    assert "gradcam" in runnable and not {"fussy", "vague"} & runnable
+    result = xai_core.compare(cnn, images, methods=["fussy", "vague", "occlusion"], metrics=[])
+    assert result.methods == ["occlusion"]
+    assert "broken" in result.skipped_methods["fussy"] and "vague" in result.skipped_methods
+    stages = {f.error.split(":")[0]: f.stage for f in fresh_registry.failures}
+    assert stages == {"AttributeError": "unsupported_reason", "PluginError": "unsupported_reason"}

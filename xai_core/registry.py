@@ -179,6 +179,9 @@ def _check_explainer_class(cls: Any) -> None:
         raise PluginError(f"{cls.__qualname__}.tags must be an xai_core.Tags instance.")
     if not callable(getattr(cls, "explain", None)):
         raise PluginError(f"{cls.__qualname__} has no explain() method.")
+    summary = getattr(cls, "summary", None)
+    if summary is not None and not isinstance(summary, str):
+        raise PluginError(f"{cls.__qualname__}.summary must be a str; got {summary!r}.")
     params = [
         p
         for p in inspect.signature(cls.explain).parameters.values()
@@ -626,12 +629,29 @@ class Registry:
             offers = ", ".join(sorted(c.value for c in adapter.capabilities))
             return f"{info.name} needs {needs}; this {adapter.kind} model offers only {offers}"
         check = getattr(info.cls, "unsupported_reason", None)
-        if check is not None:
+        if check is None:
+            return None
+
+        def ask() -> Any:
             try:
                 return check(adapter)
-            except XaiError as exc:
+            except XaiError as exc:  # the plugin's own way of saying why
                 return str(exc)
-        return None
+
+        source = PluginInfo(info.plugin, info.distribution, info.version)
+        ok, reason = self._guarded(source, "unsupported_reason", ask)
+        if ok and (reason is None or isinstance(reason, str)):
+            return reason
+        if ok:  # a plugin bug must not make the method look runnable, nor break the listing
+            self._fail(
+                source,
+                "unsupported_reason",
+                PluginError(f"unsupported_reason() returned {reason!r}, not a str or None."),
+            )
+        return (
+            f"{info.name} cannot tell whether it runs on this model: its unsupported_reason() "
+            f"is broken (see `xai plugins`)"
+        )
 
     # -- metrics -----------------------------------------------------------------------------
 
