@@ -46,9 +46,12 @@ def register_explainers(register: Callable[[type], None]) -> None:
 
     :param register: records the class under its ``name`` together with the distribution and
         version of the plugin that called it. A class that breaks the
-        :class:`~xai_core.Explainer` protocol is refused and reported as a plugin failure; two
-        plugins registering one name make that name unusable until one is removed, and the
-        error names both distributions.
+        :class:`~xai_core.Explainer` protocol is refused and reported as a plugin failure. A
+        name a built-in distribution registers stays the built-in's (your class is refused);
+        two third-party plugins registering one name make it unusable until one is removed, and
+        the error names both distributions. Nothing is kept if the hook raises. What
+        ``explain`` returns is checked against the result contract on every call
+        (:mod:`xai_core.contract`).
     """
 
 
