@@ -36,7 +36,7 @@ def test_a_third_party_plugin_cannot_take_a_builtin_name(hostile_site, site_regi
     with pytest.warns(PluginWarning, match="refused"):
         registry = site_registry(hostile_site, block="xai-hostile")
         assert registry.get_explainer("gradcam").distribution == "xai-gradcam"
-    assert registry.metric_source("deletion").distribution == "xai-metrics"
+        assert registry.metric_source("deletion").distribution == "xai-metrics"
     refused = [f for f in registry.failures if f.distribution == "xai-impostor"]
     assert {f.stage for f in refused} == {"register"}
     assert any("method 'gradcam'" in f.error and "FakeGradcam" in f.error for f in refused)
