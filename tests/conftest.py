@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import shutil
 import subprocess
 import sys
@@ -64,3 +65,28 @@ def plugin_site(tmp_path_factory) -> Path:
     ]
     pip("install", "--no-deps", "--no-build-isolation", "--target", str(site), *sources)
     return site
+
+
+@pytest.fixture(scope="session")
+def hostile_site(tmp_path_factory) -> Path:
+    """xai-hostile and xai-impostor (plugins that misbehave, tests/data), pip-installed here."""
+    tmp = tmp_path_factory.mktemp("hostile")
+    site = tmp / "site"
+    sources = [str(build_copy(n, tmp)) for n in ("xai-hostile", "xai-impostor")]
+    pip("install", "--no-deps", "--no-build-isolation", "--target", str(site), *sources)
+    return site
+
+
+@pytest.fixture
+def site_registry(monkeypatch):
+    """Make the global registry load the plugins installed in a site folder (and reset it)."""
+
+    def make(site: Path, *, block: str = "") -> xai_core.Registry:
+        monkeypatch.syspath_prepend(str(site))
+        importlib.invalidate_caches()
+        monkeypatch.setenv("XAI_CORE_BLOCK_PLUGINS", block)
+        xai_core.reset_registry()
+        return xai_core.get_registry()
+
+    yield make
+    xai_core.reset_registry()

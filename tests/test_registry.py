@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -213,3 +215,62 @@ def test_method_the_model_cannot_run_names_capability_and_alternatives(fresh_reg
 def test_unknown_model_type_is_a_typed_error(fresh_registry, images):
     with pytest.raises(ModelTypeError, match=r"cannot explain a builtins\.dict"):
         xai_core.explain({}, images, method="gradcam")
+
+
+def _slow_entry_points(monkeypatch):
+    """Widen the race: scanning entry points takes 50 ms, as on a large environment."""
+    import xai_core.registry as module
+
+    real = module.entry_points
+
+    def slow(**kwargs):
+        time.sleep(0.05)
+        return real(**kwargs)
+
+    monkeypatch.setattr(module, "entry_points", slow)
+
+
+def _race(count: int, work) -> list:
+    """Run ``work`` in ``count`` threads released at once; return results or exceptions."""
+    barrier = threading.Barrier(count)
+    results: list = [None] * count
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = work()
+        except Exception as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_first_lookups_from_many_threads_all_succeed(monkeypatch):
+    _slow_entry_points(monkeypatch)
+    registry = Registry()
+    results = _race(8, lambda: registry.get_explainer("gradcam").name)
+    assert results == ["gradcam"] * 8
+    assert registry.get_metric("deletion").name == "deletion"  # nothing half-loaded was cached
+
+
+def test_get_registry_creates_one_registry_for_racing_threads(monkeypatch):
+    import xai_core.registry as module
+
+    real_init = module.Registry.__init__
+
+    def slow_init(self, *args, **kwargs):
+        time.sleep(0.02)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(module.Registry, "__init__", slow_init)
+    xai_core.reset_registry()
+    try:
+        registries = _race(8, xai_core.get_registry)
+    finally:
+        xai_core.reset_registry()
+    assert all(r is registries[0] for r in registries)

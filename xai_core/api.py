@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from xai_core.adapters.base import ModelAdapter
+from xai_core.contract import check_attribution
 from xai_core.errors import (
     CapabilityError,
     DeviceError,
@@ -187,13 +188,8 @@ def _wrap(
     options: dict[str, Any],
     seconds: float,
 ) -> Explanation:
-    if not isinstance(result, Attribution):
-        raise TypeError(f"{info.cls.__qualname__}.explain must return an xai_core.Attribution.")
-    if request.resolved is None:
-        raise TypeError(
-            f"{info.cls.__qualname__}.explain never called targets.resolve(scores); the core "
-            f"cannot tell which targets it explained."
-        )
+    check_attribution(result, info, request, inputs)  # a plugin's bug: PluginContractError
+    assert request.resolved is not None  # checked just above
     maps = result.maps if isinstance(result.maps, list) else [result.maps]
     multi_layer = bool(result.details.pop("multi_layer", len(maps) > 1))
     return Explanation(

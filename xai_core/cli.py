@@ -57,6 +57,8 @@ def plugins(
         status = row["status"]
         if status != "ok":
             status = f"[red]{status}[/red]: {escape(str(row.get('error', '')))}"
+        elif row.get("note"):  # precedence, e.g. which models a plugin's adapter is asked for
+            status = f"{status}: {escape(row['note'])}"
         kind = row.get("kind", "plugin")
         if kind == "metric":
             kind = f"metric ({row['better']} is better)"
@@ -497,7 +499,7 @@ def build_app() -> typer.Typer:
     global _commands_added
     if not _commands_added:
         _commands_added = True
-        get_registry().call_each("register_commands", cli=app)
+        get_registry().add_commands(app)  # built-in commands cannot be replaced
     return app
 
 

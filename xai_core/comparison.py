@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from xai_core.api import check_masks, check_options, run_explainer, validate_inputs
+from xai_core.contract import check_metric_result
 from xai_core.errors import OptionError, UnknownOptionError, XaiError, did_you_mean
 from xai_core.explanation import Explanation
 from xai_core.metrics import Direction, MetricContext, Need, metric_options
@@ -91,7 +92,10 @@ class Comparison:
                         "ci_low": agg.low,
                         "ci_high": agg.high,
                         "n": agg.n,
-                        "rank": order.index(method) + 1,
+                        # a metric that failed for this method has no value to rank
+                        "rank": None
+                        if (method, metric) in self.errors
+                        else order.index(method) + 1,
                         "error": self.errors.get((method, metric)),
                     }
                 )
@@ -298,7 +302,8 @@ def compare(
                 progress(f"{metric} of {method}")
             try:
                 result = cls().compute(context, **metric_opts.get(metric, {}))
-                values[(method, metric)] = result.values.detach().to("cpu", torch.float64)
+                n, source = inputs.shape[0], registry.metric_source(metric)
+                values[(method, metric)] = check_metric_result(result, metric, source, n)
                 details[(method, metric)] = result.details
             except Exception as exc:  # one failing metric must not lose the others
                 values[(method, metric)] = nan.clone()
@@ -328,6 +333,7 @@ def _choose_methods(registry, adapter, methods):
     skipped: dict[str, str] = {}
     if methods is None:
         chosen = []
+        skipped.update(registry.unusable_explainers())  # never drop a method without a word
         for info in registry.list_explainers(scope=Scope.LOCAL):
             reason = registry.unsupported_reason(info, adapter)
             if reason is None:
@@ -350,7 +356,7 @@ def _choose_metrics(registry, adapter, metrics, masks):
     available = registry.metrics()
     names = list(available) if metrics is None else list(metrics)
     chosen: dict[str, type] = {}
-    skipped: dict[str, str] = {}
+    skipped: dict[str, str] = registry.unusable_metrics() if metrics is None else {}
     for name in names:
         cls = available.get(name) or registry.get_metric(name)
         missing = []

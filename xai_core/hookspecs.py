@@ -46,9 +46,12 @@ def register_explainers(register: Callable[[type], None]) -> None:
 
     :param register: records the class under its ``name`` together with the distribution and
         version of the plugin that called it. A class that breaks the
-        :class:`~xai_core.Explainer` protocol is refused and reported as a plugin failure; two
-        plugins registering one name make that name unusable until one is removed, and the
-        error names both distributions.
+        :class:`~xai_core.Explainer` protocol is refused and reported as a plugin failure. A
+        name a built-in distribution registers stays the built-in's (your class is refused);
+        two third-party plugins registering one name make it unusable until one is removed, and
+        the error names both distributions. Nothing is kept if the hook raises. What
+        ``explain`` returns is checked against the result contract on every call
+        (:mod:`xai_core.contract`).
     """
 
 
@@ -65,8 +68,11 @@ def register_metrics(register: Callable[[type], None]) -> None:
 def register_commands(cli: typer.Typer) -> None:
     """Add sub-commands to the ``xai`` command line.
 
-    :param cli: the root :class:`typer.Typer` application; call ``@cli.command()`` on your
-        functions. Called once, when ``xai`` starts.
+    :param cli: a :class:`typer.Typer` application of your own; call ``@cli.command()`` (or
+        ``cli.add_typer(...)``) on it. Called once, when ``xai`` starts; the core then adds your
+        commands to ``xai`` one by one. A name ``xai`` already has (a built-in command such as
+        ``plugins``, or another plugin's) is refused and listed by ``xai plugins`` as a failure;
+        if the hook raises, none of its commands is added.
     """
 
 
@@ -77,9 +83,14 @@ def register_commands(cli: typer.Typer) -> None:
 def adapt_model(model: Any, options: dict[str, Any]) -> ModelAdapter | None:
     """Turn a model object the core does not know into a :class:`~xai_core.ModelAdapter`.
 
-    Return ``None`` for objects you do not handle. The first non-``None`` result wins; plugins
-    are asked before the built-in PyTorch and ONNX adapters, so a plugin can also override how
-    those are adapted.
+    Return ``None`` for objects you do not handle. Plugins are asked only for objects the core
+    does not adapt itself (anything but a ``torch.nn.Module``, an ONNX model or a
+    ``ModelAdapter``), in pluggy's order; the first ``ModelAdapter`` returned wins. To adapt a
+    PyTorch module differently, users pass your adapter instance as the model. Raise an
+    :class:`~xai_core.errors.XaiError` for a model you recognise but cannot use: it is shown if no
+    other plugin adapts the model. Any other exception, or a result that is not a
+    ``ModelAdapter``, is recorded as your plugin's failure and the next plugin is asked. The
+    first line of your implementation's docstring is shown by ``xai plugins``.
 
     :param model: whatever the user passed as ``model``.
     :param options: adapter options given by the user (e.g. ``providers`` for ONNX).

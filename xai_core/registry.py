@@ -6,6 +6,20 @@ loaded on its own: a plugin that fails to import or whose hook raises is recorde
 :class:`PluginFailure` (name, distribution, version, error), a warning is issued, and every other
 plugin keeps working. A hook's registrations count only if the hook returns normally.
 
+What a plugin cannot do (docs/architecture.md, "Plugin precedence"):
+
+* stop loading: any exception, ``SystemExit``, ``GeneratorExit`` or a ``KeyboardInterrupt`` it
+  raises itself is that plugin's failure; only a real Ctrl-C (a SIGINT that arrived while the
+  plugin ran) propagates;
+* replace a built-in: a name registered by a built-in distribution (:data:`BUILTIN_DISTRIBUTIONS`)
+  and by a third-party plugin stays the built-in's, the duplicate is refused and listed; a
+  built-in ``xai`` command cannot be replaced; PyTorch modules and ONNX models are adapted by the
+  core, plugins are asked only for other objects;
+* return a malformed result unnoticed (:mod:`xai_core.contract`).
+
+The registry is thread-safe: entry points load once, under a lock, and the lookups are cached
+under the same lock.
+
 Environment variables:
 
 * ``XAI_CORE_PLUGINS``: comma-separated allow-list of plugin (entry-point) or distribution names;
@@ -20,13 +34,16 @@ import inspect
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -45,12 +62,24 @@ from xai_core.metrics import check_metric_class
 from xai_core.tags import Capability, Dependence, Scope, Tags
 from xai_core.types import ExplainerInfo, PluginInfo
 
+if TYPE_CHECKING:
+    import typer
+
 ENV_ALLOW = "XAI_CORE_PLUGINS"
 ENV_BLOCK = "XAI_CORE_BLOCK_PLUGINS"
 ENV_TRACE = "XAI_CORE_TRACE"
 
+# The first-party distributions under plugins/: the one place that says what is built in. A name
+# one of them registers cannot be taken over by a third-party plugin (see _apply_precedence).
+BUILTIN_DISTRIBUTIONS = frozenset(
+    {"xai-attention", "xai-cam", "xai-global", "xai-gradcam", "xai-metrics", "xai-occlusion"}
+)
+
 trace_log = logging.getLogger("xai_core.hooks")
 _NAME = re.compile(r"^[a-z][a-z0-9_\-.]*$")
+
+
+_ADAPTER_NOTE = "(asked only for models that are neither torch.nn.Module nor ONNX)"
 
 
 class PluginWarning(UserWarning):
@@ -59,7 +88,7 @@ class PluginWarning(UserWarning):
 
 @dataclass(frozen=True)
 class PluginFailure:
-    """A plugin, or one class it registered, that could not be used."""
+    """A plugin, or one class or command it registered, that could not be used."""
 
     plugin: str
     distribution: str | None
@@ -88,6 +117,48 @@ class _Entry:
     source: PluginInfo
 
 
+def is_builtin(source: PluginInfo) -> bool:
+    """Whether ``source`` is a first-party distribution (:data:`BUILTIN_DISTRIBUTIONS`)."""
+    dist = source.distribution
+    return dist is not None and re.sub(r"[-_.]+", "-", dist).lower() in BUILTIN_DISTRIBUTIONS
+
+
+def describe_exception(exc: BaseException) -> str:
+    """``Type: message``, also for an exception whose ``__str__`` itself raises."""
+    try:
+        text = str(exc)
+    except BaseException:  # a plugin's broken __str__ must not break the registry
+        text = "<the exception's message could not be printed>"
+    return f"{type(exc).__name__}: {text}"
+
+
+@contextmanager
+def _sigint_watch() -> Iterator[list[bool]]:
+    """Note whether a real SIGINT (Ctrl-C) arrives while plugin code runs.
+
+    A ``KeyboardInterrupt`` is the user's only if the interpreter's SIGINT handler fired; one a
+    plugin raises itself is that plugin's failure. Signal handlers exist only in the main thread:
+    elsewhere every ``KeyboardInterrupt`` comes from code, and the flag stays False.
+    """
+    hit = [False]
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        current = signal.getsignal(signal.SIGINT)
+        if callable(current):  # SIG_DFL kills the process and SIG_IGN ignores: nothing to tell
+
+            def chained(signum: int, frame: Any) -> Any:
+                hit[0] = True
+                return current(signum, frame)
+
+            signal.signal(signal.SIGINT, chained)
+            previous = current
+    try:
+        yield hit
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
 def explainer_options(cls: type) -> dict[str, inspect.Parameter]:
     """The options an explainer accepts: the keyword-only parameters of its ``explain``."""
     params = inspect.signature(cls.explain).parameters.values()
@@ -97,7 +168,7 @@ def explainer_options(cls: type) -> dict[str, inspect.Parameter]:
 def _check_explainer_class(cls: Any) -> None:
     """Raise PluginError when ``cls`` breaks the Explainer protocol (said in words)."""
     if not isinstance(cls, type):
-        raise PluginError(f"register() takes an explainer class; got {cls!r}.")
+        raise PluginError(f"register() takes an explainer class; got {type(cls).__name__}.")
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not _NAME.match(name):
         raise PluginError(
@@ -108,6 +179,9 @@ def _check_explainer_class(cls: Any) -> None:
         raise PluginError(f"{cls.__qualname__}.tags must be an xai_core.Tags instance.")
     if not callable(getattr(cls, "explain", None)):
         raise PluginError(f"{cls.__qualname__} has no explain() method.")
+    summary = getattr(cls, "summary", None)
+    if summary is not None and not isinstance(summary, str):
+        raise PluginError(f"{cls.__qualname__}.summary must be a str; got {summary!r}.")
     params = [
         p
         for p in inspect.signature(cls.explain).parameters.values()
@@ -123,21 +197,39 @@ def _names_from_env(var: str) -> set[str]:
     return {n.strip() for n in os.environ.get(var, "").split(",") if n.strip()}
 
 
-class _BuiltinAdapters:
-    """The core's own ``adapt_model``: PyTorch modules and ONNX models, asked last."""
+def _builtin_adapter(model: Any, options: dict[str, Any]) -> ModelAdapter | None:
+    """The core's own adapters: PyTorch modules and ONNX models, always asked first."""
+    from torch import nn
 
-    @hookspecs.hookimpl(trylast=True)
-    def adapt_model(self, model: Any, options: dict[str, Any]) -> ModelAdapter | None:
-        from torch import nn
+    from xai_core.adapters.onnx import OnnxAdapter, is_onnx_model
+    from xai_core.adapters.torch import TorchAdapter
 
-        from xai_core.adapters.onnx import OnnxAdapter, is_onnx_model
-        from xai_core.adapters.torch import TorchAdapter
+    if isinstance(model, nn.Module):
+        return TorchAdapter(model)
+    if is_onnx_model(model):
+        return OnnxAdapter(model, providers=options.get("providers"))
+    return None
 
-        if isinstance(model, nn.Module):
-            return TorchAdapter(model)
-        if is_onnx_model(model):
-            return OnnxAdapter(model, providers=options.get("providers"))
-        return None
+
+def _command_name(info: Any) -> str | None:
+    """The name typer gives a registered command or sub-app (``None`` when it has none)."""
+    from typer.main import get_command_name
+    from typer.models import DefaultPlaceholder
+
+    def given(value: Any) -> Any:
+        return None if isinstance(value, DefaultPlaceholder) else value
+
+    if hasattr(info, "typer_instance"):  # a sub-app added with add_typer()
+        sub = given(info.typer_instance)
+        name = given(info.name) or (sub and given(sub.info.name))
+        callback = given(info.callback) or (
+            sub and sub.registered_callback and sub.registered_callback.callback
+        )
+    else:
+        name, callback = info.name, info.callback
+    if name:
+        return name
+    return get_command_name(callback.__name__) if callback is not None else None
 
 
 class Registry:
@@ -146,52 +238,136 @@ class Registry:
     def __init__(self, *, entry_points_group: str | None = PROJECT) -> None:
         self.pm = pluggy.PluginManager(PROJECT)
         self.pm.add_hookspecs(hookspecs)
-        self.pm.register(_BuiltinAdapters(), name="xai_core.builtin")
         self.group = entry_points_group
         self.failures: list[PluginFailure] = []
         self.skipped: list[str] = []  # plugins not loaded because of the env allow/block lists
-        self._sources: dict[str, PluginInfo] = {
-            "xai_core.builtin": PluginInfo("xai_core", None, None)
-        }
+        self.commands: dict[str, PluginInfo] = {}  # `xai` sub-commands added by plugins
+        self._sources: dict[str, PluginInfo] = {}
         self._explainers: dict[str, list[_Entry]] | None = None
         self._metrics: dict[str, list[_Entry]] | None = None
         self._loaded = False
+        self._loading = False  # true while this registry imports entry points
+        self._collecting: set[str] = set()  # hooks being collected (to refuse re-entry)
+        # One re-entrant lock guards loading, the caches and the failure list: a plugin's import
+        # may itself call the registry (same thread), other threads wait for the first load.
+        self._lock = threading.RLock()
+        self._local = threading.local()
+        self._unwarned: list[PluginFailure] = []
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the lock; warn about new failures once this thread leaves its outermost hold.
+
+        Warnings wait until the state is consistent: with warnings turned into errors, the
+        exception then leaves a fully loaded registry behind, not a half-loaded one.
+        """
+        with self._lock:
+            self._local.depth = getattr(self._local, "depth", 0) + 1
+            try:
+                yield
+            finally:
+                self._local.depth -= 1
+        if not self._local.depth:
+            with self._lock:
+                pending, self._unwarned = self._unwarned, []
+            for failure in pending:
+                where = (
+                    f"{failure.plugin} ({failure.distribution} {failure.version})"
+                    if failure.distribution
+                    else failure.plugin
+                )
+                warnings.warn(
+                    f"xai-core skipped plugin {where} at {failure.stage}: {failure.error}",
+                    PluginWarning,
+                    stacklevel=4,
+                )
 
     # -- loading -----------------------------------------------------------------------------
 
     def load(self) -> None:
-        """Load every allowed entry point of the group, each in its own guard (idempotent)."""
+        """Load every allowed entry point of the group, each in its own guard (once).
+
+        Thread-safe: a second thread waits for the first one's load instead of seeing a
+        half-filled registry. A plugin whose import calls back into the registry sees what is
+        loaded so far (and nothing of it is cached, see :meth:`_cached`).
+        """
         if self._loaded:
             return
-        self._loaded = True
-        if self.group is None:
-            return
+        with self._locked():
+            if self._loaded or self._loading:
+                return
+            self._loading = True
+            try:
+                if self.group is not None:
+                    self._load_entry_points(self.group)
+            except BaseException:  # a real Ctrl-C: forget the partial load, the next call redoes it
+                for name in list(self._sources):
+                    if self.pm.has_plugin(name):
+                        self.pm.unregister(name=name)
+                self._sources.clear()
+                self.failures.clear()
+                self.skipped.clear()
+                self._unwarned.clear()
+                raise
+            else:
+                self._loaded = True
+            finally:
+                self._loading = False
+                self._invalidate()
+
+    def _load_entry_points(self, group: str) -> None:
         allow, block = _names_from_env(ENV_ALLOW), _names_from_env(ENV_BLOCK)
-        for ep in sorted(entry_points(group=self.group), key=lambda e: e.name):
-            dist = ep.dist.name if ep.dist is not None else None
-            version = ep.dist.version if ep.dist is not None else None
-            names = {ep.name, dist}
+        found = entry_points(group=group)
+        # Built-ins first: a third-party entry point reusing a built-in's name is the refused one.
+        order = sorted(found, key=lambda e: (e.name, not is_builtin(_source_of(e))))
+        for ep in order:
+            source = _source_of(ep)
+            names = {ep.name, source.distribution}
             if (allow and not names & allow) or names & block:
                 self.skipped.append(ep.name)
                 continue
             if self.pm.has_plugin(ep.name):
                 other = self._sources.get(ep.name)
                 self._fail(
-                    PluginInfo(ep.name, dist, version),
+                    source,
                     "import",
                     PluginError(
                         f"entry point {ep.name!r} is declared by both "
-                        f"{other.distribution if other else '?'} and {dist}; uninstall one."
+                        f"{other.distribution if other else '?'} and {source.distribution}; "
+                        f"uninstall one."
                     ),
                 )
                 continue
-            source = PluginInfo(ep.name, dist, version)
+            ok, obj = self._guarded(source, "import", ep.load)
+            if ok:
+                self._register(obj, source)
+
+    def _guarded(
+        self, source: PluginInfo, stage: str, function: Callable[..., Any], /, **kwargs: Any
+    ) -> tuple[bool, Any]:
+        """Run plugin code; ``(True, result)``, or ``(False, None)`` with the failure recorded.
+
+        Any ``BaseException`` counts as the plugin's failure (``SystemExit`` from a plugin that
+        calls ``sys.exit()``, ``GeneratorExit``, a ``KeyboardInterrupt`` it raises itself): only
+        a real Ctrl-C of the user propagates.
+        """
+        start = time.perf_counter()
+        with _sigint_watch() as interrupted:
             try:
-                obj = ep.load()
-            except Exception as exc:  # a broken plugin must never break the registry
-                self._fail(source, "import", exc)
-                continue
-            self._register(obj, source)
+                return True, function(**kwargs)
+            except BaseException as exc:
+                if isinstance(exc, KeyboardInterrupt) and interrupted[0]:
+                    raise
+                self._fail(source, stage, exc)
+                return False, None
+            finally:
+                if stage not in ("import", "register"):
+                    trace_log.debug(
+                        "hook %s -> %s (%.1f ms)",
+                        stage,
+                        source.plugin,
+                        1e3 * (time.perf_counter() - start),
+                    )
 
     def register_plugin(
         self,
@@ -208,24 +384,26 @@ class Registry:
         """
         self.load()
         name = name or getattr(plugin, "__name__", None) or type(plugin).__name__
-        self._register(plugin, PluginInfo(name, distribution, version))
-        self._invalidate()
+        with self._locked():
+            self._register(plugin, PluginInfo(name, distribution, version))
+            self._invalidate()
         return name
 
     def unregister_plugin(self, name: str) -> None:
-        if self.pm.has_plugin(name):
-            self.pm.unregister(name=name)
-        self._sources.pop(name, None)
-        self.failures = [f for f in self.failures if f.plugin != name]
-        self._invalidate()
+        with self._locked():
+            if self.pm.has_plugin(name):
+                self.pm.unregister(name=name)
+            self._sources.pop(name, None)
+            self.failures = [f for f in self.failures if f.plugin != name]
+            self._invalidate()
 
     def _register(self, obj: object, source: PluginInfo) -> None:
-        try:
+        def register() -> None:
             self.pm.register(obj, name=source.plugin)
-        except Exception as exc:  # pluggy validates hook signatures here
-            self._fail(source, "register", exc)
-            return
-        self._sources[source.plugin] = source
+
+        ok, _ = self._guarded(source, "register", register)  # pluggy checks hook signatures here
+        if ok:
+            self._sources[source.plugin] = source
 
     def _fail(self, source: PluginInfo, stage: str, exc: BaseException) -> None:
         failure = PluginFailure(
@@ -233,24 +411,25 @@ class Registry:
             source.distribution,
             source.version,
             stage,
-            f"{type(exc).__name__}: {exc}",
+            describe_exception(exc),
             exc,
         )
-        self.failures.append(failure)
-        where = (
-            f"{source.plugin} ({source.distribution} {source.version})"
-            if source.distribution
-            else source.plugin
-        )
-        warnings.warn(
-            f"xai-core skipped plugin {where} at {stage}: {failure.error}",
-            PluginWarning,
-            stacklevel=3,
-        )
+        with self._locked():
+            if failure not in self.failures:  # a hook asked again fails again: report it once
+                self.failures.append(failure)
+                self._unwarned.append(failure)
 
     def _invalidate(self) -> None:
-        self._explainers = None
-        self._metrics = None
+        with self._lock:
+            self._explainers = None
+            self._metrics = None
+
+    def _source(self, plugin_name: str) -> PluginInfo:
+        return self._sources.get(plugin_name, PluginInfo(plugin_name, None, None))
+
+    def _plugin_impls(self, hook_name: str) -> list[Any]:
+        """A hook's implementations in pluggy's call order (the last registered first)."""
+        return list(reversed(getattr(self.pm.hook, hook_name).get_hookimpls()))
 
     # -- calling hooks -----------------------------------------------------------------------
 
@@ -261,66 +440,139 @@ class Registry:
         """
         self.load()
         results = []
-        for impl in reversed(getattr(self.pm.hook, hook_name).get_hookimpls()):
-            source = self._sources.get(impl.plugin_name, PluginInfo(impl.plugin_name, None, None))
+        with self._locked():
+            impls = self._plugin_impls(hook_name)
+        for impl in impls:
+            source = self._source(impl.plugin_name)
             args = {name: kwargs[name] for name in impl.argnames}
-            start = time.perf_counter()
-            try:
-                result = impl.function(**args)
-            except Exception as exc:
-                self._fail(source, hook_name, exc)
-                continue
-            finally:
-                trace_log.debug(
-                    "hook %s -> %s (%.1f ms)",
-                    hook_name,
-                    impl.plugin_name,
-                    1e3 * (time.perf_counter() - start),
-                )
-            results.append((source, result))
+            ok, result = self._guarded(source, hook_name, impl.function, **args)
+            if ok:
+                results.append((source, result))
         return results
 
-    def _collect(self, hook_name: str, check: Callable[[Any], None]) -> dict[str, list[_Entry]]:
+    def add_commands(self, app: typer.Typer) -> None:
+        """Ask every plugin's ``register_commands`` for sub-commands and add them to ``app``.
+
+        Each plugin gets a fresh Typer app of its own, so it cannot remove or change anything
+        else. Its commands are then added one by one: a name ``app`` already has (a built-in
+        command such as ``plugins``, or another plugin's) is refused and recorded as a failure.
+        If the hook raises, none of its commands is added.
+        """
+        import typer
+
         self.load()
-        found: dict[str, list[_Entry]] = {}
-        for impl in reversed(getattr(self.pm.hook, hook_name).get_hookimpls()):
-            source = self._sources.get(impl.plugin_name, PluginInfo(impl.plugin_name, None, None))
-            staged: list[_Entry] = []
-
-            def register(
-                cls: Any, _staged: list[_Entry] = staged, _source: PluginInfo = source
-            ) -> None:
-                try:
-                    check(cls)
-                except PluginError as exc:
-                    self._fail(_source, "register", exc)
-                    return
-                _staged.append(_Entry(cls, _source))
-
-            start = time.perf_counter()
-            try:
-                impl.function(**{name: register for name in impl.argnames})
-            except Exception as exc:  # nothing this plugin staged is kept: registration is atomic
-                self._fail(source, hook_name, exc)
+        taken = {_command_name(i) for i in (*app.registered_commands, *app.registered_groups)}
+        for impl in self._plugin_impls("register_commands"):
+            source = self._source(impl.plugin_name)
+            staging = typer.Typer()
+            ok, _ = self._guarded(source, "register_commands", impl.function, cli=staging)
+            if not ok:
                 continue
-            finally:
-                trace_log.debug(
-                    "hook %s -> %s (%.1f ms)",
-                    hook_name,
-                    impl.plugin_name,
-                    1e3 * (time.perf_counter() - start),
+            if staging.registered_callback is not None:
+                self._fail(
+                    source,
+                    "register_commands",
+                    PluginError("a plugin cannot set the callback of `xai` itself; ignored."),
                 )
-            for entry in staged:
-                found.setdefault(entry.cls.name, []).append(entry)
+            for info in (*staging.registered_commands, *staging.registered_groups):
+                name = _command_name(info)
+                if name is None or name in taken:
+                    owner = self.commands.get(name or "")
+                    by = _describe_source(owner) if owner else "xai-core itself"
+                    self._fail(
+                        source,
+                        "register_commands",
+                        PluginError(
+                            f"the command `xai {name}` is already provided by {by}; this "
+                            f"plugin's command of that name is refused. Rename it."
+                            if name
+                            else "a command without a name is refused."
+                        ),
+                    )
+                    continue
+                taken.add(name)
+                self.commands[name] = source
+                target = app.registered_groups if hasattr(info, "typer_instance") else None
+                (target if target is not None else app.registered_commands).append(info)
+
+    def _collect(self, hook_name: str, check: Callable[[Any], None]) -> dict[str, list[_Entry]]:
+        if hook_name in self._collecting:
+            raise PluginError(
+                f"a plugin looked up registered classes while {hook_name} was running; look "
+                f"them up when your code runs, not while registering."
+            )
+        self._collecting.add(hook_name)
+        try:
+            found: dict[str, list[_Entry]] = {}
+            for impl in self._plugin_impls(hook_name):
+                source = self._source(impl.plugin_name)
+                staged: list[_Entry] = []
+
+                def register(
+                    cls: Any, _staged: list[_Entry] = staged, _source: PluginInfo = source
+                ) -> None:
+                    try:
+                        check(cls)
+                    except PluginError as exc:
+                        self._fail(_source, "register", exc)
+                        return
+                    _staged.append(_Entry(cls, _source))
+
+                args = {name: register for name in impl.argnames}
+                ok, _ = self._guarded(source, hook_name, impl.function, **args)
+                if not ok:  # nothing this plugin staged is kept: registration is atomic
+                    continue
+                for entry in staged:
+                    found.setdefault(entry.cls.name, []).append(entry)
+        finally:
+            self._collecting.discard(hook_name)
+        return self._apply_precedence(found, "metric" if "metric" in hook_name else "method")
+
+    def _apply_precedence(
+        self, found: dict[str, list[_Entry]], kind: str
+    ) -> dict[str, list[_Entry]]:
+        """A name a built-in registered stays the built-in's: third-party duplicates are refused.
+
+        A name only third-party plugins (or several built-ins) registered twice stays a
+        conflict: unusable, listed by ``xai plugins`` and skipped by ``compare()`` with why.
+        """
+        for name, entries in found.items():
+            builtins = [e for e in entries if is_builtin(e.source)]
+            if not builtins or len(builtins) == len(entries):
+                continue
+            owner = _describe_source(builtins[0].source)
+            for entry in entries:
+                if not is_builtin(entry.source):
+                    self._fail(
+                        entry.source,
+                        "register",
+                        PluginError(
+                            f"the {kind} {name!r} is provided by the built-in {owner}; "
+                            f"{entry.cls.__qualname__} of this plugin is refused. Rename it."
+                        ),
+                    )
+            found[name] = builtins
         return found
+
+    def _cached(self, attribute: str, hook_name: str, check: Callable[[Any], None]) -> Any:
+        """A lookup table, collected once under the lock (never cached while loading)."""
+        table = getattr(self, attribute)
+        if table is not None:
+            return table
+        self.load()
+        with self._locked():
+            table = getattr(self, attribute)
+            if table is None:
+                table = self._collect(hook_name, check)
+                if not self._loading:  # a plugin's import asked: the table is not complete yet
+                    setattr(self, attribute, table)
+        return table
 
     # -- explainers --------------------------------------------------------------------------
 
     @property
     def _explainer_entries(self) -> dict[str, list[_Entry]]:
-        if self._explainers is None:
-            self._explainers = self._collect("register_explainers", _check_explainer_class)
-        return self._explainers
+        return self._cached("_explainers", "register_explainers", _check_explainer_class)
 
     @staticmethod
     def _info(entry: _Entry) -> ExplainerInfo:
@@ -330,6 +582,14 @@ class Registry:
         """Names registered by more than one plugin: unusable until one plugin is removed."""
         return {
             name: [e.source for e in entries]
+            for name, entries in self._explainer_entries.items()
+            if len(entries) > 1
+        }
+
+    def unusable_explainers(self) -> dict[str, str]:
+        """Method names that cannot be used (registered twice), with the reason."""
+        return {
+            name: _conflict_reason("method", name, entries)
             for name, entries in self._explainer_entries.items()
             if len(entries) > 1
         }
@@ -369,49 +629,99 @@ class Registry:
             offers = ", ".join(sorted(c.value for c in adapter.capabilities))
             return f"{info.name} needs {needs}; this {adapter.kind} model offers only {offers}"
         check = getattr(info.cls, "unsupported_reason", None)
-        if check is not None:
+        if check is None:
+            return None
+
+        def ask() -> Any:
             try:
                 return check(adapter)
-            except XaiError as exc:
+            except XaiError as exc:  # the plugin's own way of saying why
                 return str(exc)
-        return None
+
+        source = PluginInfo(info.plugin, info.distribution, info.version)
+        ok, reason = self._guarded(source, "unsupported_reason", ask)
+        if ok and (reason is None or isinstance(reason, str)):
+            return reason
+        if ok:  # a plugin bug must not make the method look runnable, nor break the listing
+            self._fail(
+                source,
+                "unsupported_reason",
+                PluginError(f"unsupported_reason() returned {reason!r}, not a str or None."),
+            )
+        return (
+            f"{info.name} cannot tell whether it runs on this model: its unsupported_reason() "
+            f"is broken (see `xai plugins`)"
+        )
 
     # -- metrics -----------------------------------------------------------------------------
 
     @property
     def _metric_entries(self) -> dict[str, list[_Entry]]:
-        if self._metrics is None:
-            self._metrics = self._collect("register_metrics", check_metric_class)
-        return self._metrics
+        return self._cached("_metrics", "register_metrics", check_metric_class)
 
     def metrics(self) -> dict[str, type]:
         """Usable metric classes by name (names registered twice are left out, see below)."""
         return {name: e[0].cls for name, e in self._metric_entries.items() if len(e) == 1}
 
+    def unusable_metrics(self) -> dict[str, str]:
+        """Metric names that cannot be used (registered twice), with the reason."""
+        return {
+            name: _conflict_reason("metric", name, entries)
+            for name, entries in self._metric_entries.items()
+            if len(entries) > 1
+        }
+
     def get_metric(self, name: str) -> type:
         return _only_entry(self._metric_entries, name, "metric").cls
+
+    def metric_source(self, name: str) -> PluginInfo:
+        """The plugin that registered the metric ``name``."""
+        return _only_entry(self._metric_entries, name, "metric").source
 
     # -- models ------------------------------------------------------------------------------
 
     def adapt(self, model: Any, **options: Any) -> ModelAdapter:
-        """The adapter for ``model``: itself if it is one, else the first plugin that accepts it."""
+        """The adapter for ``model``: itself if it is one, the core's for a PyTorch module or an
+        ONNX model, else the first plugin whose ``adapt_model`` returns a ``ModelAdapter``.
+
+        Plugins are never asked for what the core adapts, so no plugin can take over or block
+        PyTorch and ONNX models. A plugin that raises (other than an ``XaiError`` saying why it
+        cannot use a model it recognised) or returns something else than an adapter is
+        recorded as a failure and skipped; the next plugin is asked.
+        """
         if isinstance(model, ModelAdapter):
             return model
+        adapter = _builtin_adapter(model, options)
+        if adapter is not None:
+            return adapter
         self.load()
-        for impl in reversed(self.pm.hook.adapt_model.get_hookimpls()):
-            args = {"model": model, "options": options}
-            try:
-                adapter = impl.function(**{n: args[n] for n in impl.argnames})
-            except XaiError:
-                raise  # a plugin that recognised the model and says why it cannot use it
-            except Exception as exc:
-                source = self._sources.get(
-                    impl.plugin_name, PluginInfo(impl.plugin_name, None, None)
+        refusal: XaiError | None = None
+        args = {"model": model, "options": options}
+        for impl in self._plugin_impls("adapt_model"):
+            source = self._source(impl.plugin_name)
+
+            def ask(_impl: Any = impl) -> Any:
+                try:
+                    return _impl.function(**{n: args[n] for n in _impl.argnames})
+                except XaiError as exc:  # recognised the model and says why it cannot use it
+                    return exc
+
+            _, adapter = self._guarded(source, "adapt_model", ask)
+            if isinstance(adapter, XaiError):
+                refusal = refusal or adapter
+            elif adapter is not None and not isinstance(adapter, ModelAdapter):
+                self._fail(
+                    source,
+                    "adapt_model",
+                    PluginError(
+                        f"adapt_model returned a {type(adapter).__name__}, not an "
+                        f"xai_core.ModelAdapter (or None for models it does not handle)."
+                    ),
                 )
-                self._fail(source, "adapt_model", exc)
-                continue
-            if adapter is not None:
+            elif adapter is not None:
                 return adapter
+        if refusal is not None:
+            raise refusal
         raise ModelTypeError(
             f"xai-core cannot explain a {type(model).__module__}.{type(model).__name__}: pass a "
             f"torch.nn.Module, an ONNX model (path, bytes or onnxruntime.InferenceSession), or "
@@ -421,8 +731,11 @@ class Registry:
     # -- reporting ---------------------------------------------------------------------------
 
     def plugin_rows(self) -> list[dict[str, Any]]:
-        """One row per explainer, metric, conflict and failure, for ``xai plugins``."""
-        rows = [info.as_dict() for info in self.list_explainers()]
+        """One row per explainer, metric, adapter, command, conflict and failure (``xai plugins``).
+
+        ``origin`` says whether a row's plugin is built in (it wins name clashes) or third-party.
+        """
+        rows = [_with_origin(info.as_dict(), info) for info in self.list_explainers()]
         for name, entries in sorted(self._metric_entries.items()):
             cls, source = entries[0].cls, entries[0].source
             rows.append(
@@ -436,6 +749,12 @@ class Registry:
                     "plugin": " + ".join(e.source.distribution or e.source.plugin for e in entries),
                     "version": source.version if len(entries) == 1 else None,
                     "status": "ok" if len(entries) == 1 else "conflict",
+                    "origin": _origin(source) if len(entries) == 1 else None,
+                    **(
+                        {}
+                        if len(entries) == 1
+                        else {"error": _conflict_reason("metric", name, entries)}
+                    ),
                 }
             )
         for name, sources in self.conflicts().items():
@@ -451,8 +770,61 @@ class Registry:
                     "error": f"registered by {' and '.join(_describe_source(s) for s in sources)}",
                 }
             )
-        rows.extend(f.as_dict() for f in self.failures)
+        for impl in self._plugin_impls("adapt_model"):
+            source = self._source(impl.plugin_name)
+            doc = inspect.getdoc(impl.function) or ""
+            summary = doc.strip().splitlines()[0] if doc.strip() else ""
+            rows.append(
+                {
+                    "name": source.plugin,
+                    "kind": "adapter",
+                    "scope": None,
+                    "dependence": None,
+                    "plugin": source.distribution or source.plugin,
+                    "version": source.version,
+                    "status": "ok",
+                    "origin": _origin(source),
+                    "summary": summary,
+                    "note": f"{summary} {_ADAPTER_NOTE}" if summary else _ADAPTER_NOTE,
+                }
+            )
+        for name, source in sorted(self.commands.items()):
+            rows.append(
+                {
+                    "name": f"xai {name}",
+                    "kind": "command",
+                    "scope": None,
+                    "dependence": None,
+                    "plugin": source.distribution or source.plugin,
+                    "version": source.version,
+                    "status": "ok",
+                    "origin": _origin(source),
+                }
+            )
+        rows.extend(f.as_dict() for f in list(self.failures))
         return rows
+
+
+def _source_of(ep: Any) -> PluginInfo:
+    dist = ep.dist.name if ep.dist is not None else None
+    version = ep.dist.version if ep.dist is not None else None
+    return PluginInfo(ep.name, dist, version)
+
+
+def _origin(source: PluginInfo) -> str:
+    return "built-in" if is_builtin(source) else "third-party"
+
+
+def _with_origin(row: dict[str, Any], info: ExplainerInfo) -> dict[str, Any]:
+    return {**row, "origin": _origin(PluginInfo(info.plugin, info.distribution, info.version))}
+
+
+def _conflict_reason(kind: str, name: str, entries: list[_Entry]) -> str:
+    who = " and ".join(_describe_source(e.source) for e in entries)
+    return (
+        f"the {kind} {name!r} is registered by {who}; neither is used until one is uninstalled "
+        f"or blocked with {ENV_BLOCK}"
+    )
 
 
 def _only_entry(found: dict[str, list[_Entry]], name: str, kind: str) -> _Entry:
@@ -480,22 +852,29 @@ def _describe_source(source: PluginInfo) -> str:
 
 
 _registry: Registry | None = None
+_registry_lock = threading.Lock()
+_trace_handler: logging.Handler | None = None
 
 
 def get_registry() -> Registry:
-    """The process-wide registry, created on first use."""
-    global _registry
-    if _registry is None:
-        _registry = Registry()
-        if os.environ.get(ENV_TRACE):
-            handler = logging.StreamHandler(sys.stderr)
-            handler.setFormatter(logging.Formatter("xai-core trace: %(message)s"))
-            trace_log.addHandler(handler)
-            trace_log.setLevel(logging.DEBUG)
-    return _registry
+    """The process-wide registry, created on first use (once, also when threads race)."""
+    global _registry, _trace_handler
+    registry = _registry
+    if registry is not None:
+        return registry
+    with _registry_lock:
+        if _registry is None:
+            _registry = Registry()
+            if os.environ.get(ENV_TRACE) and _trace_handler is None:
+                _trace_handler = logging.StreamHandler(sys.stderr)
+                _trace_handler.setFormatter(logging.Formatter("xai-core trace: %(message)s"))
+                trace_log.addHandler(_trace_handler)
+                trace_log.setLevel(logging.DEBUG)
+        return _registry
 
 
 def reset_registry() -> None:
     """Forget loaded plugins; the next call rescans entry points (after pip install/uninstall)."""
     global _registry
-    _registry = None
+    with _registry_lock:
+        _registry = None

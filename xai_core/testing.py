@@ -33,7 +33,7 @@ from torch import nn
 from xai_core.adapters.base import ModelAdapter
 from xai_core.api import run_explainer
 from xai_core.capture import hook_count
-from xai_core.errors import ConformanceError, PluginError, TargetError
+from xai_core.errors import ConformanceError, PluginContractError, PluginError, TargetError
 from xai_core.explanation import Explanation
 from xai_core.registry import Registry, _check_explainer_class
 from xai_core.tags import Capability
@@ -170,7 +170,10 @@ class _Case:
         if self.info is None:
             _fail("the class does not follow the Explainer protocol (see the protocol check).")
         x = self.inputs if inputs is None else inputs
-        return run_explainer(self.info, self.adapter, x, targets, dict(self.options))
+        try:
+            return run_explainer(self.info, self.adapter, x, targets, dict(self.options))
+        except PluginContractError as exc:  # the core's own result check caught it first
+            raise ConformanceError(str(exc)) from exc
 
     def _allclose(self, a: torch.Tensor, b: torch.Tensor, what: str) -> None:
         scale = max(float(a.abs().max()), float(b.abs().max()), 1.0)

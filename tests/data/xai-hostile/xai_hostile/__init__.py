@@ -1,0 +1,1 @@
+"""Plugins that misbehave with BaseExceptions; each entry point is one of the modules here."""

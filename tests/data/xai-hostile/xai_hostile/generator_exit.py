@@ -1,0 +1,3 @@
+"""A plugin that raises GeneratorExit when imported."""
+
+raise GeneratorExit("out of nowhere")
