@@ -123,8 +123,12 @@ class InputTooLargeError(InputFileError):
 
     def __reduce__(self):
         return (type(self), (self.path, self.reason, self.declared_bytes, self.limit_bytes))
+
+
 class MissingDependencyError(XaiError, ImportError):
     """An optional package a feature needs is not installed; the message names the extra."""
+
+
 class PluginContractError(PluginError):
     """A plugin's explainer or metric returned a result that breaks the documented contract
     (docs/conventions.md): wrong shape, dtype, device, non-finite values. A bug in the plugin."""
