@@ -7,7 +7,8 @@ pipeline silently reshapes, a NaN map that gets ranked, or one value too many (d
 * an explainer returns an :class:`~xai_core.Attribution` whose maps are one tensor per layer of
   shape ``(N, K, *grid)``: ``N`` the batch, ``K`` the targets it resolved per sample, a grid of
   the input's spatial rank; floating point, finite, on the inputs' device; its ``scores`` are the
-  ``(N, outputs)`` model scores (``(N, C)`` for class targets), finite, on the same device;
+  ``(N, outputs)`` model scores (``(N, C)`` for class targets, ``(N, C, *output grid)`` for
+  segmentation region targets), finite, on the same device;
 * a metric returns a :class:`~xai_core.metrics.MetricResult` with one real value per sample,
   ``(N,)``: finite, or NaN where the metric is undefined for that sample (no mask, a constant
   map); never infinite.
@@ -74,8 +75,12 @@ def check_attribution(
     scores = result.scores
     if not isinstance(scores, torch.Tensor) or scores.ndim == 0 or scores.shape[0] != n:
         raise fail(f"scores must be the model's (N={n}, outputs) scores; got {_shape(scores)}.")
-    if request.resolved.indices is not None and scores.ndim != 2:
-        raise fail(f"scores must be (N={n}, classes) for class targets; got {_shape(scores)}.")
+    # Class targets read (N, classes) scores; region targets (N, classes, *output grid).
+    resolved = request.resolved
+    want_ndim = 2 if resolved.region is None else resolved.region.ndim
+    if resolved.indices is not None and scores.ndim != want_ndim:
+        what = "classes" if resolved.region is None else "classes, *output grid"
+        raise fail(f"scores must be (N={n}, {what}) for these targets; got {_shape(scores)}.")
     if not scores.is_floating_point() or scores.device != inputs.device:
         raise fail(
             f"scores must be floating point on {inputs.device}; got {scores.dtype} on "
