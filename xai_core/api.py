@@ -170,7 +170,15 @@ def run_explainer(
     request = Targets(targets, inputs.shape[0], adapter.device)
     explainer = info.cls()  # a fresh instance per call: explainers keep no state between calls
     start = time.perf_counter()
-    with adapter.session():
+    # Gradient methods need autograd whatever the caller's grad mode: a caller under
+    # torch.no_grad() or torch.inference_mode() gets the same maps as one without
+    # (docs/conventions.md, "Grad mode").
+    with adapter.session(), torch.inference_mode(False), torch.enable_grad():
+        if inputs.is_inference():
+            # A tensor made under inference_mode can never enter an autograd graph: a normal
+            # copy of it can (cloned outside inference mode, without recording a graph).
+            with torch.no_grad():
+                inputs = inputs.clone()
         result = explainer.explain(adapter, inputs, request, **options)
     if inputs.device.type == "cuda":
         torch.cuda.synchronize(inputs.device)

@@ -18,6 +18,8 @@ stored tensor is then asked of autograd directly.
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -30,9 +32,37 @@ from torch import nn
 _STAT_LAYERS = (nn.modules.batchnorm._NormBase,)
 
 
+# One re-entrant lock per model, held for a whole session: two threads explaining one model take
+# turns (each saves the state the user left, not the other's eval-mode/frozen state, and each
+# forward runs in eval mode), sessions on different models run in parallel, and the thread that
+# holds a session may open another on the same model (an explainer calling explain()).
+_session_locks: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = (
+    weakref.WeakKeyDictionary()
+)
+_session_locks_guard = threading.Lock()
+
+
+def session_lock(module: nn.Module) -> threading.RLock:
+    """The re-entrant lock that :func:`preserved_state` holds on ``module`` (one per model)."""
+    with _session_locks_guard:
+        lock = _session_locks.get(module)
+        if lock is None:
+            lock = _session_locks[module] = threading.RLock()
+        return lock
+
+
 @contextmanager
 def preserved_state(module: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode, no parameter gradients; the exact prior state restored on exit."""
+    """Eval mode, no parameter gradients; the exact prior state restored on exit.
+
+    Holds :func:`session_lock` of ``module`` throughout (docs/conventions.md, "Thread safety").
+    """
+    with session_lock(module), _preserved(module):
+        yield module
+
+
+@contextmanager
+def _preserved(module: nn.Module) -> Iterator[nn.Module]:
     training = {m: m.training for m in module.modules()}
     params = list(module.parameters())
     requires_grad = [p.requires_grad for p in params]

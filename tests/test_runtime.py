@@ -1,0 +1,166 @@
+"""Explanations under real-world calling conditions: threads, grad modes, non-finite scores."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from torch import nn
+
+import xai_core
+from xai_core.capture import preserved_state, session_lock
+from xai_core.demo.models import DemoViT
+from xai_core.testing import tiny_cnn
+
+from .test_state import assert_same, snapshot
+
+# method -> (model kind, options); each runs on a model it supports.
+CASES = {
+    "gradcam": ("cnn", {"layer": "3"}),
+    "cam": ("cnn", {}),
+    "occlusion": ("cnn", {"window": 4, "stride": 4}),
+    "attention": ("vit", {}),
+    "grad_rollout": ("vit", {}),
+}
+
+
+def tiny_vit() -> nn.Module:
+    torch.manual_seed(0)
+    return DemoViT(classes=3, channels=3, image_size=8, patch=2, dim=8, depth=2, heads=2)
+
+
+def make(kind: str) -> nn.Module:
+    """A model in the middle of training: train mode, a frozen layer, accumulated grads."""
+    model = tiny_cnn() if kind == "cnn" else tiny_vit()
+    params = list(model.parameters())
+    model.train()
+    params[0].requires_grad_(False)
+    params[-1].grad = torch.full_like(params[-1], 0.25)
+    return model
+
+
+def batch(kind: str, n: int = 2) -> torch.Tensor:
+    size = 16 if kind == "cnn" else 8
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(n))
+
+
+# -- item 5: threads ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", list(CASES))
+def test_threads_on_one_model_give_single_threaded_maps_and_restore_it(method):
+    kind, options = CASES[method]
+    model, x = make(kind), batch(kind)
+    before = snapshot(model)
+    expected = xai_core.explain(model, x, method=method, **options).raw[0]
+    threads, calls = 4, 3
+
+    def work(_: int) -> list[torch.Tensor]:
+        return [xai_core.explain(model, x, method=method, **options).raw[0] for _ in range(calls)]
+
+    with ThreadPoolExecutor(threads) as pool:
+        results = [m for maps in pool.map(work, range(threads), timeout=60) for m in maps]
+    assert len(results) == threads * calls
+    for maps in results:
+        torch.testing.assert_close(maps, expected, rtol=1e-5, atol=1e-6)
+    assert_same(before, snapshot(model))
+    assert model.training and not next(iter(model.parameters())).requires_grad
+
+
+def test_sessions_on_different_models_run_in_parallel():
+    """Thread A holds a session on model A while thread B runs a whole explanation of model B."""
+    a, b = tiny_cnn(seed=1), tiny_cnn(seed=2)
+    inside, done = threading.Event(), threading.Event()
+
+    def hold_a() -> None:
+        with preserved_state(a):
+            inside.set()
+            assert done.wait(timeout=30), "the session on model B waited for model A's"
+
+    holder = threading.Thread(target=hold_a)
+    holder.start()
+    assert inside.wait(timeout=30)
+    worker = threading.Thread(
+        target=lambda: (xai_core.explain(b, batch("cnn"), method="cam"), done.set())
+    )
+    worker.start()
+    worker.join(timeout=30)
+    holder.join(timeout=30)
+    assert done.is_set() and not holder.is_alive() and not worker.is_alive()
+
+
+def test_a_session_on_one_model_waits_for_the_other_threads_session():
+    model = tiny_cnn()
+    inside, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with preserved_state(model):
+            inside.set()
+            release.wait(timeout=30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert inside.wait(timeout=30)
+    lock = session_lock(model)
+    assert not lock.acquire(timeout=0.2)  # another thread's session is open on this model
+    release.set()
+    holder.join(timeout=30)
+    assert lock.acquire(timeout=5)
+    lock.release()
+
+
+def test_the_same_thread_may_reenter_a_session_on_its_model():
+    """An explainer (or a metric) that calls explain() on the model it is explaining."""
+    model, x = make("cnn"), batch("cnn")
+    before = snapshot(model)
+    result: list = []
+
+    def nested() -> None:
+        with preserved_state(model):
+            assert not model.training
+            result.append(xai_core.explain(model, x, method="gradcam", layer="3"))
+            assert not model.training  # the inner session restored the outer one's state
+
+    thread = threading.Thread(target=nested)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "re-entering a session on the same thread deadlocked"
+    assert len(result) == 1
+    assert_same(before, snapshot(model))
+
+
+# -- item 6: grad modes -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "inference_tensor"])
+@pytest.mark.parametrize("method", list(CASES))
+def test_every_grad_mode_gives_the_same_maps(method, mode):
+    kind, options = CASES[method]
+    model, x = make(kind), batch(kind)
+    before = snapshot(model)
+    expected = xai_core.explain(model, x, method=method, **options).raw[0]
+    if mode == "no_grad":
+        with torch.no_grad():
+            got = xai_core.explain(model, x, method=method, **options).raw[0]
+    elif mode == "inference_mode":
+        with torch.inference_mode():
+            got = xai_core.explain(model, x, method=method, **options).raw[0]
+    else:
+        with torch.inference_mode():
+            frozen = x.clone()
+        assert frozen.is_inference()
+        got = xai_core.explain(model, frozen, method=method, **options).raw[0]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert_same(before, snapshot(model))
+
+
+def test_the_callers_grad_mode_is_left_alone():
+    model, x = tiny_cnn(), batch("cnn")
+    with torch.no_grad():
+        xai_core.explain(model, x, method="gradcam")
+        assert not torch.is_grad_enabled()
+    with torch.inference_mode():
+        xai_core.explain(model, x, method="gradcam")
+        assert torch.is_inference_mode_enabled()
