@@ -12,6 +12,7 @@ from torch import nn
 import xai_core
 from xai_core.capture import preserved_state, session_lock
 from xai_core.demo.models import DemoViT
+from xai_core.errors import NonFiniteScoresError
 from xai_core.testing import tiny_cnn
 
 from .test_state import assert_same, snapshot
@@ -164,3 +165,77 @@ def test_the_callers_grad_mode_is_left_alone():
     with torch.inference_mode():
         xai_core.explain(model, x, method="gradcam")
         assert torch.is_inference_mode_enabled()
+
+
+# -- item 7: non-finite scores ----------------------------------------------------------------
+
+# Every built-in method, with the options that send it down each of its paths.
+ALL_METHODS = [
+    ("gradcam", "cnn", {}),
+    ("cam", "cnn", {}),
+    ("occlusion", "cnn", {"incremental": False}),
+    ("occlusion", "cnn", {"incremental": "exact"}),
+    ("occlusion", "cnn", {"incremental": "approximate"}),
+    ("aggregate", "cnn", {}),
+    ("global-occlusion", "cnn", {}),
+    ("attention", "vit", {}),
+    ("rollout", "vit", {}),
+    ("grad_rollout", "vit", {}),
+]
+
+
+def poisoned(kind: str, value: float, sample: int | None = None) -> nn.Module:
+    """A model whose classifier bias is ``value``: its scores are NaN or infinite."""
+    model = (tiny_cnn() if kind == "cnn" else tiny_vit()).eval()
+    head = model[-1] if kind == "cnn" else model.head
+    with torch.no_grad():
+        head.bias.fill_(value)
+    return model
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize(("method", "kind", "options"), ALL_METHODS)
+def test_nan_or_infinite_scores_are_a_typed_error(method, kind, options, value):
+    model, x = poisoned(kind, value), batch(kind)
+    before = snapshot(model)
+    with pytest.raises(NonFiniteScoresError, match=r"for [12] of [12] sample\(s\).*inputs' scale"):
+        xai_core.explain(model, x, method=method, **options)
+    after = snapshot(model)
+    assert before.pop("training") == after.pop("training")
+    torch.testing.assert_close(after, before, equal_nan=True, rtol=0, atol=0)
+
+
+def test_the_error_counts_the_samples_with_non_finite_scores():
+    model = tiny_cnn().eval()
+    x = batch("cnn", 3)
+    x[1] = 1e30  # finite, but its features times the weight below exceed float32's range
+    with torch.no_grad():
+        model[-1].weight[0, 0] = 1e20
+    with pytest.raises(NonFiniteScoresError, match=r"for 1 of 3 sample\(s\) \(sample 1\)"):
+        xai_core.explain(model, x, method="gradcam")
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("gradcam", {}),
+        ("occlusion", {}),
+        ("occlusion", {"incremental": "exact"}),
+        ("occlusion", {"incremental": False}),
+        ("aggregate", {}),
+        ("global-occlusion", {}),
+    ],
+)
+def test_inputs_scaled_by_1e30_overflow_inside_a_real_conv_net(method, options):
+    """ConvNeXt's LayerNorm squares its 1e30 inputs: inf, then NaN scores."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("convnext_atto", pretrained=False, num_classes=3).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 1e30
+    with pytest.raises(NonFiniteScoresError, match="inputs' scale and normalisation"):
+        xai_core.explain(model, x, method=method, **options)
+
+
+@pytest.mark.parametrize("method", ["attention", "rollout", "grad_rollout", "gradcam"])
+def test_inputs_scaled_by_1e30_overflow_inside_a_vision_transformer(method):
+    with pytest.raises(NonFiniteScoresError):
+        xai_core.explain(tiny_vit().eval(), batch("vit") * 1e30, method=method)

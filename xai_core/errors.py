@@ -106,3 +106,11 @@ class InputFileError(XaiError, ValueError):
 
 class OutputFileError(XaiError, OSError):
     """An output file is missing or cannot be written where a run expects it."""
+
+
+class NonFiniteScoresError(ModelError):
+    """The model's scores on the unperturbed batch contain NaN or infinite values."""
+
+
+class OptionTypeError(OptionError, TypeError):
+    """An option (or an argument of ``explain``) is of the wrong type."""

@@ -23,7 +23,7 @@ from typing import Any, Literal, TypeAlias
 
 import torch
 
-from xai_core.errors import TargetError, TargetTypeError
+from xai_core.errors import NonFiniteScoresError, TargetError, TargetTypeError
 
 ScoreFunction: TypeAlias = Callable[[torch.Tensor], torch.Tensor]
 TargetSpec: TypeAlias = (
@@ -164,6 +164,7 @@ class Targets:
             raise TargetError(
                 f"The model returned {scores.shape[0]} rows of scores for {self.n} samples."
             )
+        check_finite_scores(scores)
         if self.function is not None:
             raw = self.function(scores)
             self.multi = isinstance(raw, torch.Tensor) and raw.ndim == 2
@@ -212,3 +213,22 @@ def _checked_scores(result: Any, rows: int, count: int | None) -> torch.Tensor:
             f"unperturbed batch: it must return the same number every time."
         )
     return result
+
+
+def check_finite_scores(scores: torch.Tensor) -> None:
+    """Raise :class:`NonFiniteScoresError` when any sample's scores hold NaN or an infinity.
+
+    Every map would be NaN or meaningless (occlusion subtracts scores, gradients of an overflowed
+    score are NaN), so the first forward pass stops the explanation instead.
+    """
+    finite = torch.isfinite(scores.detach()).reshape(scores.shape[0], -1).all(dim=1)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten().tolist()
+        shown = ", ".join(map(str, bad[:8])) + (", ..." if len(bad) > 8 else "")
+        raise NonFiniteScoresError(
+            f"The model returned NaN or infinite scores for {len(bad)} of {scores.shape[0]} "
+            f"sample(s) (sample {shown}); no explanation of them means anything. Check the "
+            f"inputs' scale and normalisation (e.g. pixel values in 0..255 where the model was "
+            f"trained on 0..1, or huge values that overflow inside the network), and the model's "
+            f"weights and normalisation statistics (NaN weights, BatchNorm running_var <= 0)."
+        )
