@@ -12,7 +12,7 @@ from torch import nn
 import xai_core
 from xai_core.capture import preserved_state, session_lock
 from xai_core.demo.models import DemoViT
-from xai_core.errors import NonFiniteScoresError
+from xai_core.errors import NonFiniteScoresError, TargetError, TargetTypeError
 from xai_core.testing import tiny_cnn
 
 from .test_state import assert_same, snapshot
@@ -239,3 +239,52 @@ def test_inputs_scaled_by_1e30_overflow_inside_a_real_conv_net(method, options):
 def test_inputs_scaled_by_1e30_overflow_inside_a_vision_transformer(method):
     with pytest.raises(NonFiniteScoresError):
         xai_core.explain(tiny_vit().eval(), batch("vit") * 1e30, method=method)
+
+
+# -- item 8: targets ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "error", "words"),
+    [
+        (2**63, TargetError, "64-bit"),
+        (-(2**63) - 1, TargetError, "64-bit"),
+        ([2**63, 1], TargetError, "64-bit"),
+        ([[1], [2**64]], TargetError, "64-bit"),
+        (torch.tensor([1, 2], device="meta"), TargetTypeError, "meta"),
+        (b"\x01\x02", TargetTypeError, "bytes"),
+        (bytearray(b"\x01\x02"), TargetTypeError, "bytes"),
+        (memoryview(b"\x01\x02"), TargetTypeError, "bytes"),
+        ([b"\x01", b"\x02"], TargetTypeError, "integer class indices"),
+    ],
+)
+def test_unusable_targets_are_refused_before_the_model_runs(spec, error, words):
+    model, calls = counted(tiny_cnn())
+    with pytest.raises(error, match=words):
+        xai_core.explain(model, batch("cnn"), method="occlusion", targets=spec)
+    assert calls == []
+
+
+@pytest.mark.parametrize(
+    ("method", "kind"), [("gradcam", "cnn"), ("gradcam", "vit"), ("grad_rollout", "vit")]
+)
+@pytest.mark.parametrize(
+    "target", [lambda s: s[:, 1].detach(), lambda s: s.detach().sum(1), lambda s: s[:, 0].data]
+)
+def test_a_callable_target_detached_from_the_graph_is_refused(method, kind, target):
+    with pytest.raises(TargetError, match="detached from the model's outputs"):
+        xai_core.explain(make(kind), batch(kind), method=method, targets=target)
+
+
+def test_a_callable_target_may_be_detached_for_methods_without_gradients():
+    model, x = tiny_cnn(), batch("cnn")
+    got = xai_core.explain(model, x, method="occlusion", targets=lambda s: s[:, 1].detach())
+    want = xai_core.explain(model, x, method="occlusion", targets=1)
+    torch.testing.assert_close(got.raw[0], want.raw[0])
+
+
+def counted(model: nn.Module) -> tuple[nn.Module, list[int]]:
+    """``model`` with a forward pre-hook that records every forward call."""
+    calls: list[int] = []
+    model.register_forward_pre_hook(lambda _m, _a: calls.append(1))
+    return model, calls
