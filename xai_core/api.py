@@ -18,10 +18,12 @@ from xai_core.errors import (
     DeviceError,
     InputError,
     InputTypeError,
+    OptionTypeError,
     UnknownOptionError,
     did_you_mean,
 )
 from xai_core.explanation import Explanation
+from xai_core.options import check_option_values
 from xai_core.registry import explainer_options, get_registry
 from xai_core.targets import Targets, TargetSpec
 from xai_core.types import Attribution, ExplainerInfo
@@ -118,6 +120,8 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 
 def check_options(info: ExplainerInfo, options: dict[str, Any]) -> None:
+    """Refuse unknown option names, then values that do not fit the options' annotations
+    (:mod:`xai_core.options`), before anything runs."""
     accepted = explainer_options(info.cls)
     for name in options:
         if name not in accepted:
@@ -125,6 +129,7 @@ def check_options(info: ExplainerInfo, options: dict[str, Any]) -> None:
                 f"The method {info.name!r} has no option {name!r}.{did_you_mean(name, accepted)} "
                 f"Its options are: {', '.join(accepted) or 'none'}."
             )
+    check_option_values(info.name, info.cls, options)
 
 
 def explain(
@@ -145,8 +150,14 @@ def explain(
     :param options: the method's own options (e.g. ``layer=...`` for Grad-CAM).
     :returns: an :class:`Explanation`; ``.maps`` is ``(N, *spatial)`` for one target and layer.
     """
+    if not isinstance(method, str):
+        raise OptionTypeError(
+            f"method must be the name (str) of an installed method, e.g. 'gradcam'; got "
+            f"{method!r} ({type(method).__name__}). See xai_core.list_explainers()."
+        )
     registry = get_registry()
     info = registry.get_explainer(method)
+    check_options(info, options)  # before the model is adapted or run
     adapter = registry.adapt(model)
     reason = registry.unsupported_reason(info, adapter)
     if reason is not None:
