@@ -536,12 +536,12 @@ def test_adaptive_interpolates_a_linear_grid_exactly():
     ("options", "message"),
     [
         ({"incremental": "exakt"}, "Did you mean 'exact'"),
-        ({"incremental": 1}, "incremental must be one of"),
+        ({"incremental": 1}, "'incremental' .* must be bool or one of 'auto'"),
         ({"approximation": {"treshold": 0.5}}, "Did you mean 'threshold'"),
         ({"approximation": {"threshold": 0}}, "threshold'] must be in"),
         ({"approximation": {"coarse": 1.5}}, "coarse'] must be an int"),
         ({"approximation": {"refine": 2}}, "refine'] must be in"),
-        ({"approximation": 0.5}, "approximation must be a dict"),
+        ({"approximation": 0.5}, "'approximation' .* must be a mapping of str to float"),
     ],
 )
 def test_bad_options(options, message):
