@@ -217,3 +217,16 @@ def test_a_third_party_explainer_with_unknown_annotations_still_runs(fresh_regis
     fresh_registry.register_plugin(Plugin(), "loose-plugin")
     exp = xai_core.explain(tiny_cnn(), images(), method="loose", scale="3", level=object())
     assert float(exp.raw[0].max()) == 3.0
+
+
+def test_compare_checks_every_methods_options_before_any_forward_pass():
+    model, calls = counted()
+    with pytest.raises(OptionError, match=r"'sigma' of method 'occlusion' .* \(0, 100\]"):
+        xai_core.compare(
+            model,
+            images(),
+            methods=["gradcam", "occlusion"],
+            metrics=[],
+            options={"occlusion": {"baseline": "blur", "sigma": 1e6}},
+        )
+    assert calls == []
