@@ -288,3 +288,23 @@ def counted(model: nn.Module) -> tuple[nn.Module, list[int]]:
     calls: list[int] = []
     model.register_forward_pre_hook(lambda _m, _a: calls.append(1))
     return model, calls
+
+
+@pytest.mark.parametrize(
+    ("kind", "gradient_method", "other"),
+    [("cnn", "gradcam", "cam"), ("vit", "grad_rollout", "rollout")],
+)
+def test_a_model_built_under_inference_mode_gets_a_typed_error_from_gradient_methods(
+    kind, gradient_method, other
+):
+    """Its parameters are inference tensors: autograd can never record them."""
+    with torch.inference_mode():
+        model = tiny_cnn() if kind == "cnn" else tiny_vit()
+    x = batch(kind)
+    before = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(xai_core.errors.CapabilityError, match="inference_mode"):
+        xai_core.explain(model, x, method=gradient_method)
+    assert [p.requires_grad for p in model.parameters()] == before
+    for method in (other, "occlusion"):  # no gradients needed: they just work
+        xai_core.explain(model, x, method=method)
+    assert [p.requires_grad for p in model.parameters()] == before

@@ -25,6 +25,7 @@ from xai_core.errors import (
 from xai_core.explanation import Explanation
 from xai_core.options import check_option_values
 from xai_core.registry import explainer_options, get_registry
+from xai_core.tags import Capability
 from xai_core.targets import Targets, TargetSpec
 from xai_core.types import Attribution, ExplainerInfo
 
@@ -113,6 +114,21 @@ def validate_inputs(inputs: Any, adapter: ModelAdapter) -> None:
         )
 
 
+def _check_differentiable_model(info: ExplainerInfo, adapter: ModelAdapter) -> None:
+    """Parameters made under ``torch.inference_mode()`` are inference tensors: autograd can
+    never save them for a backward pass, and cloning them would change the user's model."""
+    module = getattr(adapter, "module", None)
+    if isinstance(module, torch.nn.Module) and any(
+        t.is_inference() for t in (*module.parameters(), *module.buffers())
+    ):
+        raise CapabilityError(
+            f"{info.name!r} needs gradients, but the model's parameters were created or loaded "
+            f"under torch.inference_mode() (inference tensors), which autograd cannot "
+            f"differentiate through. Build or load the model outside inference_mode "
+            f"(torch.no_grad() is fine), or use a method without gradients (e.g. 'occlusion')."
+        )
+
+
 def _same_device(a: torch.device, b: torch.device) -> bool:
     if a.type != b.type:
         return False
@@ -178,6 +194,8 @@ def run_explainer(
     """Validate, run one explainer inside the model's session, and wrap its result."""
     check_options(info, options)
     validate_inputs(inputs, adapter)
+    if Capability.GRADIENTS in info.tags.requires:
+        _check_differentiable_model(info, adapter)
     request = Targets(targets, inputs.shape[0], adapter.device)
     explainer = info.cls()  # a fresh instance per call: explainers keep no state between calls
     start = time.perf_counter()

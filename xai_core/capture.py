@@ -64,7 +64,9 @@ def preserved_state(module: nn.Module) -> Iterator[nn.Module]:
 @contextmanager
 def _preserved(module: nn.Module) -> Iterator[nn.Module]:
     training = {m: m.training for m in module.modules()}
-    params = list(module.parameters())
+    # Parameters created under torch.inference_mode() can be frozen but never unfrozen outside
+    # it, and autograd cannot record them anyway: they are left alone.
+    params = [p for p in module.parameters() if not p.is_inference()]
     requires_grad = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
     stats = {
