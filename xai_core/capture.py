@@ -4,7 +4,8 @@ Context managers:
 
 * :func:`preserved_state` puts the model in eval mode with frozen parameters for the duration of
   an explanation and restores, in ``finally``, every module's training flag, every parameter's
-  ``requires_grad`` and ``.grad``, and the normalisation layers' running statistics.
+  ``requires_grad`` and ``.grad``, and the normalisation layers' running statistics. It holds the
+  model's :func:`session_lock` throughout, so threads explaining one model take turns.
 * :func:`capture` registers forward hooks that record layer outputs, and removes them in
   ``finally`` also when the body raises.
 * :func:`capture_attention` records the attention weights of ``nn.MultiheadAttention`` and of
