@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -308,3 +309,28 @@ def test_a_model_built_under_inference_mode_gets_a_typed_error_from_gradient_met
     for method in (other, "occlusion"):  # no gradients needed: they just work
         xai_core.explain(model, x, method=method)
     assert [p.requires_grad for p in model.parameters()] == before
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX-only")
+def test_a_process_forked_during_another_threads_session_can_explain_the_model():
+    model = tiny_cnn()
+    inside, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with preserved_state(model):
+            inside.set()
+            release.wait(timeout=30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert inside.wait(timeout=30)
+        pid = os.fork()
+        if pid == 0:  # the child: the holder thread does not exist here
+            ok = session_lock(model).acquire(timeout=5)
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "the child inherited a lock held forever"
+    finally:
+        release.set()
+        holder.join(timeout=30)

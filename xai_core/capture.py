@@ -19,6 +19,7 @@ stored tensor is then asked of autograd directly.
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping
@@ -41,6 +42,18 @@ _session_locks: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = (
     weakref.WeakKeyDictionary()
 )
 _session_locks_guard = threading.Lock()
+
+
+def _forget_session_locks() -> None:
+    # A child forked while another thread held a session (a DataLoader worker started during an
+    # explanation) inherits that lock held forever: only the forking thread survives the fork.
+    global _session_locks, _session_locks_guard
+    _session_locks = weakref.WeakKeyDictionary()
+    _session_locks_guard = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_session_locks)
 
 
 def session_lock(module: nn.Module) -> threading.RLock:
