@@ -56,6 +56,7 @@ class _Everything:
         hook: Callable[[int], object] | None = None,
         layer: str | nn.Module | None = None,
         anything: Any = None,
+        bounded_any: Annotated[Any, Range(0, 1)] = 0,
         generic: T | None = None,
         unresolved: OnnxAdapter | None = None,
     ):
@@ -75,6 +76,7 @@ GOOD = {
     "hook": [print, lambda i: i, None],
     "layer": ["features.0", nn.ReLU(), None],
     "anything": [object(), "x", None],
+    "bounded_any": ["x", None, 0.5],  # a range applies to numbers only
     "generic": [object(), 3],
     "unresolved": [object(), 3],  # cannot be resolved: passed through for the plugin to check
 }
@@ -95,6 +97,7 @@ BAD_VALUE = {
     "size": [0, 11],
     "mode": ["c", "A"],
     "sizes": [[0], [1, -1]],
+    "bounded_any": [2, -1.5],
 }
 
 

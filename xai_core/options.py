@@ -119,8 +119,9 @@ def _check(value: Any, hint: Any) -> _Verdict:
         verdict = _check(value, args[0])
         if verdict != _OK:
             return verdict
+        number = isinstance(value, numbers.Real) and not isinstance(value, bool)
         for meta in hint.__metadata__:
-            if isinstance(meta, Range) and not meta.contains(value):
+            if isinstance(meta, Range) and number and not meta.contains(value):
                 return _Mismatch(describe(hint), in_range=True)
         return _OK
     if origin is Literal:
