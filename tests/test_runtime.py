@@ -220,8 +220,10 @@ def test_the_error_counts_the_samples_with_non_finite_scores():
     ("method", "options"),
     [
         ("gradcam", {}),
+        ("cam", {}),
         ("occlusion", {}),
         ("occlusion", {"incremental": "exact"}),
+        ("occlusion", {"incremental": "approximate"}),
         ("occlusion", {"incremental": False}),
         ("aggregate", {}),
         ("global-occlusion", {}),
