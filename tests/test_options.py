@@ -57,6 +57,7 @@ class _Everything:
         layer: str | nn.Module | None = None,
         anything: Any = None,
         bounded_any: Annotated[Any, Range(0, 1)] = 0,
+        sloppy: int = None,  # noqa: RUF013 (a default outside the annotation is accepted)
         generic: T | None = None,
         unresolved: OnnxAdapter | None = None,
     ):
@@ -77,6 +78,7 @@ GOOD = {
     "layer": ["features.0", nn.ReLU(), None],
     "anything": [object(), "x", None],
     "bounded_any": ["x", None, 0.5],  # a range applies to numbers only
+    "sloppy": [None, 3],
     "generic": [object(), 3],
     "unresolved": [object(), 3],  # cannot be resolved: passed through for the plugin to check
 }
@@ -91,6 +93,7 @@ BAD_TYPE = {
     "settings": [[("a", 1.0)], {"a": "1"}, {1: 1.0}],
     "hook": [3, "print"],
     "layer": [3, [nn.ReLU()]],
+    "sloppy": ["3", 3.0],
 }
 BAD_VALUE = {
     "ratio": [1, 1.0, -0.1, float("nan"), float("inf")],
