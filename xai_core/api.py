@@ -19,11 +19,14 @@ from xai_core.errors import (
     DeviceError,
     InputError,
     InputTypeError,
+    OptionTypeError,
     UnknownOptionError,
     did_you_mean,
 )
 from xai_core.explanation import Explanation
+from xai_core.options import check_option_values
 from xai_core.registry import explainer_options, get_registry
+from xai_core.tags import Capability
 from xai_core.targets import Targets, TargetSpec
 from xai_core.types import Attribution, ExplainerInfo
 
@@ -112,6 +115,21 @@ def validate_inputs(inputs: Any, adapter: ModelAdapter) -> None:
         )
 
 
+def _check_differentiable_model(info: ExplainerInfo, adapter: ModelAdapter) -> None:
+    """Parameters made under ``torch.inference_mode()`` are inference tensors: autograd can
+    never save them for a backward pass, and cloning them would change the user's model."""
+    module = getattr(adapter, "module", None)
+    if isinstance(module, torch.nn.Module) and any(
+        t.is_inference() for t in (*module.parameters(), *module.buffers())
+    ):
+        raise CapabilityError(
+            f"{info.name!r} needs gradients, but the model's parameters were created or loaded "
+            f"under torch.inference_mode() (inference tensors), which autograd cannot "
+            f"differentiate through. Build or load the model outside inference_mode "
+            f"(torch.no_grad() is fine), or use a method without gradients (e.g. 'occlusion')."
+        )
+
+
 def _same_device(a: torch.device, b: torch.device) -> bool:
     if a.type != b.type:
         return False
@@ -119,6 +137,8 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 
 def check_options(info: ExplainerInfo, options: dict[str, Any]) -> None:
+    """Refuse unknown option names, then values that do not fit the options' annotations
+    (:mod:`xai_core.options`), before anything runs."""
     accepted = explainer_options(info.cls)
     for name in options:
         if name not in accepted:
@@ -126,6 +146,7 @@ def check_options(info: ExplainerInfo, options: dict[str, Any]) -> None:
                 f"The method {info.name!r} has no option {name!r}.{did_you_mean(name, accepted)} "
                 f"Its options are: {', '.join(accepted) or 'none'}."
             )
+    check_option_values(info.name, info.cls, options)
 
 
 def explain(
@@ -146,8 +167,14 @@ def explain(
     :param options: the method's own options (e.g. ``layer=...`` for Grad-CAM).
     :returns: an :class:`Explanation`; ``.maps`` is ``(N, *spatial)`` for one target and layer.
     """
+    if not isinstance(method, str):
+        raise OptionTypeError(
+            f"method must be the name (str) of an installed method, e.g. 'gradcam'; got "
+            f"{method!r} ({type(method).__name__}). See xai_core.list_explainers()."
+        )
     registry = get_registry()
     info = registry.get_explainer(method)
+    check_options(info, options)  # before the model is adapted or run
     adapter = registry.adapt(model)
     reason = registry.unsupported_reason(info, adapter)
     if reason is not None:
@@ -168,10 +195,20 @@ def run_explainer(
     """Validate, run one explainer inside the model's session, and wrap its result."""
     check_options(info, options)
     validate_inputs(inputs, adapter)
+    if Capability.GRADIENTS in info.tags.requires:
+        _check_differentiable_model(info, adapter)
     request = Targets(targets, inputs.shape[0], adapter.device)
     explainer = info.cls()  # a fresh instance per call: explainers keep no state between calls
     start = time.perf_counter()
-    with adapter.session():
+    # Gradient methods need autograd whatever the caller's grad mode: a caller under
+    # torch.no_grad() or torch.inference_mode() gets the same maps as one without
+    # (docs/conventions.md, "Grad mode").
+    with adapter.session(), torch.inference_mode(False), torch.enable_grad():
+        if inputs.is_inference():
+            # A tensor made under inference_mode can never enter an autograd graph: a normal
+            # copy of it can (cloned outside inference mode, without recording a graph).
+            with torch.no_grad():
+                inputs = inputs.clone()
         result = explainer.explain(adapter, inputs, request, **options)
     if inputs.device.type == "cuda":
         torch.cuda.synchronize(inputs.device)

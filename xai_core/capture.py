@@ -4,7 +4,8 @@ Context managers:
 
 * :func:`preserved_state` puts the model in eval mode with frozen parameters for the duration of
   an explanation and restores, in ``finally``, every module's training flag, every parameter's
-  ``requires_grad`` and ``.grad``, and the normalisation layers' running statistics.
+  ``requires_grad`` and ``.grad``, and the normalisation layers' running statistics. It holds the
+  model's :func:`session_lock` throughout, so threads explaining one model take turns.
 * :func:`capture` registers forward hooks that record layer outputs, and removes them in
   ``finally`` also when the body raises.
 * :func:`capture_attention` records the attention weights of ``nn.MultiheadAttention`` and of
@@ -18,6 +19,9 @@ stored tensor is then asked of autograd directly.
 
 from __future__ import annotations
 
+import os
+import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -30,11 +34,53 @@ from torch import nn
 _STAT_LAYERS = (nn.modules.batchnorm._NormBase,)
 
 
+# One re-entrant lock per model, held for a whole session: two threads explaining one model take
+# turns (each saves the state the user left, not the other's eval-mode/frozen state, and each
+# forward runs in eval mode), sessions on different models run in parallel, and the thread that
+# holds a session may open another on the same model (an explainer calling explain()).
+_session_locks: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = (
+    weakref.WeakKeyDictionary()
+)
+_session_locks_guard = threading.Lock()
+
+
+def _forget_session_locks() -> None:
+    # A child forked while another thread held a session (a DataLoader worker started during an
+    # explanation) inherits that lock held forever: only the forking thread survives the fork.
+    global _session_locks, _session_locks_guard
+    _session_locks = weakref.WeakKeyDictionary()
+    _session_locks_guard = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_session_locks)
+
+
+def session_lock(module: nn.Module) -> threading.RLock:
+    """The re-entrant lock that :func:`preserved_state` holds on ``module`` (one per model)."""
+    with _session_locks_guard:
+        lock = _session_locks.get(module)
+        if lock is None:
+            lock = _session_locks[module] = threading.RLock()
+        return lock
+
+
 @contextmanager
 def preserved_state(module: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode, no parameter gradients; the exact prior state restored on exit."""
+    """Eval mode, no parameter gradients; the exact prior state restored on exit.
+
+    Holds :func:`session_lock` of ``module`` throughout (docs/conventions.md, "Thread safety").
+    """
+    with session_lock(module), _preserved(module):
+        yield module
+
+
+@contextmanager
+def _preserved(module: nn.Module) -> Iterator[nn.Module]:
     training = {m: m.training for m in module.modules()}
-    params = list(module.parameters())
+    # Parameters created under torch.inference_mode() can be frozen but never unfrozen outside
+    # it, and autograd cannot record them anyway: they are left alone.
+    params = [p for p in module.parameters() if not p.is_inference()]
     requires_grad = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
     stats = {

@@ -241,6 +241,9 @@ def compare(
                     f"Its options are: {', '.join(accepted) or 'none'}."
                 )
 
+    for name in chosen:  # every method's options (names, types, ranges) before any forward pass
+        check_options(registry.get_explainer(name), options.get(name, {}))
+
     # Fix the targets once, so every method explains the same class of each sample.
     request = Targets(targets, inputs.shape[0], adapter.device)
     if request.multi or request.function is not None:

@@ -132,3 +132,9 @@ class MissingDependencyError(XaiError, ImportError):
 class PluginContractError(PluginError):
     """A plugin's explainer or metric returned a result that breaks the documented contract
     (docs/conventions.md): wrong shape, dtype, device, non-finite values. A bug in the plugin."""
+class NonFiniteScoresError(ModelError):
+    """The model's scores on the unperturbed batch contain NaN or infinite values."""
+
+
+class OptionTypeError(OptionError, TypeError):
+    """An option (or an argument of ``explain``) is of the wrong type."""

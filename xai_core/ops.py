@@ -7,11 +7,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 
 from xai_core.errors import CapabilityError
+from xai_core.options import Range
+
+# A blur wider than this is a flat image on any realistic input, while its kernel (6 sigma + 1
+# taps, replicate-padded by 3 sigma per side) would grow without bound: sigma=1e6 asked for
+# gigabytes. Options that feed gaussian_blur are annotated with BlurSigma.
+MAX_BLUR_SIGMA = 100.0
+BlurSigma = Annotated[float, Range(0, MAX_BLUR_SIGMA, min_inclusive=False)]
 
 
 def gaussian_blur(inputs: torch.Tensor, sigma: Sequence[float]) -> torch.Tensor:
@@ -24,6 +32,8 @@ def gaussian_blur(inputs: torch.Tensor, sigma: Sequence[float]) -> torch.Tensor:
     rank = inputs.ndim - 2
     if len(sigma) != rank:
         raise ValueError(f"need one sigma per spatial axis ({rank}); got {list(sigma)}")
+    if not all(0 < s <= MAX_BLUR_SIGMA for s in sigma):
+        raise ValueError(f"each sigma must lie in (0, {MAX_BLUR_SIGMA:g}] px; got {list(sigma)}")
     conv = (F.conv1d, F.conv2d, F.conv3d)[rank - 1]
     out = inputs.reshape(-1, 1, *inputs.shape[2:])  # channels never mix
     for axis, s in enumerate(sigma):

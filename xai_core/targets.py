@@ -32,7 +32,7 @@ from typing import Any, Literal, TypeAlias
 
 import torch
 
-from xai_core.errors import TargetError, TargetTypeError
+from xai_core.errors import NonFiniteScoresError, TargetError, TargetTypeError
 
 ScoreFunction: TypeAlias = Callable[[torch.Tensor], torch.Tensor]
 TargetSpec: TypeAlias = (
@@ -142,7 +142,14 @@ class Targets:
             return
         if isinstance(spec, bool):
             raise TargetTypeError("A target must be a class index, not a bool.")
+        if isinstance(spec, bytes | bytearray | memoryview):
+            # bytes are a Sequence of ints: b"3" would silently mean class 51.
+            raise TargetTypeError(
+                f"Targets cannot be {type(spec).__name__}: bytes are not class indices. Pass an "
+                f"int, a list of ints (one per sample) or a tensor."
+            )
         if isinstance(spec, int):
+            _check_int64(spec)
             self._indices = torch.full((self.n, 1), spec, dtype=torch.long)
             self._check_nonnegative()
             return
@@ -172,6 +179,11 @@ class Targets:
                 raise TargetTypeError(
                     f"Target tensors must hold integer class indices; got dtype {spec.dtype}."
                 )
+            if spec.device.type == "meta":
+                raise TargetTypeError(
+                    "Target tensors must hold values; a tensor on the 'meta' device has none. "
+                    "Create the targets on the CPU or the model's device."
+                )
             return spec.detach().to("cpu", torch.long)
         if not isinstance(spec, Sequence):
             raise TargetTypeError(
@@ -180,7 +192,8 @@ class Targets:
                 f"tensor, 'all', or a callable on the model outputs."
             )
         rows = list(spec)
-        if rows and all(isinstance(r, Sequence) and not isinstance(r, str) for r in rows):
+        text = str | bytes | bytearray | memoryview  # sequences, but never a row of classes
+        if rows and all(isinstance(r, Sequence) and not isinstance(r, text) for r in rows):
             lengths = {len(r) for r in rows}
             if len(lengths) != 1:
                 raise TargetError(
@@ -200,6 +213,8 @@ class Targets:
                     f"Targets must be integer class indices; got {value!r} "
                     f"({type(value).__name__})."
                 )
+            if isinstance(value, int):
+                _check_int64(value)
         return torch.as_tensor(rows, dtype=torch.long)
 
     def _parse_region(self, region: Region) -> None:
@@ -259,8 +274,10 @@ class Targets:
             raise TargetError(
                 f"The model returned {scores.shape[0]} rows of scores for {self.n} samples."
             )
+        check_finite_scores(scores)
         if self.function is not None:
             raw = self.function(scores)
+            _check_attached(raw, scores)
             self.multi = isinstance(raw, torch.Tensor) and raw.ndim == 2
             probe = _checked_scores(raw, scores.shape[0], None)
             self.resolved = ResolvedTargets(None, probe.shape[1], self.function)
@@ -393,3 +410,47 @@ def _checked_scores(result: Any, rows: int, count: int | None) -> torch.Tensor:
             f"unperturbed batch: it must return the same number every time."
         )
     return result
+
+
+def check_finite_scores(scores: torch.Tensor) -> None:
+    """Raise :class:`NonFiniteScoresError` when any sample's scores hold NaN or an infinity.
+
+    Every map would be NaN or meaningless (occlusion subtracts scores, gradients of an overflowed
+    score are NaN), so the first forward pass stops the explanation instead.
+    """
+    finite = torch.isfinite(scores.detach()).reshape(scores.shape[0], -1).all(dim=1)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten().tolist()
+        shown = ", ".join(map(str, bad[:8])) + (", ..." if len(bad) > 8 else "")
+        raise NonFiniteScoresError(
+            f"The model returned NaN or infinite scores for {len(bad)} of {scores.shape[0]} "
+            f"sample(s) (sample {shown}); no explanation of them means anything. Check the "
+            f"inputs' scale and normalisation (e.g. pixel values in 0..255 where the model was "
+            f"trained on 0..1, or huge values that overflow inside the network), and the model's "
+            f"weights and normalisation statistics (NaN weights, BatchNorm running_var <= 0)."
+        )
+
+
+def _check_int64(value: int) -> None:
+    if not -(2**63) <= value < 2**63:
+        raise TargetError(
+            f"Target class {value} does not fit in a 64-bit integer; class indices are small "
+            f"non-negative ints (0 .. number of outputs - 1)."
+        )
+
+
+def _check_attached(result: Any, scores: torch.Tensor) -> None:
+    """A callable target computed under autograd must stay in the graph of ``scores``: a result
+    detached from it gives gradient methods zero or no gradients, i.e. blank maps."""
+    if (
+        isinstance(result, torch.Tensor)
+        and torch.is_grad_enabled()
+        and scores.requires_grad
+        and not result.requires_grad
+    ):
+        raise TargetError(
+            "The callable target returned a tensor detached from the model's outputs (it does "
+            "not require grad although the outputs do), so gradient methods would get no "
+            "gradients. Compute the scores from the given outputs with differentiable torch "
+            "operations, without .detach(), .item(), .numpy(), torch.no_grad() or new tensors."
+        )

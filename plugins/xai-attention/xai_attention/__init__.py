@@ -16,7 +16,7 @@ and rollout do not depend on the target: they return the same map for each of th
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import nn
@@ -28,6 +28,7 @@ from xai_core.adapters.torch import TorchAdapter, is_attention_module
 from xai_core.capture import capture_attention
 from xai_core.errors import CapabilityError, LayerNotFoundError, OptionError, did_you_mean
 from xai_core.ops import target_gradients, token_layout
+from xai_core.options import Range
 
 __version__ = "0.1.0"
 
@@ -224,7 +225,7 @@ class RawAttention:
         targets: Targets,
         *,
         layer: int | str = -1,
-        head: int | str = "mean",
+        head: int | Literal["mean", "max", "min"] = "mean",
         class_token: bool | None = None,
     ) -> Attribution:
         """:param layer: which attention call, by index in forward order (default: the last), or
@@ -267,8 +268,8 @@ class AttentionRollout:
         inputs: torch.Tensor,
         targets: Targets,
         *,
-        head_fusion: str = "mean",
-        discard_ratio: float = 0.0,
+        head_fusion: Literal["mean", "max", "min"] = "mean",
+        discard_ratio: Annotated[float, Range(0, 1, max_inclusive=False)] = 0.0,
         class_token: bool | None = None,
     ) -> Attribution:
         """:param head_fusion: ``"mean"`` (the paper), ``"max"`` or ``"min"`` over heads.

@@ -278,7 +278,7 @@ def test_explicit_layer_and_head():
         xai_core.explain(model, x, method="cam", layer="body.0")
     with pytest.raises(OptionError, match=r"nn\.Linear"):
         xai_core.explain(model, x, method="cam", head="fc")
-    with pytest.raises(OptionError, match="one layer"):
+    with pytest.raises(OptionError, match="'layer' of method 'cam' must be str or Module"):
         xai_core.explain(model, x, method="cam", layer=["body", "body.0"])
 
 

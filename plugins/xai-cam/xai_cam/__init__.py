@@ -32,6 +32,7 @@ from xai_core.adapters.base import ModelAdapter
 from xai_core.adapters.torch import TorchAdapter
 from xai_core.capture import capture
 from xai_core.errors import CapabilityError, OptionError, TargetTypeError
+from xai_core.targets import check_finite_scores
 
 __version__ = "0.1.0"
 
@@ -109,6 +110,7 @@ def _probe(
         capture(linear, inputs=True) as fed,
     ):
         scores = model.forward(x)
+    check_finite_scores(scores)  # the first forward: NaN scores would read as "no head" below
     _classifier(scores)
     # The head is the last linear layer called whose output is the model's output.
     name = next((n for n, _ in reversed(fed.order) if _close(seen.last(n), scores)), None)

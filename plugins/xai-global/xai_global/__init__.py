@@ -23,17 +23,19 @@ by label, ``None`` by the model's prediction, ``"all"`` counts every image for e
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 import xai_core
 from xai_core import Attribution, Region, Scope, Tags, Targets
 from xai_core.adapters.base import ModelAdapter
-from xai_core.api import run_explainer
+from xai_core.api import check_options, run_explainer
 from xai_core.datasets import ClassMaps, explain_dataset
 from xai_core.errors import CapabilityError, OptionError, TargetError
 from xai_core.explanation import normalize
+from xai_core.ops import BlurSigma
+from xai_core.options import PositiveInt
 
 __version__ = "0.1.0"
 __all__ = ["Aggregate", "ClassMaps", "GlobalOcclusion", "explain_dataset", "per_class"]
@@ -60,6 +62,7 @@ def per_class(
     reason = registry.unsupported_reason(info, model)
     if reason is not None:
         raise CapabilityError(f"{reason}.")
+    check_options(info, dict(options))  # the local method's options, before any forward pass
     with torch.no_grad():
         scores = model.forward(inputs)
     classes = targets.resolve(scores).indices
@@ -119,11 +122,11 @@ class GlobalOcclusion:
         inputs: torch.Tensor,
         targets: Targets,
         *,
-        window: int | Sequence[int] | None = None,
-        stride: int | Sequence[int] | None = None,
-        baseline: float | str = "zero",
-        sigma: float | Sequence[float] = 5.0,
-        chunk_size: int | None = None,
+        window: PositiveInt | Sequence[PositiveInt] | None = None,
+        stride: PositiveInt | Sequence[PositiveInt] | None = None,
+        baseline: float | Literal["zero", "blur", "mean"] = "zero",
+        sigma: BlurSigma | Sequence[BlurSigma] = 5.0,
+        chunk_size: PositiveInt | None = None,
     ) -> Attribution:
         """Occlusion's options, with its defaults (see docs/methods/occlusion.md); maps are raw
         score drops, so the class mean is the mean drop in the class's score."""

@@ -20,6 +20,7 @@ backward).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import nn
@@ -103,7 +104,7 @@ class GradCAM:
         *,
         layer: str | nn.Module | None = None,
         layers: Sequence[str | nn.Module] | None = None,
-        variant: str = "gradcam",
+        variant: Literal["gradcam", "guided", "gradcam++"] = "gradcam",
         relu: bool = True,
         class_token: bool | None = None,
     ) -> Attribution:

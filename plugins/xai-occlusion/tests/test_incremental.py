@@ -536,12 +536,12 @@ def test_adaptive_interpolates_a_linear_grid_exactly():
     ("options", "message"),
     [
         ({"incremental": "exakt"}, "Did you mean 'exact'"),
-        ({"incremental": 1}, "incremental must be one of"),
+        ({"incremental": 1}, "'incremental' .* must be bool or one of 'auto'"),
         ({"approximation": {"treshold": 0.5}}, "Did you mean 'threshold'"),
         ({"approximation": {"threshold": 0}}, "threshold'] must be in"),
         ({"approximation": {"coarse": 1.5}}, "coarse'] must be an int"),
         ({"approximation": {"refine": 2}}, "refine'] must be in"),
-        ({"approximation": 0.5}, "approximation must be a dict"),
+        ({"approximation": 0.5}, "'approximation' .* must be a mapping of str to float"),
     ],
 )
 def test_bad_options(options, message):
@@ -558,3 +558,22 @@ def test_on_the_gpu():
     plain = xai_core.explain(model, x, method="occlusion", window=16, stride=8, incremental=False)
     assert got.maps.device.type == "cuda"
     torch.testing.assert_close(got.maps, plain.maps, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["auto", "exact", "approximate"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_scores_are_refused_before_planning(mode, value):
+    """NaN scores made the tolerance of the traced-graph check NaN ('atol must be >= 0')."""
+    from xai_occlusion import window_boxes
+
+    from xai_core.errors import NonFiniteScoresError
+    from xai_core.testing import tiny_cnn
+
+    x = image(1, 3, (8, 8))
+    scores = torch.full((1, 4), value)
+    boxes = [window_boxes(8, 2, 2, x.device)] * 2
+    settings = incremental.approximation_settings(None)
+    with pytest.raises(NonFiniteScoresError, match="1 of 1 sample"):
+        incremental.prepare(
+            xai_core.adapt(tiny_cnn().eval()), x, x, boxes, (2, 2), mode, settings, scores
+        )

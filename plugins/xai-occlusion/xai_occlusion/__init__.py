@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
+from typing import Literal
 
 import torch
 
@@ -32,7 +33,8 @@ import xai_core
 from xai_core import Attribution, Tags, Targets
 from xai_core.adapters.base import ModelAdapter
 from xai_core.errors import OptionError, did_you_mean
-from xai_core.ops import gaussian_blur
+from xai_core.ops import BlurSigma, gaussian_blur
+from xai_core.options import PositiveInt
 from xai_occlusion.incremental import (
     adaptive_deltas,
     approximation_settings,
@@ -146,13 +148,13 @@ class Occlusion:
         inputs: torch.Tensor,
         targets: Targets,
         *,
-        window: int | Sequence[int] | None = None,
-        stride: int | Sequence[int] | None = None,
-        baseline: float | str = "zero",
-        sigma: float | Sequence[float] = 5.0,
-        chunk_size: int | None = None,
+        window: PositiveInt | Sequence[PositiveInt] | None = None,
+        stride: PositiveInt | Sequence[PositiveInt] | None = None,
+        baseline: float | Literal["zero", "blur", "mean"] = "zero",
+        sigma: BlurSigma | Sequence[BlurSigma] = 5.0,
+        chunk_size: PositiveInt | None = None,
         progress: Progress | None = None,
-        incremental: bool | str = "auto",
+        incremental: bool | Literal["auto", "exact", "approximate"] = "auto",
         approximation: Mapping[str, float] | None = None,
     ) -> Attribution:
         """:param window: box size, one int for every spatial axis or one per axis; default

@@ -57,6 +57,7 @@ from torch import fx, nn
 
 from xai_core.adapters.torch import scores_of
 from xai_core.errors import OptionError, did_you_mean
+from xai_core.targets import check_finite_scores
 
 log = logging.getLogger("xai_core")
 
@@ -1232,6 +1233,8 @@ def prepare(
     info: dict[str, Any] = {"mode": "off"}
     if mode == "off":
         return None, info
+    # Occlusion resolves its targets (which refuses these) first; the engine never plans on NaN.
+    check_finite_scores(scores)
     module = getattr(model, "module", None)
 
     def fallback(reason: str) -> tuple[None, dict[str, Any]]:
