@@ -1,0 +1,183 @@
+"""The installed `xai` command run as users run it: a subprocess in another working directory,
+relative paths, no TTY. Resume keys, whole-run errors, clean messages, Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from .files import write_png
+
+XAI = str(Path(sys.executable).with_name("xai"))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "100"}
+ENV.pop("XAI_CORE_DEBUG", None)
+
+
+def run(cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [XAI, *args],
+        cwd=cwd,
+        env=ENV,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def summary_of(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.fixture
+def cwd(tmp_path) -> Path:
+    """A working directory with two small images, and the test run from elsewhere."""
+    folder = tmp_path / "work"
+    folder.mkdir()
+    for i, name in enumerate(("a.png", "b.png")):
+        write_png(folder / name, seed=i, size=32)
+    return folder
+
+
+def test_relative_paths_resume_keys_and_methods_sharing_a_folder(cwd):
+    # The README's form: relative inputs ("." holds the default output folder, xai-out, too).
+    first = run(cwd, "explain", "demo:cnn", ".", "--method", "gradcam")
+    assert first.returncode == 0, first.stderr
+    out = cwd / "xai-out"
+    assert summary_of(out)["done"] == ["a.png", "b.png"]
+    assert not (out / "xai-out").exists() and (out / "report.html").is_file()
+
+    # Identical rerun: nothing redone, and the output folder's own PNGs are not inputs.
+    again = run(cwd, "explain", "demo:cnn", ".", "-m", "gradcam", "-o", "xai-out")
+    assert again.returncode == 0, again.stderr
+    summary = summary_of(out)
+    assert summary["skipped"] == ["a.png", "b.png"] and summary["done"] == []
+    assert "0 explained, 2 already done" in again.stderr
+
+    # Another target is another request: redone, never mixed with the old results.
+    retarget = run(cwd, "explain", "demo:cnn", "a.png", "b.png", "-m", "gradcam", "-t", "1")
+    assert retarget.returncode == 0, retarget.stderr
+    summary = summary_of(out)
+    assert summary["done"] == ["a.png", "b.png"] and summary["skipped"] == []
+    result = json.loads((out / "a.png" / "result_gradcam.json").read_text())
+    assert result["targets"] == [[1]]
+
+    # A second method into the same folder: the report and summary show both methods.
+    cam = run(cwd, "explain", "demo:cnn", ".", "-m", "cam", "-t", "1")
+    assert cam.returncode == 0, cam.stderr
+    summary = summary_of(out)
+    assert summary["methods"] == ["cam", "gradcam"]
+    assert sorted((r["input"], r["method"]) for r in summary["results"]) == [
+        ("a.png", "cam"),
+        ("a.png", "gradcam"),
+        ("b.png", "cam"),
+        ("b.png", "gradcam"),
+    ]
+    assert all(r["targets"] == [[1]] for r in summary["results"])
+    html = (out / "report.html").read_text()
+    assert "cam; target" in html and "gradcam; target" in html
+
+
+def test_a_changed_model_file_is_redone(cwd):
+    import torch
+
+    from xai_core.testing import tiny_cnn
+
+    def save(seed: int) -> None:
+        model = tiny_cnn(channels=1, seed=seed).eval()
+        torch.jit.trace(model, torch.randn(1, 1, 16, 16)).save(str(cwd / "net.pt"))
+
+    (cwd / "net.json").write_text(json.dumps({"size": [16, 16], "channels": 1}))
+    args = ("explain", "net.pt", "a.png", "-m", "occlusion", "-O", "window=8", "-O", "stride=8")
+    save(0)
+    assert run(cwd, *args, "-o", "out").returncode == 0
+    before = np.load(cwd / "out" / "a.png" / "maps_occlusion.npy")
+    save(1)  # same path, other weights
+    rerun = run(cwd, *args, "-o", "out")
+    assert rerun.returncode == 0, rerun.stderr
+    assert summary_of(cwd / "out")["done"] == ["a.png"]
+    assert not np.allclose(np.load(cwd / "out" / "a.png" / "maps_occlusion.npy"), before)
+
+
+def test_whole_run_mistakes_are_one_clean_message_and_exit_code_2(cwd):
+    typo = run(cwd, "explain", "demo:cnn", ".", "-m", "gradcm", "-o", "out")
+    assert typo.returncode == 2
+    lines = typo.stderr.strip().splitlines()
+    assert lines[0].startswith("error: ") and "gradcam" in lines[0]  # the suggestion
+    assert len(lines) == 2 and lines[1].startswith("hint: ")
+    assert "Traceback" not in typo.stderr + typo.stdout
+    assert not (cwd / "out").exists()  # no empty report
+
+    option = run(cwd, "explain", "demo:cnn", ".", "-m", "gradcam", "-O", "windw=3", "-o", "out")
+    assert option.returncode == 2 and option.stderr.count("error:") == 1
+    assert "windw" in option.stderr and not (cwd / "out").exists()
+
+    device = run(cwd, "explain", "demo:cnn", "a.png", "-m", "cam", "--device", "cuda:7")
+    assert device.returncode == 2 and "Traceback" not in device.stderr
+    assert device.stderr.startswith("error: ") and "--device cpu" in device.stderr
+
+    missing = run(cwd, "explain", "demo:cnn", "nowhere.png", "-m", "cam")
+    assert missing.returncode == 2 and missing.stderr.startswith("error: Cannot read nowhere.png")
+
+
+def test_unsafe_file_names_are_printed_escaped(cwd):
+    (cwd / "x[").mkdir()  # the path x[/red]... : rich markup, an escape sequence, a bell
+    (cwd / "x[" / "red]\x1b[2J\x07.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    result = run(cwd, "explain", "demo:cnn", ".", "-m", "cam", "-o", "out")
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr and "MarkupError" not in result.stderr
+    assert "\x1b" not in result.stderr and "\x07" not in result.stderr
+    assert "[/red]" in result.stderr and "\\x1b" in result.stderr  # shown, not interpreted
+    summary = summary_of(cwd / "out")
+    assert summary["done"] == ["a.png", "b.png"] and len(summary["failed"]) == 1
+
+
+def test_compare_and_audit_with_relative_paths(cwd):
+    compare = run(
+        cwd, "compare", "demo:cnn", ".", "--methods", "cam,gradcam", "--metrics", "cost", "-o", "c"
+    )
+    assert compare.returncode == 0, compare.stderr
+    assert (cwd / "c" / "report.html").is_file() and not (cwd / "c" / "c").exists()
+    assert summary_of(cwd / "c")["done"] == ["a.png", "b.png"]
+    audit = run(cwd, "audit", "demo:cnn", "a.png", "b.png", "-m", "cam", "--out", "au")
+    assert audit.returncode == 0, audit.stderr
+    assert (cwd / "au" / "report.html").is_file() and (cwd / "au" / "audit.json").is_file()
+
+
+def test_ctrl_c_exits_130_cleanly_and_the_rerun_resumes(cwd):
+    for i in range(2, 8):
+        write_png(cwd / f"img_{i}.png", seed=i, size=32)
+    args = [XAI, "explain", "demo:cnn", ".", "-m", "occlusion", "-O", "window=8", "-O"]
+    args += ["stride=2", "-o", "out"]
+    proc = subprocess.Popen(
+        args, cwd=cwd, env=ENV, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )
+    ledger = cwd / "out" / ".xai-run"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(ledger.glob("*.done.json")):
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    start = time.time()
+    _, stderr = proc.communicate(timeout=30)
+    assert time.time() - start < 10, "Ctrl-C must stop the run promptly"
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "interrupted" in stderr
+    finished = sorted(p.name.split("--")[0] for p in ledger.glob("*.done.json"))
+    assert 1 <= len(finished) < 8
+    for key in finished:
+        assert np.load(cwd / "out" / key / "maps_occlusion.npy").shape == (1, 64, 64)
+
+    rerun = subprocess.run(args, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    summary = summary_of(cwd / "out")
+    assert summary["skipped"] == finished and len(summary["done"]) == 8 - len(finished)
