@@ -160,3 +160,16 @@ def test_unexpected_errors_are_short_with_the_traceback_in_a_file(monkeypatch, c
     monkeypatch.setenv(cli.DEBUG_ENV, "1")
     assert cli._run(["plugins"]) == 1
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_a_folder_holding_several_requests_of_one_method_says_so(inputs, tmp_path):
+    out = tmp_path / "out"
+    jobs.explain_files(tiny_cnn(), inputs[:2], out, method="cam", preprocess=PRE)
+    assert "different requests" not in (out / "report.html").read_text()
+    jobs.explain_files(tiny_cnn(), inputs[:1], out, method="cam", preprocess=PRE, targets=1)
+    results = json.loads((out / "summary.json").read_text())["results"]
+    assert [r["input"] for r in results] == ["a.png", "b.png"] and results[0]["targets"] == [[1]]
+    assert len({r["request"] for r in results}) == 2
+    assert "cam results in this folder answer 2 different requests" in (
+        out / "report.html"
+    ).read_text()

@@ -292,6 +292,14 @@ def _write_folder_report(out: Path, ledger: RunLedger, summary: JobSummary) -> P
                 "completed": data.get("completed"),
             }
         )
+    for method in methods:
+        requests = {r["request"] for r in results if r["method"] == method}
+        if len(requests) > 1:  # e.g. a rerun on some inputs with another target: say so
+            report.add_note(
+                f"The {method} results in this folder answer {len(requests)} different "
+                f"requests (model, targets, options or preprocessing); summary.json lists each "
+                f"result's request key."
+            )
     for key, error in summary.failed.items():
         report.add_note(f"{key}: failed: {error}", error=True)
     path = report.write(out / "report.html")
