@@ -173,3 +173,27 @@ def test_a_folder_holding_several_requests_of_one_method_says_so(inputs, tmp_pat
     assert "cam results in this folder answer 2 different requests" in (
         out / "report.html"
     ).read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["-m", "gradcam", "-O", "windw=3"], "error: The method 'gradcam' has no option 'windw'"),
+        (["-m", "cam", "nowhere.png"], "error: Cannot read nowhere.png: no such file or folder"),
+        (["-m", "cam", "--size", "a,b"], "error: Invalid value: --size must be integers"),
+    ],
+)
+def test_request_mistakes_are_one_clean_error_and_exit_code_2(
+    args, expected, tmp_path, monkeypatch, capsys
+):
+    from xai_core import cli
+
+    monkeypatch.chdir(tmp_path)
+    write_png(tmp_path / "a.png", seed=0, size=24)
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    inputs = [a for a in args if a.endswith(".png")] or ["a.png"]
+    options = [a for a in args if not a.endswith(".png")]
+    assert cli._run(["explain", "demo:cnn", *inputs, *options, "-o", "out"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(expected) and "Traceback" not in err
+    assert err.count("error:") == 1 and not (tmp_path / "out").exists()
