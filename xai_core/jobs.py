@@ -1,9 +1,12 @@
 """Batch jobs over files: what ``xai explain`` and ``xai compare`` do, without the command line.
 
 An explain job reads each input, explains it, and writes its outputs atomically into a folder of
-its own; the input's completion record is written last, so a rerun after a crash or a kill skips
-exactly the inputs that finished and redoes the rest. An unreadable or corrupt input is reported
-and skipped; the others complete.
+its own; the input's completion record is written last, with the key of the request it answers
+(model digest, method, plugin version, options, targets, preprocessing): a rerun after a crash,
+a kill or Ctrl-C skips exactly the inputs that finished the same request and redoes the rest.
+Any error of one input (unreadable file, a reader's or an explainer's exception) is recorded and
+the job goes on; a mistake in the request itself (:data:`RUN_ERRORS`) stops it once. The report
+and summary cover every method finished in the folder.
 """
 
 from __future__ import annotations
@@ -173,7 +176,13 @@ def model_identity(info: dict[str, Any]) -> dict[str, Any]:
         manifest = demo.weights_dir() / "manifest.json"
         digest = content_digest(manifest) if manifest.is_file() else None
         return {"demo": info.get("name"), "manifest": digest}
-    identity = {k: info.get(k) for k in ("kind", "arch", "num_classes", "name") if info.get(k)}
+    # How it was built (kind, architecture, classes...), not where it lies: a moved file with
+    # the same bytes is the same model.
+    identity = {
+        k: v
+        for k, v in info.items()
+        if k not in ("path", "sidecar", "class_names") and isinstance(v, str | int | float | bool)
+    }
     if info.get("path"):
         identity["sha256"] = content_digest(info["path"])
     if info.get("sidecar"):
