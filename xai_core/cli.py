@@ -72,11 +72,11 @@ def plugins(
     for row in rows:
         status = row["status"]
         if status != "ok":
-            status = f"[red]{status}[/red]: {escape(str(row.get('error', '')))}"
+            status = f"[red]{_plain(status)}[/red]: {_plain(row.get('error', ''))}"
         kind = row.get("kind", "plugin")
         if kind == "metric":
             kind = f"metric ({row['better']} is better)"
-        table.add_row(
+        cells = (
             row["name"],
             kind,
             row.get("scope") or "",
@@ -84,8 +84,8 @@ def plugins(
             ", ".join(r for r in row.get("requires", []) if r != "forward"),
             str(row.get("plugin") or ""),
             str(row.get("version") or ""),
-            status,
-        )
+        )  # named by third-party plugins: printed as written, never as markup
+        table.add_row(*(_plain(cell) for cell in cells), status)
     Console().print(table)
     if not rows:
         typer.echo("No explanation methods are installed; see README.md for the install command.")
@@ -530,7 +530,7 @@ def audit_command(
             progress=lambda done, total: bar.update(task, completed=done),
         )
     report = result.write(out)
-    Console().print(result.summary())
+    Console(highlight=False).print(_plain(result.summary(), newlines=True))
     errors = Console(stderr=True, highlight=False, soft_wrap=True)
     for key, error in result.failed.items():
         errors.print(f"[red]failed[/red] {_plain(key)}: {_plain(error)}")
@@ -599,7 +599,7 @@ def _run(argv: list[str] | None) -> int:
         return 1
     if code == 130:  # typer turns Ctrl-C into exit code 130
         err.print(
-            "interrupted: finished outputs are kept; rerun the same command to resume."
+            "interrupted (Ctrl-C); finished outputs are kept: rerunning `xai explain` resumes."
         )
     return code if isinstance(code, int) else 0
 

@@ -143,11 +143,11 @@ def find_job_inputs(paths: Sequence[str | Path], out: str | Path) -> list[InputI
     An output folder inside an input folder would otherwise have its own overlays explained as
     inputs on the next run.
     """
-    out = Path(out).absolute()
+    out = Path(out).resolve()  # resolved on both sides: "../x/out" and "/abs/x/out" match
     return [
         item
         for item in find_inputs(paths)
-        if not all(Path(p).absolute().is_relative_to(out) for p in item.paths)
+        if not all(Path(p).resolve().is_relative_to(out) for p in item.paths)
     ]
 
 
