@@ -158,6 +158,7 @@ def test_ctrl_c_exits_130_cleanly_and_the_rerun_resumes(cwd):
     assert 1 <= len(finished) < 8
     for key in finished:
         assert np.load(cwd / "out" / key / "maps_occlusion.npy").shape == (1, 64, 64)
+    assert not [p for p in (cwd / "out").rglob("*") if p.name.endswith(".xai-tmp")]
 
     rerun = subprocess.run(args, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr

@@ -197,3 +197,11 @@ def test_request_mistakes_are_one_clean_error_and_exit_code_2(
     err = capsys.readouterr().err
     assert err.startswith(expected) and "Traceback" not in err
     assert err.count("error:") == 1 and not (tmp_path / "out").exists()
+
+
+def test_bare_xai_shows_the_help_and_no_error(capsys):
+    from xai_core import cli
+
+    cli._run([])
+    captured = capsys.readouterr()
+    assert "explain" in captured.out + captured.err and "error:" not in captured.err

@@ -571,6 +571,10 @@ def _run(argv: list[str] | None) -> int:
     except typer.Exit as exc:
         code = exc.exit_code
     except _ClickException as exc:  # usage: bad option values, missing arguments
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `xai` alone: the help is the message
+            if exc.format_message().strip():  # rich help prints itself and leaves this empty
+                print(exc.format_message(), file=sys.stderr)
+            return exc.exit_code
         if _debug_on():
             traceback.print_exc()
         err.print(f"error: {_plain(exc.format_message(), newlines=True)}")
