@@ -205,3 +205,20 @@ def test_bare_xai_shows_the_help_and_no_error(capsys):
     cli._run([])
     captured = capsys.readouterr()
     assert "explain" in captured.out + captured.err and "error:" not in captured.err
+
+
+def test_ledger_with_a_relative_root_and_request_keys(tmp_path, monkeypatch):
+    from xai_core.io.outputs import RunLedger, atomic_write_text, request_key
+
+    monkeypatch.chdir(tmp_path)
+    ledger = RunLedger("out")  # relative: made absolute once
+    output = Path("out/a.png/x.txt")  # named from the working directory, as jobs used to
+    atomic_write_text(output, "x")
+    key = request_key({"targets": 1})
+    assert key == request_key({"targets": 1}) != request_key({"targets": 2})
+    ledger.mark_done("a.png--cam", {"input": "a.png"}, outputs=[output.absolute()], request=key)
+    assert ledger.done("a.png--cam", key) and ledger.done("a.png--cam")
+    assert not ledger.done("a.png--cam", request_key({"targets": 2}))
+    assert [r["key"] for r in ledger.finished()] == ["a.png--cam"]
+    ledger.forget("a.png--cam", remove_outputs=True)
+    assert not output.exists() and ledger.finished() == []
