@@ -222,3 +222,15 @@ def test_ledger_with_a_relative_root_and_request_keys(tmp_path, monkeypatch):
     assert [r["key"] for r in ledger.finished()] == ["a.png--cam"]
     ledger.forget("a.png--cam", remove_outputs=True)
     assert not output.exists() and ledger.finished() == []
+
+
+def test_debug_flag_shows_the_traceback_of_a_known_error(tmp_path, monkeypatch, capsys):
+    from xai_core import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    assert cli._run(["--debug", "explain", "demo:cnn", "nowhere.png", "-m", "cam"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "error: Cannot read nowhere.png" in err
+    assert cli._run(["explain", "demo:cnn", "nowhere.png", "-m", "cam"]) == 2
+    assert "Traceback" not in capsys.readouterr().err  # --debug does not stick

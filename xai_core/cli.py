@@ -565,6 +565,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _run(argv: list[str] | None) -> int:
+    global _debug
+    _debug = False  # until this run's --debug, if any, is parsed
     err = Console(stderr=True, highlight=False, soft_wrap=True)  # soft: no newlines inserted
     try:
         code = build_app()(args=argv, standalone_mode=False)
