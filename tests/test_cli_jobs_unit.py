@@ -234,3 +234,14 @@ def test_debug_flag_shows_the_traceback_of_a_known_error(tmp_path, monkeypatch, 
     assert "Traceback" in err and "error: Cannot read nowhere.png" in err
     assert cli._run(["explain", "demo:cnn", "nowhere.png", "-m", "cam"]) == 2
     assert "Traceback" not in capsys.readouterr().err  # --debug does not stick
+
+
+def test_an_input_failing_midway_leaves_no_partial_outputs(inputs, tmp_path, monkeypatch):
+    def broken_overlay(*args, **kwargs):  # fails after the maps were written
+        raise ValueError("cannot draw")
+
+    monkeypatch.setattr(jobs, "overlay", broken_overlay)
+    out = tmp_path / "out"
+    summary = jobs.explain_files(tiny_cnn(), inputs[:1], out, method="cam", preprocess=PRE)
+    assert summary.failed == {"a.png": "ValueError: cannot draw"}
+    assert not (out / "a.png").exists()

@@ -15,6 +15,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -268,6 +269,7 @@ def explain_files(
         except Exception as exc:  # any failure of one input must not end the batch
             summary.failed[item.key] = f"{type(exc).__name__}: {exc}"
             ledger.mark_failed(job_key, exc)
+            _remove_partial(out / item.key, method)
             continue
         record["request"] = request_id
         ledger.mark_done(job_key, record, outputs=outputs, request=request_id)
@@ -356,9 +358,27 @@ def _explain_one(
         "maps_shape": list(maps.shape),
     }
     atomic_write_text(folder / f"result_{method}.json", json.dumps(record, indent=2))
-    names = (f"maps_{method}.npy", f"overlay_{method}.png", f"report_{method}.html")
-    names += (f"result_{method}.json",)
-    return record, [folder / name for name in names]
+    return record, [folder / name for name in output_names(method)]
+
+
+def output_names(method: str) -> tuple[str, ...]:
+    """The files one input's explanation by ``method`` writes into the input's folder."""
+    return (
+        f"maps_{method}.npy",
+        f"overlay_{method}.png",
+        f"report_{method}.html",
+        f"result_{method}.json",
+    )
+
+
+def _remove_partial(folder: Path, method: str) -> None:
+    """Remove what a failed input wrote for ``method`` (no record lists it), and the input's
+    folder when nothing else is left in it."""
+    for name in output_names(method):
+        with suppress(OSError):
+            (folder / name).unlink()
+    with suppress(OSError):
+        folder.rmdir()  # only when empty
 
 
 def _names(targets: torch.Tensor | None, class_names: Sequence[str] | None) -> list | None:
