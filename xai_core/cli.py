@@ -283,7 +283,8 @@ def explain_command(
 ) -> None:
     """Explain each input with one method: overlays, raw maps (.npy), scores and an HTML report.
 
-    Finished inputs are skipped when rerun; unreadable files are reported and skipped.
+    A rerun skips inputs finished for the same model, method, options, targets and
+    preprocessing, and redoes the others; unreadable files are reported and skipped.
     """
     import xai_core
     from xai_core.jobs import check_method, explain_files, model_identity
