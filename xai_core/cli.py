@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import sys
+import tempfile
+import traceback
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,21 +18,32 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from xai_core.errors import UnknownMethodError, XaiError
 from xai_core.registry import get_registry
 
 app = typer.Typer(
     name="xai",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_enable=False,  # main() reports errors; --debug shows the traceback
 )
+
+DEBUG_ENV = "XAI_CORE_DEBUG"
+_debug = False  # set by --debug (the root callback runs before the command)
 
 
 @app.callback(invoke_without_command=True)
 def root(
     ctx: typer.Context,
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+    debug: Annotated[
+        bool,
+        typer.Option("--debug", help=f"Show tracebacks of errors (or set {DEBUG_ENV}=1)."),
+    ] = False,
 ) -> None:
     """Explain what image models look at. Methods come from installed plugins: `xai plugins`."""
+    global _debug
+    _debug = _debug or debug
     if version:
         from xai_core import __version__
 
@@ -56,13 +72,13 @@ def plugins(
     for row in rows:
         status = row["status"]
         if status != "ok":
-            status = f"[red]{status}[/red]: {escape(str(row.get('error', '')))}"
+            status = f"[red]{_plain(status)}[/red]: {_plain(row.get('error', ''))}"
         elif row.get("note"):  # precedence, e.g. which models a plugin's adapter is asked for
-            status = f"{status}: {escape(row['note'])}"
+            status = f"{status}: {_plain(row['note'])}"
         kind = row.get("kind", "plugin")
         if kind == "metric":
             kind = f"metric ({row['better']} is better)"
-        table.add_row(
+        cells = (
             row["name"],
             kind,
             row.get("scope") or "",
@@ -70,8 +86,8 @@ def plugins(
             ", ".join(r for r in row.get("requires", []) if r != "forward"),
             str(row.get("plugin") or ""),
             str(row.get("version") or ""),
-            status,
-        )
+        )  # named by third-party plugins: printed as written, never as markup
+        table.add_row(*(_plain(cell) for cell in cells), status)
     Console().print(table)
     if not rows:
         typer.echo("No explanation methods are installed; see README.md for the install command.")
@@ -203,9 +219,10 @@ DeviceOpt = Annotated[str | None, typer.Option(help="cpu or cuda; default: cuda 
 def _setup(model_spec, arch, num_classes, size, mean, std, channels, slice_axis, device):
     from xai_core.io.models import load_model
     from xai_core.io.preprocess import Preprocess
+    from xai_core.jobs import pick_device
 
+    dev = pick_device(device)  # a device this machine lacks fails before the model is loaded
     model, info = load_model(model_spec, arch=arch, num_classes=num_classes)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if isinstance(model, torch.nn.Module):
         model = model.to(dev)
     sidecar_source = info.get("path") if info.get("kind") != "demo" else None
@@ -268,28 +285,28 @@ def explain_command(
 ) -> None:
     """Explain each input with one method: overlays, raw maps (.npy), scores and an HTML report.
 
-    Finished inputs are skipped when rerun; unreadable files are reported and skipped.
+    A rerun skips inputs finished for the same model, method, options, targets and
+    preprocessing, and redoes the others; unreadable files are reported and skipped.
     """
-    from xai_core.io.inputs import find_inputs
-    from xai_core.jobs import explain_files
+    import xai_core
+    from xai_core.jobs import check_method, explain_files, model_identity
 
     options = _key_values(option, "--option")
     if layer:
         options["layers" if len(layer) > 1 else "layer"] = layer if len(layer) > 1 else layer[0]
+    out = out.absolute()  # resolved once: nothing below depends on the working directory
     net, info, preprocess, dev = _setup(
         model, arch, num_classes, size, mean, std, channels, slice_axis, device
     )
-    items = find_inputs(inputs)
-    if not items:
-        raise typer.BadParameter(
-            "No readable input files were found.", param_hint="INPUTS"
-        ) from None
+    items = _find_inputs(inputs, out)
+    check_method(xai_core.adapt(net), method, options)  # a whole-run mistake: once, up front
     with _progress_bar() as bar:
-        task = bar.add_task(method, total=len(items))
+        task = bar.add_task(_plain(method), total=len(items))
         summary = explain_files(
             net,
             items,
             out,
+            model_id=model_identity(info),
             method=method,
             preprocess=preprocess,
             targets=_targets(target),
@@ -297,20 +314,54 @@ def explain_command(
             class_names=info.get("class_names"),
             device=dev,
             window=_floats(window, "--window"),
-            progress=lambda msg, done, total: bar.update(task, completed=done, description=msg),
+            progress=lambda msg, done, total: bar.update(
+                task, completed=done, description=_plain(msg)
+            ),
         )
     _print_summary(summary, out)
     raise typer.Exit(summary.exit_code)
 
 
+def _find_inputs(inputs: list[Path], out: Path) -> list:
+    """The inputs, without the output folder's own files; none at all is a usage error."""
+    from xai_core.jobs import find_job_inputs
+
+    items = find_job_inputs(inputs, out)
+    if not items:
+        raise typer.BadParameter(
+            "No readable input files were found (files in the output folder are not inputs).",
+            param_hint="INPUTS",
+        ) from None
+    return items
+
+
+# C0 and C1 control characters and the bidirectional overrides that reorder what is shown.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _plain(text: Any, *, newlines: bool = False) -> str:
+    """User-provided text made safe to print through rich: control characters (escape
+    sequences included) shown as ``\\xNN`` / ``\\uNNNN``, and markup such as ``[/red]``
+    escaped so that it is printed as written."""
+
+    def show(match: re.Match[str]) -> str:
+        char = match.group()
+        if newlines and char == "\n":
+            return char
+        code = ord(char)
+        return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+    return escape(_UNPRINTABLE.sub(show, str(text)))
+
+
 def _print_summary(summary, out: Path) -> None:
-    console = Console(stderr=True)
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
     console.print(
         f"{len(summary.done)} explained, {len(summary.skipped)} already done, "
-        f"{len(summary.failed)} failed; report: {summary.report}"
+        f"{len(summary.failed)} failed; report: {_plain(summary.report)}"
     )
     for key, error in summary.failed.items():
-        console.print(f"[red]failed[/red] {key}: {error}", highlight=False, markup=True)
+        console.print(f"[red]failed[/red] {_plain(key)}: {_plain(error)}")
 
 
 @app.command("compare")
@@ -359,17 +410,13 @@ def compare_command(
     device: DeviceOpt = None,
 ) -> None:
     """Run several methods on the inputs and score them with metrics: tables and an HTML report."""
-    from xai_core.io.inputs import find_inputs
     from xai_core.jobs import compare_files
 
+    out = out.absolute()  # resolved once: nothing below depends on the working directory
     net, info, preprocess, dev = _setup(
         model, arch, num_classes, size, mean, std, channels, None, device
     )
-    items = find_inputs(inputs)
-    if not items:
-        raise typer.BadParameter(
-            "No readable input files were found.", param_hint="INPUTS"
-        ) from None
+    items = _find_inputs(inputs, out)
     with _progress_bar() as bar:
         task = bar.add_task("compare", total=None)
         summary = compare_files(
@@ -386,9 +433,9 @@ def compare_command(
             class_names=info.get("class_names"),
             device=dev,
             window=_floats(window, "--window"),
-            progress=lambda msg, done, total: bar.update(task, description=msg),
+            progress=lambda msg, done, total: bar.update(task, description=_plain(msg)),
         )
-    Console().print(summary.table_markdown)
+    Console(highlight=False).print(_plain(summary.table_markdown, newlines=True))
     _print_summary(summary, out)
     raise typer.Exit(summary.exit_code)
 
@@ -403,11 +450,12 @@ def demo_command(
     """
     from xai_core.demo.run import run_demo
 
+    out = out.absolute()
     with _progress_bar() as bar:
         task = bar.add_task("demo", total=None)
-        result = run_demo(out, progress=lambda msg: bar.update(task, description=msg))
+        result = run_demo(out, progress=lambda msg: bar.update(task, description=_plain(msg)))
     Console().print(result.summary_table())
-    Console(stderr=True).print(f"report: {result.report}")
+    Console(stderr=True, highlight=False).print(f"report: {_plain(result.report)}")
 
 
 @app.command("audit")
@@ -458,6 +506,7 @@ def audit_command(
     from xai_core.audit import audit
     from xai_core.datasets import DataStream
 
+    out = out.absolute()
     net, info, preprocess, dev = _setup(
         model, arch, num_classes, size, mean, std, channels, None, device
     )
@@ -484,10 +533,11 @@ def audit_command(
             progress=lambda done, total: bar.update(task, completed=done),
         )
     report = result.write(out)
-    Console().print(result.summary())
+    Console(highlight=False).print(_plain(result.summary(), newlines=True))
+    errors = Console(stderr=True, highlight=False, soft_wrap=True)
     for key, error in result.failed.items():
-        Console(stderr=True).print(f"[red]failed[/red] {escape(key)}: {escape(error)}")
-    Console(stderr=True).print(f"report: {report}")
+        errors.print(f"[red]failed[/red] {_plain(key)}: {_plain(error)}")
+    errors.print(f"report: {_plain(report)}")
     raise typer.Exit(1 if fail_on_flags and result.flags else 0)
 
 
@@ -503,8 +553,75 @@ def build_app() -> typer.Typer:
     return app
 
 
-def main() -> None:
-    build_app()()
+# typer vendors click in recent versions and uses the real one in older: take the class it raises.
+_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+_HINTS = {
+    UnknownMethodError: "`xai plugins` lists the installed methods and what each needs.",
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run ``xai``; known errors become one or two lines on stderr and an exit code:
+    2 for a mistake in the request (typed xai-core errors, bad paths, usage), 1 when some inputs
+    failed or something unexpected happened, 130 when interrupted (Ctrl-C)."""
+    sys.exit(_run(argv))
+
+
+def _run(argv: list[str] | None) -> int:
+    global _debug
+    _debug = False  # until this run's --debug, if any, is parsed
+    err = Console(stderr=True, highlight=False, soft_wrap=True)  # soft: no newlines inserted
+    try:
+        code = build_app()(args=argv, standalone_mode=False)
+    except typer.Exit as exc:
+        code = exc.exit_code
+    except _ClickException as exc:  # usage: bad option values, missing arguments
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `xai` alone: the help is the message
+            if exc.format_message().strip():  # rich help prints itself and leaves this empty
+                print(exc.format_message(), file=sys.stderr)
+            return exc.exit_code
+        if _debug_on():
+            traceback.print_exc()
+        err.print(f"error: {_plain(exc.format_message(), newlines=True)}")
+        command = getattr(getattr(exc, "ctx", None), "command_path", None) or "xai"
+        err.print(f"hint: `{_plain(command)} --help` lists the arguments and options.")
+        return exc.exit_code
+    except typer.Abort:
+        code = 130
+    except KeyboardInterrupt:
+        code = 130
+    except (XaiError, OSError) as exc:
+        if _debug_on():
+            traceback.print_exc()
+        what = "" if isinstance(exc, XaiError) else f"{type(exc).__name__}: "
+        err.print(f"error: {what}{_plain(exc, newlines=True)}")
+        hint = next((h for cls, h in _HINTS.items() if isinstance(exc, cls)), None)
+        if hint:
+            err.print(f"hint: {hint}")
+        return 2
+    except Exception as exc:  # a bug somewhere: a short message, the traceback in a file
+        if _debug_on():
+            traceback.print_exc()
+            return 1
+        err.print(f"error: unexpected {type(exc).__name__}: {_plain(exc, newlines=True)}")
+        err.print(f"details: {_plain(_save_traceback())} (or rerun with --debug)")
+        return 1
+    if code == 130:  # typer turns Ctrl-C into exit code 130
+        err.print(
+            "interrupted (Ctrl-C); finished outputs are kept: rerunning `xai explain` resumes."
+        )
+    return code if isinstance(code, int) else 0
+
+
+def _debug_on() -> bool:
+    return _debug or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
+
+
+def _save_traceback() -> str:
+    fd, path = tempfile.mkstemp(prefix="xai-error-", suffix=".log")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        traceback.print_exc(file=f)
+    return path
 
 
 if __name__ == "__main__":

@@ -1,17 +1,22 @@
 """Batch jobs over files: what ``xai explain`` and ``xai compare`` do, without the command line.
 
 An explain job reads each input, explains it, and writes its outputs atomically into a folder of
-its own; the input's completion record is written last, so a rerun after a crash or a kill skips
-exactly the inputs that finished and redoes the rest. An unreadable or corrupt input is reported
-and skipped; the others complete.
+its own; the input's completion record is written last, with the key of the request it answers
+(model digest, method, plugin version, options, targets, preprocessing): a rerun after a crash,
+a kill or Ctrl-C skips exactly the inputs that finished the same request and redoes the rest.
+Any error of one input (unreadable file, a reader's or an explainer's exception) is recorded and
+the job goes on; a mistake in the request itself (:data:`RUN_ERRORS`) stops it once. The report
+and summary cover every method finished in the folder.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from contextlib import suppress
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +24,31 @@ import numpy as np
 import torch
 
 import xai_core
-from xai_core.errors import XaiError
-from xai_core.io.inputs import InputItem, MaskFolder, read_item
-from xai_core.io.outputs import RunLedger, atomic_save_npy, atomic_write_bytes, atomic_write_text
+from xai_core.api import check_options
+from xai_core.errors import (
+    CapabilityError,
+    DeviceError,
+    LayerNotFoundError,
+    LayerTypeError,
+    PluginError,
+    TargetError,
+    TargetTypeError,
+    UnknownMethodError,
+    UnknownOptionError,
+)
+from xai_core.io.inputs import InputItem, MaskFolder, find_inputs, read_item
+from xai_core.io.outputs import (
+    RunLedger,
+    atomic_save_npy,
+    atomic_write_bytes,
+    atomic_write_text,
+    content_digest,
+    request_key,
+)
 from xai_core.io.preprocess import Preprocess
 from xai_core.report import HtmlReport, overlay, to_png
 from xai_core.report.html import input_section
+from xai_core.types import ExplainerInfo
 
 Progress = Callable[[str, int, int], None]  # (message, done, total)
 
@@ -67,6 +91,121 @@ def display_of(loaded: Any, spatial: tuple[int, ...]) -> np.ndarray:
     return display
 
 
+# Errors that do not depend on the input: they would fail every input alike, so the run stops at
+# the first one (exit code 2) instead of reporting the same failure for each file.
+RUN_ERRORS = (
+    UnknownMethodError,
+    UnknownOptionError,
+    CapabilityError,
+    LayerNotFoundError,
+    LayerTypeError,
+    PluginError,
+    TargetTypeError,
+    TargetError,
+    DeviceError,
+)
+
+
+def pick_device(spec: str | torch.device | None) -> torch.device:
+    """The device a job runs on: ``spec``, or CUDA when available, else the CPU.
+
+    A device this machine does not have is a :class:`DeviceError` saying what to pass instead,
+    not torch's error from deep inside the first ``.to()``.
+    """
+    if spec is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError, TypeError):
+        raise DeviceError(
+            f"Unknown device {str(spec)!r}; use cpu, cuda, cuda:N or mps."
+        ) from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DeviceError("CUDA is not available on this machine; use --device cpu.")
+        if device.index is not None and device.index >= count:
+            raise DeviceError(
+                f"There is no {device}: this machine has {count} CUDA device(s) "
+                f"(cuda:0 to cuda:{count - 1}); use one of them or --device cpu."
+            )
+    elif device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise DeviceError("MPS is not available on this machine; use --device cpu.")
+    elif device.type != "cpu":
+        raise DeviceError(f"Device {str(spec)!r} is not supported here; use cpu, cuda or mps.")
+    return device
+
+
+def find_job_inputs(paths: Sequence[str | Path], out: str | Path) -> list[InputItem]:
+    """:func:`find_inputs`, without anything inside the output folder ``out``.
+
+    An output folder inside an input folder would otherwise have its own overlays explained as
+    inputs on the next run.
+    """
+    out = Path(out).resolve()  # resolved on both sides: "../x/out" and "/abs/x/out" match
+    return [
+        item
+        for item in find_inputs(paths)
+        if not all(Path(p).resolve().is_relative_to(out) for p in item.paths)
+    ]
+
+
+def model_digest(model: Any) -> dict[str, Any]:
+    """What identifies a model's weights, for resume keys: a file's (or folder's) sha256, or a
+    digest of a module's parameters and buffers."""
+    if isinstance(model, str | Path) and Path(model).exists():
+        return {"sha256": content_digest(model)}
+    if isinstance(model, torch.nn.Module):
+        digest = hashlib.sha256(type(model).__qualname__.encode())
+        for name, tensor in model.state_dict().items():
+            flat = tensor.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+            digest.update(flat.view(torch.uint8).numpy().tobytes())
+        return {"module": type(model).__qualname__, "sha256": digest.hexdigest()}
+    return {"object": type(model).__qualname__, "id": repr(model)[:200]}
+
+
+def model_identity(info: dict[str, Any]) -> dict[str, Any]:
+    """What identifies a model loaded by :func:`~xai_core.io.models.load_model`, for resume
+    keys: a demo model's name and the digest of the shipped manifest (which lists the sha256 of
+    every weight file), or the model file's (folder's) sha256 with how it was built."""
+    if info.get("kind") == "demo":
+        from xai_core import demo
+
+        manifest = demo.weights_dir() / "manifest.json"
+        digest = content_digest(manifest) if manifest.is_file() else None
+        return {"demo": info.get("name"), "manifest": digest}
+    # How it was built (kind, architecture, classes...), not where it lies: a moved file with
+    # the same bytes is the same model.
+    identity = {
+        k: v
+        for k, v in info.items()
+        if k not in ("path", "sidecar", "class_names") and isinstance(v, str | int | float | bool)
+    }
+    if info.get("path"):
+        identity["sha256"] = content_digest(info["path"])
+    if info.get("sidecar"):
+        identity["sidecar"] = content_digest(info["sidecar"])
+    return identity
+
+
+def check_method(adapter: Any, method: str, options: dict[str, Any]) -> ExplainerInfo:
+    """Whole-run checks before any input is read: the method exists, can run on this model and
+    accepts these options. Raises the typed error once, instead of once per input."""
+    registry = xai_core.get_registry()
+    info = registry.get_explainer(method)
+    reason = registry.unsupported_reason(info, adapter)
+    if reason is not None:
+        working = [i.name for i in registry.list_explainers(model=adapter)]
+        raise CapabilityError(
+            f"{reason}. Methods that can run on this model: {', '.join(working) or 'none'}."
+        )
+    check_options(info, options)
+    return info
+
+
 def explain_files(
     model: Any,
     items: Sequence[InputItem],
@@ -80,44 +219,107 @@ def explain_files(
     device: torch.device | str | None = None,
     window: tuple[float, float] | None = None,
     progress: Progress | None = None,
+    model_id: dict[str, Any] | None = None,
 ) -> JobSummary:
-    """Explain every input file with one method; see the module docstring for guarantees."""
-    out = Path(out).absolute()  # the ledger takes output paths relative to `out` or absolute
-    out.mkdir(parents=True, exist_ok=True)
+    """Explain every input file with one method; see the module docstring for guarantees.
+
+    ``model_id`` identifies the model's weights in resume keys (the CLI passes the file's
+    sha256, or a demo model's name and manifest digest); by default it is computed from
+    ``model`` (:func:`model_digest`).
+    """
+    out = Path(out).absolute()  # once: every path below is absolute
     adapter = xai_core.adapt(model)
     device = torch.device(device) if device is not None else adapter.device
+    options = dict(options or {})
+    info = check_method(adapter, method, options)  # before anything is written
+    request = {
+        "model": model_id if model_id is not None else model_digest(model),
+        "method": method,
+        "plugin": info.distribution or info.plugin,
+        "plugin_version": info.version,
+        "core_version": xai_core.__version__,
+        "options": options,
+        "targets": targets,
+        "preprocess": {f.name: getattr(preprocess, f.name) for f in fields(preprocess)},
+        "window": window,
+        "class_names": list(class_names) if class_names else None,
+    }
+    request_id = request_key(request)
+    out.mkdir(parents=True, exist_ok=True)
     ledger = RunLedger(out)
     summary = JobSummary()
-    report = HtmlReport(title=f"xai-core: {method}")
-    options = dict(options or {})
     for index, item in enumerate(items):
         if progress:
             progress(item.key, index, len(items))
         job_key = f"{item.key}--{method}"  # the same folder can hold several methods' runs
-        if ledger.done(job_key):
+        if ledger.done(job_key, request_id):
             summary.skipped.append(item.key)
-            _add_to_report(report, out, item.key, method)
             continue
+        # Another request's result for this input and method is removed first, so that a redo
+        # that fails never leaves the earlier result standing as if it answered this request.
+        ledger.forget(job_key, remove_outputs=True)
         try:
             loaded = read_item(item, window=window)
             record, outputs = _explain_one(
                 adapter, item, loaded, out, method, preprocess, targets, options, class_names,
                 device,
             )
-        except (XaiError, OSError, ValueError, RuntimeError) as exc:
+        except RUN_ERRORS:
+            raise  # the same for every input: stop once, with the typed error
+        except Exception as exc:  # any failure of one input must not end the batch
             summary.failed[item.key] = f"{type(exc).__name__}: {exc}"
             ledger.mark_failed(job_key, exc)
+            _remove_partial(out / item.key, method)
             continue
-        ledger.mark_done(job_key, record, outputs=outputs)
+        record["request"] = request_id
+        ledger.mark_done(job_key, record, outputs=outputs, request=request_id)
         summary.done.append(item.key)
-        _add_to_report(report, out, item.key, method)
     if progress:
         progress("report", len(items), len(items))
+    summary.report = _write_folder_report(out, ledger, summary)
+    return summary
+
+
+def _write_folder_report(out: Path, ledger: RunLedger, summary: JobSummary) -> Path:
+    """report.html and summary.json over every finished result in the folder: each input with
+    each method run into it (the last request of each), and this run's failures."""
+    finished = [data for data in ledger.finished() if "input" in data.get("record", {})]
+    finished.sort(key=lambda data: (data["record"]["input"], data["record"]["method"]))
+    methods = sorted({data["record"]["method"] for data in finished})
+    report = HtmlReport(title=f"xai-core: {', '.join(methods) or 'explain'}")
+    results = []
+    for data in finished:
+        record = data["record"]
+        key, method = record["input"], record["method"]
+        report.add_fragment((out / key / f"report_{method}.html").read_text(encoding="utf-8"))
+        results.append(
+            {
+                "input": key,
+                "method": method,
+                "request": data.get("request"),
+                "targets": record.get("targets"),
+                "plugin": record.get("plugin"),
+                "version": record.get("version"),
+                "completed": data.get("completed"),
+            }
+        )
+    for method in methods:
+        requests = {r["request"] for r in results if r["method"] == method}
+        if len(requests) > 1:  # e.g. a rerun on some inputs with another target: say so
+            report.add_note(
+                f"The {method} results in this folder answer {len(requests)} different "
+                f"requests (model, targets, options or preprocessing); summary.json lists each "
+                f"result's request key."
+            )
     for key, error in summary.failed.items():
         report.add_note(f"{key}: failed: {error}", error=True)
-    summary.report = report.write(out / "report.html")
-    atomic_write_text(out / "summary.json", json.dumps(summary.as_dict(), indent=2))
-    return summary
+    path = report.write(out / "report.html")
+    summary.report = path
+    atomic_write_text(
+        out / "summary.json",
+        json.dumps({**summary.as_dict(), "methods": methods, "results": results}, indent=2),
+    )
+    return path
 
 
 def _explain_one(
@@ -156,9 +358,27 @@ def _explain_one(
         "maps_shape": list(maps.shape),
     }
     atomic_write_text(folder / f"result_{method}.json", json.dumps(record, indent=2))
-    names = (f"maps_{method}.npy", f"overlay_{method}.png", f"report_{method}.html")
-    names += (f"result_{method}.json",)
-    return record, [folder / name for name in names]
+    return record, [folder / name for name in output_names(method)]
+
+
+def output_names(method: str) -> tuple[str, ...]:
+    """The files one input's explanation by ``method`` writes into the input's folder."""
+    return (
+        f"maps_{method}.npy",
+        f"overlay_{method}.png",
+        f"report_{method}.html",
+        f"result_{method}.json",
+    )
+
+
+def _remove_partial(folder: Path, method: str) -> None:
+    """Remove what a failed input wrote for ``method`` (no record lists it), and the input's
+    folder when nothing else is left in it."""
+    for name in output_names(method):
+        with suppress(OSError):
+            (folder / name).unlink()
+    with suppress(OSError):
+        folder.rmdir()  # only when empty
 
 
 def _names(targets: torch.Tensor | None, class_names: Sequence[str] | None) -> list | None:
@@ -191,11 +411,6 @@ def _display_pair(exp, loaded, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]
     return heat, display
 
 
-def _add_to_report(report: HtmlReport, out: Path, key: str, method: str) -> None:
-    """Add a finished input from its saved fragment (also inputs finished in earlier runs)."""
-    report.add_fragment((out / key / f"report_{method}.html").read_text())
-
-
 @dataclass
 class CompareSummary(JobSummary):
     comparison: Any = None
@@ -222,17 +437,19 @@ def compare_files(
     """Compare methods on all readable inputs as one batch; write tables and an HTML report."""
     from xai_core.report import comparison_csv, comparison_json, comparison_markdown
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out).absolute()  # once: every path below is absolute
     summary = CompareSummary()
     adapter = xai_core.adapt(model)
     device = torch.device(device) if device is not None else adapter.device
+    registry = xai_core.get_registry()
+    for name in methods or ():  # whole-run mistakes first, once, before any input is read
+        check_options(registry.get_explainer(name), (options or {}).get(name, {}))
     loaded, tensors = {}, {}
     for item in items:
         try:
             loaded[item.key] = read_item(item, window=window)
             tensors[item.key] = preprocess.to_tensor(loaded[item.key])
-        except (XaiError, OSError, ValueError) as exc:
+        except Exception as exc:  # any failure of one input must not end the batch
             summary.failed[item.key] = f"{type(exc).__name__}: {exc}"
     if not tensors:
         raise xai_core.errors.InputError("None of the inputs could be read; nothing to compare.")
@@ -265,6 +482,7 @@ def compare_files(
     )
     summary.comparison = result
     summary.table_markdown = comparison_markdown(result)
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "comparison.md", summary.table_markdown)
     atomic_write_text(out / "comparison.csv", comparison_csv(result))
     atomic_write_text(out / "comparison.json", comparison_json(result))

@@ -68,9 +68,10 @@ class DemoResult:
 
     def summary_table(self):
         """A rich table: one row per (study, method), the headline metrics' means."""
+        from rich.markup import escape
         from rich.table import Table
 
-        table = Table(title=f"xai demo ({self.seconds:.0f} s); report: {self.report}")
+        table = Table(title=f"xai demo ({self.seconds:.0f} s); report: {escape(str(self.report))}")
         table.add_column("study", overflow="fold")
         table.add_column("method", no_wrap=True, min_width=12)
         for metric in SUMMARY_METRICS:

@@ -8,12 +8,16 @@ and :meth:`RunLedger.clean_temp` removes.
 
 :class:`RunLedger` records which inputs of a batch are finished: after all of an input's
 outputs are written, :meth:`RunLedger.mark_done` writes a small JSON record (atomically, last).
-An input is done when its record exists and every output it lists is still there with its
-recorded size, so a rerun skips exactly the finished inputs.
+An input is done when its record exists, every output it lists is still there with its
+recorded size, and (when the caller gives one) the record's *request key* is the one asked for
+now: a rerun skips exactly the inputs that finished the same request, and redoes the rest.
+The root is made absolute once, when the ledger is created, so a relative output folder means
+the same place however its outputs are named.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -127,7 +131,9 @@ class RunLedger:
     """
 
     def __init__(self, root: str | Path, *, clean: bool = True) -> None:
-        self.root = Path(root)
+        # Absolute once, here: outputs named relative to the working directory or to the root
+        # then both resolve to the same files (a relative root used to be applied twice).
+        self.root = Path(root).absolute()
         self.folder = self.root / LEDGER_FOLDER
         self.folder.mkdir(parents=True, exist_ok=True)
         if clean:
@@ -147,10 +153,16 @@ class RunLedger:
             return None  # absent, or damaged by something other than us: not done
         return data if isinstance(data, dict) and data.get("key") == key else None
 
-    def done(self, key: str) -> bool:
-        """True when ``key`` has a record and each output it lists exists with its size."""
+    def done(self, key: str, request: str | None = None) -> bool:
+        """True when ``key`` has a record and each output it lists exists with its size.
+
+        With ``request``, the record must also have been made for that request key (see
+        :func:`request_key`): a record of another request is not done.
+        """
         data = self.record(key)
         if data is None or not isinstance(data.get("outputs"), dict):
+            return False
+        if request is not None and data.get("request") != request:
             return False
         for name, size in data["outputs"].items():
             path = self.root / name  # an absolute name stays absolute
@@ -170,10 +182,12 @@ class RunLedger:
         record: Mapping[str, Any] | None = None,
         *,
         outputs: Iterable[str | Path] = (),
+        request: str | None = None,
     ) -> dict[str, Any]:
         """Record ``key`` as finished, with its ``outputs`` (written before: they must exist).
 
-        Outputs are paths relative to the root, or absolute. Returns the record written.
+        Outputs are paths relative to the root, or absolute. ``request`` is the key of what was
+        asked (:func:`request_key`), checked by :meth:`done`. Returns the record written.
         """
         listed: dict[str, int] = {}
         for output in outputs:
@@ -189,6 +203,7 @@ class RunLedger:
             "key": key,
             "completed": datetime.now(UTC).isoformat(timespec="seconds"),
             "outputs": listed,
+            "request": request,
             "record": dict(record or {}),
         }
         atomic_write_json(self._path(key, "done"), data)
@@ -215,11 +230,25 @@ class RunLedger:
                 found[data["key"]] = data
         return found
 
-    def forget(self, key: str) -> None:
-        """Make ``key`` not done (its outputs are left alone and will be overwritten)."""
+    def forget(self, key: str, *, remove_outputs: bool = False) -> None:
+        """Make ``key`` not done; with ``remove_outputs``, also delete the outputs it listed
+        (so that a redo that fails leaves no result of the earlier request behind)."""
+        data = self.record(key) if remove_outputs else None
         for state in ("done", "failed"):
             with suppress(FileNotFoundError):
                 self._path(key, state).unlink()
+        for name in (data or {}).get("outputs", {}):
+            with suppress(OSError):
+                (self.root / name).unlink()
+
+    def finished(self) -> list[dict[str, Any]]:
+        """The records of every key that is done (outputs present), sorted by key."""
+        found = []
+        for path in sorted(self.folder.glob("*.done.json")):
+            key = path.name[: -len(".done.json")]
+            if _KEY.match(key) and self.done(key):
+                found.append(self.record(key))
+        return [data for data in found if data is not None]
 
     def clean_temp(self, *, stale_after_s: float = STALE_AFTER_S) -> int:
         """Remove temporary files left under the root by killed runs; return how many.
@@ -247,6 +276,27 @@ class RunLedger:
             return path.resolve().relative_to(self.root.resolve()).as_posix()
         except ValueError:
             return str(path.resolve())
+
+
+def request_key(request: Mapping[str, Any]) -> str:
+    """A short stable digest of everything that determines a result (model digest, method,
+    plugin version, options, targets, preprocessing...): JSON with sorted keys, hashed."""
+    text = json.dumps(request, sort_keys=True, default=_jsonable, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def content_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes, or of a folder's files (relative names and bytes, sorted)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        if file is not path:
+            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def _process_alive(pid: int) -> bool:
