@@ -465,10 +465,11 @@ def _modality(ds: Any, pixels: np.ndarray, path: Path, notes: list[str]) -> np.n
     if pixels.dtype.kind == "f":  # float pixel data: say so when the file itself holds NaN
         _finite(pixels, path, "the pixel data holds")
     values = pixels.astype(np.float32)
-    if slope != 1.0:
-        values *= np.float32(slope)
-    if intercept != 0.0:
-        values += np.float32(intercept)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported just below
+        if slope != 1.0:
+            values *= np.float32(slope)
+        if intercept != 0.0:
+            values += np.float32(intercept)
     return _finite(values, path, f"RescaleSlope {slope:g} and RescaleIntercept {intercept:g} give")
 
 
