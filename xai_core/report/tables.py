@@ -60,7 +60,7 @@ COLUMNS = ["rank", "method", "mean", "95% CI", "n", "not distinguishable from"]
 def verdict_markdown(result: Comparison) -> str:
     """The verdict: what to trust, then one line per method."""
     verdict = result.verdict()
-    lines = ["## Verdict", ""]
+    lines = ["### Verdict", ""]
     lines += [f"- {_md_escape(line)}" for line in verdict.lines]
     lines += [
         "",
