@@ -16,6 +16,15 @@ CSS = (
 )
 
 
+def verdict_overview_html(studies: list[tuple[str, Comparison]]) -> str:
+    """The verdicts of several comparisons in words, one list each, for the top of a report."""
+    parts = ["<h2>Verdicts</h2>"]
+    for title, result in studies:
+        items = "".join(f"<li>{esc(line)}</li>" for line in result.verdict().lines)
+        parts.append(f"<h3>{esc(title)}</h3><ul>{items}</ul>")
+    return f'<section class="verdict">{"".join(parts)}</section>'
+
+
 def verdict_html(result: Comparison, title: str = "Verdict") -> str:
     """The verdict's sentences and its one-line-per-method table; every name is escaped."""
     verdict = result.verdict()
