@@ -188,8 +188,12 @@ def _words(result: Comparison, verdict: Verdict) -> list[str]:
             f"Best{tie}: {names}, mean rank {_fmt_rank(lead.mean_rank)} over "
             f"{lead.metrics} metric{'s' if lead.metrics != 1 else ''} ({spread})."
         )
+        said: set[frozenset[str]] = set()
         for leader in best:
             for other in (s.method for s in verdict.methods if s.method != leader):
+                if frozenset((leader, other)) in said:  # two tied leaders: one sentence
+                    continue
+                said.add(frozenset((leader, other)))
                 pairs = [(d.metric, d.better, d.worse) for d in verdict.differences]
                 wins = [m for m, b, w in pairs if (b, w) == (leader, other)]
                 losses = [m for m, b, w in pairs if (b, w) == (other, leader)]
