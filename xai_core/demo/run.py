@@ -78,10 +78,8 @@ class DemoResult:
             arrow = "↑" if metric in ("pointing_game", "energy_pointing_game", "insertion") else "↓"
             table.add_column(f"{metric} {arrow}", justify="right")
         table.add_column("s / image", justify="right")
-        table.add_column("verdict", justify="right")
         for study in self.studies:
             result = study.comparison
-            verdict = {s.method: s for s in result.verdict().methods}
             for method in result.methods:
                 cells = []
                 for metric in SUMMARY_METRICS:
@@ -91,9 +89,7 @@ class DemoResult:
                     else:
                         cells.append("")
                 cost = result.costs[method].seconds_per_image
-                place = verdict[method]
-                said = "untrusted" if place.trusted is False else f"#{place.position or '-'}"
-                table.add_row(study.title, method, *cells, f"{cost:.3f}", said)
+                table.add_row(study.title, method, *cells, f"{cost:.3f}")
         return table
 
 
