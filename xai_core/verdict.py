@@ -170,7 +170,7 @@ def make_verdict(result: Comparison, metrics: Sequence[str] | None = None) -> Ve
 
 
 def _fmt_rank(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:g}" if value == int(value) else f"{value:.2f}"
+    return "n/a" if value is None else f"{value:.3g}"
 
 
 def _words(result: Comparison, verdict: Verdict) -> list[str]:
@@ -181,7 +181,11 @@ def _words(result: Comparison, verdict: Verdict) -> list[str]:
     best = verdict.best
     if best:
         lead = next(s for s in verdict.methods if s.position == 1)
-        spread = f"ranks {_fmt_rank(lead.best_rank)}–{_fmt_rank(lead.worst_rank)}"
+        spread = (
+            f"rank {_fmt_rank(lead.best_rank)} on every one"
+            if lead.best_rank == lead.worst_rank
+            else f"ranks {_fmt_rank(lead.best_rank)}–{_fmt_rank(lead.worst_rank)}"
+        )
         names = " and ".join(best)
         tie = " (tied)" if len(best) > 1 else ""
         lines.append(
@@ -189,7 +193,10 @@ def _words(result: Comparison, verdict: Verdict) -> list[str]:
             f"{lead.metrics} metric{'s' if lead.metrics != 1 else ''} ({spread})."
         )
         said: set[frozenset[str]] = set()
-        for leader in best:
+        # When no metric has enough samples for a test, one sentence says so (below) instead of
+        # "not distinguishable" for every pair, which would read as "equal".
+        testable = set(verdict.metrics) - set(verdict.untestable)
+        for leader in best if testable else []:
             for other in (s.method for s in verdict.methods if s.method != leader):
                 if frozenset((leader, other)) in said:  # two tied leaders: one sentence
                     continue
@@ -235,7 +242,14 @@ def _words(result: Comparison, verdict: Verdict) -> list[str]:
             f"Every checked method passes the randomisation sanity check (|Spearman| <= "
             f"{verdict.threshold:g} at the deepest randomised layer)."
         )
-    if verdict.untestable:
+    if verdict.untestable and set(verdict.untestable) == set(verdict.metrics):
+        lines.append(
+            f"Too few samples for a paired test to show any difference at p < {verdict.alpha:g} "
+            f"on any metric: the order above describes these samples, it is not evidence that "
+            f"one method is better. 'Not distinguishable' in the tables means 'not enough data', "
+            f"not 'equal'."
+        )
+    elif verdict.untestable:
         lines.append(
             f"Too few samples for a paired test to show any difference at p < {verdict.alpha:g} "
             f"on: {', '.join(verdict.untestable)}. 'Not distinguishable' there means 'not "

@@ -61,7 +61,7 @@ def verdict_markdown(result: Comparison) -> str:
     """The verdict: what to trust, then one line per method."""
     verdict = result.verdict()
     lines = ["### Verdict", ""]
-    lines += [f"- {_md_escape(line)}" for line in verdict.lines]
+    lines += [f"- {line.replace(chr(10), ' ')}" for line in verdict.lines]  # not in a table
     lines += [
         "",
         "| position | method | mean rank | rank range | metrics | sanity: \\|ρ\\| | s / image |",
