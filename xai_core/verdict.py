@@ -186,7 +186,7 @@ def _words(result: Comparison, verdict: Verdict) -> list[str]:
             if lead.best_rank == lead.worst_rank
             else f"ranks {_fmt_rank(lead.best_rank)}–{_fmt_rank(lead.worst_rank)}"
         )
-        names = " and ".join(best)
+        names = best[0] if len(best) == 1 else f"{', '.join(best[:-1])} and {best[-1]}"
         tie = " (tied)" if len(best) > 1 else ""
         lines.append(
             f"Best{tie}: {names}, mean rank {_fmt_rank(lead.mean_rank)} over "

@@ -58,6 +58,9 @@ class Study:
     display: np.ndarray  # (N, H, W) or (N, D, H, W) uint8
     truth: dict[str, np.ndarray] = field(default_factory=dict)  # panel name -> (N, ...) masks
     class_names: tuple[str, ...] = ()
+    # In the report's opening verdicts; not the marker studies, whose "best" map is the one that
+    # points at the shortcut: a finding about the model, read with the study's note.
+    overview: bool = True
 
 
 @dataclass
@@ -128,6 +131,7 @@ def run_demo(
         display,
         classes=names,
         metrics=None,
+        overview=True,
     ):
         say(title)
         result = xai_core.compare(
@@ -141,7 +145,7 @@ def run_demo(
             metric_options=_metric_options(metrics),
             progress=lambda m: say(f"{title}: {m}"),
         )
-        studies.append(Study(title, note, result, display, truth, classes))
+        studies.append(Study(title, note, result, display, truth, classes, overview))
 
     truth = {"lesion (ground truth)": lesion.numpy()}
     study(
@@ -208,6 +212,7 @@ def run_demo(
             markers,
             methods=["cam", "gradcam", "occlusion"],
             metrics=pointing,
+            overview=False,
             options={"occlusion": OCCLUSION_2D},
             truth={"marker": markers.numpy(), "lesion": shortcut.masks.numpy()},
             display=_display(shortcut.images),
@@ -234,7 +239,8 @@ def _write_report(studies: list[Study], out: Path) -> Path:
     from xai_core.report.verdict import verdict_overview_html
 
     # What to trust, study by study, before any table or image.
-    report.add_fragment(verdict_overview_html([(s.title, s.comparison) for s in studies]))
+    overview = [(s.title, s.comparison) for s in studies if s.overview]
+    report.add_fragment(verdict_overview_html(overview))
     tables = []
     for index, study in enumerate(studies):
         result = study.comparison
