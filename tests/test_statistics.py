@@ -154,6 +154,17 @@ def test_identical_methods_are_not_distinguishable_and_a_clear_winner_is():
     assert any("good is significantly better than same on insertion" in s for s in verdict.lines)
 
 
+def test_paired_test_direction_follows_the_hodges_lehmann_shift():
+    a = torch.tensor([0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1], dtype=torch.float64)
+    assert statistics.hodges_lehmann(torch.tensor([1.0, 2.0, 3.0])) == 2.0
+    same = statistics.paired_test(a, a.clone())
+    assert (same.p, same.n, same.shift) == (1.0, 7, 0.0)
+    shifted = statistics.paired_test(a, a - 0.1)
+    assert shifted.shift == pytest.approx(0.1) and shifted.p == pytest.approx(2 / 2**7)
+    few = statistics.paired_test(a[:2], a[:2] - 1)
+    assert math.isnan(few.p) and few.n == 2
+
+
 def test_holm_adjusts_step_down():
     adjusted = statistics.holm([0.01, 0.04, 0.03, nan])
     assert adjusted == pytest.approx([0.03, 0.06, 0.06, nan], nan_ok=True)

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -109,22 +109,16 @@ class Comparison:
         if key not in self._cache:
             values = self.values[(method, metric)]
             if self.measured_once.get(metric):
-                mean = float(statistics.defined(values).mean()) if values.numel() else math.nan
+                mean = float(statistics.defined(values).mean())  # NaN when there is none
                 note = "measured once per method: no interval"
                 agg = Aggregate(mean, math.nan, math.nan, 1, "none", note)
             else:
-                agg = statistics.interval(values, self.bounds(method, metric))
-                declared = self.ranges.get(metric)
-                if declared is not None and self.bounds(method, metric) is None:
+                bounds, declared = self.bounds(method, metric), self.ranges.get(metric)
+                agg = statistics.interval(values, bounds)
+                if declared is not None and bounds is None:
                     lo, hi = declared
-                    agg = Aggregate(
-                        agg.mean,
-                        agg.low,
-                        agg.high,
-                        agg.n,
-                        agg.kind,
-                        f"values outside the declared range [{lo:g}, {hi:g}]: not clipped",
-                    )
+                    said = f"values outside the declared range [{lo:g}, {hi:g}]: not clipped"
+                    agg = replace(agg, note="; ".join(filter(None, [agg.note, said])))
             self._cache[key] = agg
         return self._cache[key]
 
@@ -166,18 +160,18 @@ class Comparison:
             scored = [m for m in self.methods if (m, metric) not in self.errors]
             pairs = [(a, b) for i, a in enumerate(scored) for b in scored[i + 1 :]]
         raw = [
-            statistics.paired_p_value(self.values[(a, metric)], self.values[(b, metric)])
+            statistics.paired_test(self.values[(a, metric)], self.values[(b, metric)])
             for a, b in pairs
         ]
-        adjusted = statistics.holm([p for p, _ in raw])
+        adjusted = statistics.holm([r.p for r in raw])
         sign = 1.0 if self.directions[metric] is Direction.HIGHER else -1.0
         tests = []
-        for (a, b), (p, n), q in zip(pairs, raw, adjusted, strict=True):
+        for (a, b), r, q in zip(pairs, raw, adjusted, strict=True):
             better = None
-            if not math.isnan(q) and q < alpha:
-                diff = self.aggregate(a, metric).mean - self.aggregate(b, metric).mean
-                better = a if sign * diff > 0 else b
-            tests.append(PairTest(a, b, n, p, q, better))
+            if not math.isnan(q) and q < alpha and r.shift != 0:
+                # the direction of the paired shift, the estimate that goes with the test
+                better = a if sign * r.shift > 0 else b
+            tests.append(PairTest(a, b, r.n, r.p, q, better))
         self._cache[key] = tests
         return tests
 
