@@ -247,6 +247,17 @@ def test_verdict_is_first_in_markdown_and_in_strict_json():
     assert row["n"] == 1 and row["ci_low"] is None and row["interval"] == "none"
 
 
+def test_html_report_opens_with_the_escaped_verdict():
+    from xai_core.report import HtmlReport
+
+    result = table({"insertion": {"<b>x</b>": [0.9, 0.8, 0.7], "cam": [0.1, 0.2, 0.3]}})
+    report = HtmlReport()
+    report.add_comparison(result)
+    page = report.render()
+    assert page.index('<section class="verdict">') < page.index("<h2>Comparison</h2>")
+    assert "<b>x</b>" not in page and "Best: &lt;b&gt;x&lt;/b&gt;" in page
+
+
 def test_metric_range_is_checked_at_registration():
     class Ranged:
         name = "ranged"
