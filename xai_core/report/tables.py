@@ -64,7 +64,7 @@ def verdict_markdown(result: Comparison) -> str:
     lines += [f"- {line.replace(chr(10), ' ')}" for line in verdict.lines]  # not in a table
     lines += [
         "",
-        "| position | method | mean rank | rank range | metrics | sanity: \\|ρ\\| | s / image |",
+        "| position | method | mean rank | rank range | metrics | sanity: abs(ρ) | s / image |",
         "| ---: | --- | ---: | --- | ---: | ---: | ---: |",
     ]
     for s in verdict.methods:
