@@ -141,6 +141,9 @@ def test_compare_records_any_failure_of_one_input(inputs, tmp_path, monkeypatch)
     )
     assert summary.done == ["b.png", "c.png"] and "AttributeError" in summary.failed["a.png"]
     assert summary.exit_code == 1 and (out / "report.html").is_file()
+    # what `xai compare` prints opens with the verdict (cost alone is shown, not ranked)
+    assert summary.table_markdown.startswith("### Verdict")
+    assert "No ranked metric" in summary.table_markdown
 
 
 def test_unexpected_errors_are_short_with_the_traceback_in_a_file(monkeypatch, capsys):

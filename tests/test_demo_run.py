@@ -29,6 +29,10 @@ def test_demo_writes_every_study_and_a_summary(demo):
         assert f"| {method} |" in summary
     assert "xai demo (" in output and "report:" in output  # the printed summary table
     assert "pointing_game" in summary and "X-ray ViT" in summary and "CT 3D CNN" in summary
+    # each study opens with its verdict, and the report opens with all of them
+    assert summary.count("### Verdict") == 6 and "Best" in summary
+    report = (out / "report.html").read_text()
+    assert report.index("<h2>Verdicts</h2>") < report.index("<h2>Comparison</h2>")
 
 
 def test_demo_exposes_the_shortcut_model(demo):

@@ -4,6 +4,11 @@ Every method explains the same targets (fixed once from the model's scores), eve
 same context, and nothing one plugin does wrong stops the others: a method that cannot run on the
 model is listed as skipped with the reason, a metric that fails for one method is recorded with its
 error and NaN values.
+
+The summary respects what each metric is (see :mod:`xai_core.statistics`): intervals stay in the
+metric's declared range and need at least ``MIN_N`` samples, equal means share a rank, methods are
+compared pairwise over the same samples, and :meth:`Comparison.verdict` ranks the methods over all
+metrics and flags those that fail the randomisation sanity check.
 """
 
 from __future__ import annotations
@@ -13,19 +18,30 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from xai_core import statistics
 from xai_core.api import check_masks, check_options, run_explainer, validate_inputs
 from xai_core.contract import check_metric_result
 from xai_core.errors import OptionError, UnknownOptionError, XaiError, did_you_mean
 from xai_core.explanation import Explanation
-from xai_core.metrics import Direction, MetricContext, Need, metric_options
+from xai_core.metrics import (
+    Direction,
+    MetricContext,
+    Need,
+    metric_measured_once,
+    metric_options,
+    metric_range,
+)
 from xai_core.registry import get_registry
 from xai_core.tags import Scope
 from xai_core.targets import Region, Targets, TargetSpec
+
+if TYPE_CHECKING:
+    from xai_core.verdict import Verdict
 
 Progress = Callable[[str], None]
 
@@ -39,12 +55,25 @@ class Cost:
     peak_bytes: int | None  # device memory on CUDA, resident-set growth on the CPU
 
 
-@dataclass
-class Aggregate:
-    mean: float
-    low: float  # 95% confidence interval of the mean (Student t)
-    high: float
-    n: int  # samples with a defined value
+Aggregate = statistics.Interval  # mean, 95% interval (Wilson or bootstrap), n, kind, note
+
+
+@dataclass(frozen=True)
+class PairTest:
+    """Two methods on one metric, over the samples both scored: Wilcoxon signed-rank, with the
+    p-value Holm-adjusted over all pairs of that metric. ``better`` is ``None`` when the two are
+    not distinguishable (adjusted p >= alpha, or too few samples to test)."""
+
+    first: str
+    second: str
+    n: int
+    p: float
+    p_adjusted: float
+    better: str | None
+
+    @property
+    def significant(self) -> bool:
+        return self.better is not None
 
 
 @dataclass
@@ -62,25 +91,113 @@ class Comparison:
     skipped_methods: dict[str, str] = field(default_factory=dict)
     skipped_metrics: dict[str, str] = field(default_factory=dict)
     errors: dict[tuple[str, str], str] = field(default_factory=dict)
+    # metric -> declared range (None: unbounded) and whether it is one measurement per method
+    ranges: dict[str, tuple[float, float] | None] = field(default_factory=dict)
+    measured_once: dict[str, bool] = field(default_factory=dict)
+    _cache: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def bounds(self, method: str, metric: str) -> tuple[float, float] | None:
+        """The range an interval is clipped to: the declared one, unless these values leave it
+        (e.g. deletion with ``kind="logit"``), when clipping would hide the truth."""
+        declared = self.ranges.get(metric)
+        values = statistics.defined(self.values[(method, metric)])
+        return declared if statistics.within(values, declared) else None
 
     def aggregate(self, method: str, metric: str) -> Aggregate:
-        return mean_ci(self.values[(method, metric)])
+        """Mean, 95% interval and n of the defined values (see :func:`statistics.interval`)."""
+        key = ("aggregate", method, metric)
+        if key not in self._cache:
+            values = self.values[(method, metric)]
+            if self.measured_once.get(metric):
+                mean = float(statistics.defined(values).mean())  # NaN when there is none
+                note = "measured once per method: no interval"
+                agg = Aggregate(mean, math.nan, math.nan, 1, "none", note)
+            else:
+                bounds, declared = self.bounds(method, metric), self.ranges.get(metric)
+                agg = statistics.interval(values, bounds)
+                if declared is not None and bounds is None:
+                    lo, hi = declared
+                    said = f"values outside the declared range [{lo:g}, {hi:g}]: not clipped"
+                    agg = replace(agg, note="; ".join(filter(None, [agg.note, said])))
+            self._cache[key] = agg
+        return self._cache[key]
+
+    def ranks(self, metric: str) -> dict[str, int | None]:
+        """Competition ranks by mean (equal means share the best rank: 1, 1, 3). ``None`` for a
+        method without a value, and for every method of a metric measured once (cost), which is
+        shown but not ranked as a statistic."""
+        if self.measured_once.get(metric):
+            return dict.fromkeys(self.methods)
+        means = [
+            math.nan if (m, metric) in self.errors else self.aggregate(m, metric).mean
+            for m in self.methods
+        ]
+        higher = self.directions[metric] is Direction.HIGHER
+        return dict(zip(self.methods, statistics.competition_ranks(means, higher), strict=True))
 
     def ranking(self, metric: str) -> list[str]:
-        """Methods from best to worst by mean value (methods without a value come last)."""
+        """Methods from best to worst by mean value (methods without a value come last; tied
+        methods keep the order they were compared in)."""
+        ranks = self.ranks(metric)
         sign = -1.0 if self.directions[metric] is Direction.HIGHER else 1.0
 
-        def key(method: str) -> float:
-            mean = self.aggregate(method, metric).mean
-            return math.inf if math.isnan(mean) else sign * mean
+        def key(method: str) -> tuple[float, float]:
+            rank, mean = ranks[method], self.aggregate(method, metric).mean
+            if math.isnan(mean):
+                return (math.inf, math.inf)
+            return (math.inf if rank is None else rank, sign * mean)
 
         return sorted(self.methods, key=key)
+
+    def pair_tests(self, metric: str, alpha: float = statistics.ALPHA) -> list[PairTest]:
+        """Every pair of methods on ``metric``: paired Wilcoxon signed-rank over the samples both
+        scored, Holm-adjusted across the pairs. Empty for a metric measured once."""
+        key = ("pairs", metric, alpha)
+        if key in self._cache:
+            return self._cache[key]
+        pairs = []
+        if not self.measured_once.get(metric):
+            scored = [m for m in self.methods if (m, metric) not in self.errors]
+            pairs = [(a, b) for i, a in enumerate(scored) for b in scored[i + 1 :]]
+        raw = [
+            statistics.paired_test(self.values[(a, metric)], self.values[(b, metric)])
+            for a, b in pairs
+        ]
+        adjusted = statistics.holm([r.p for r in raw])
+        sign = 1.0 if self.directions[metric] is Direction.HIGHER else -1.0
+        tests = []
+        for (a, b), r, q in zip(pairs, raw, adjusted, strict=True):
+            better = None
+            if not math.isnan(q) and q < alpha and r.shift != 0:
+                # the direction of the paired shift, the estimate that goes with the test
+                better = a if sign * r.shift > 0 else b
+            tests.append(PairTest(a, b, r.n, r.p, q, better))
+        self._cache[key] = tests
+        return tests
+
+    def tied_with(self, method: str, metric: str) -> list[str]:
+        """The methods ``method`` is not distinguishable from on ``metric`` (paired test)."""
+        out = []
+        for test in self.pair_tests(metric):
+            if method in (test.first, test.second) and not test.significant:
+                out.append(test.second if test.first == method else test.first)
+        return out
+
+    def verdict(self, metrics: Sequence[str] | None = None) -> Verdict:
+        """One summary over ``metrics`` (default: every ranked metric): mean rank and spread,
+        significant differences, and the randomisation sanity check (:mod:`xai_core.verdict`)."""
+        from xai_core.verdict import make_verdict
+
+        key = ("verdict", None if metrics is None else tuple(metrics))
+        if key not in self._cache:
+            self._cache[key] = make_verdict(self, metrics)
+        return self._cache[key]
 
     def rows(self) -> list[dict[str, Any]]:
         """One row per (method, metric): the table every export is made from."""
         rows = []
         for metric in self.metrics:
-            order = self.ranking(metric)
+            ranks = self.ranks(metric)
             for method in self.methods:
                 agg = self.aggregate(method, metric)
                 rows.append(
@@ -91,11 +208,12 @@ class Comparison:
                         "mean": agg.mean,
                         "ci_low": agg.low,
                         "ci_high": agg.high,
+                        "interval": agg.kind,  # "wilson", "bootstrap" or "none"
                         "n": agg.n,
+                        "note": agg.note,
                         # a metric that failed for this method has no value to rank
-                        "rank": None
-                        if (method, metric) in self.errors
-                        else order.index(method) + 1,
+                        "rank": ranks[method],
+                        "tied_with": self.tied_with(method, metric),
                         "error": self.errors.get((method, metric)),
                     }
                 )
@@ -103,8 +221,26 @@ class Comparison:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "verdict": self.verdict().to_dict(),
             "methods": self.methods,
-            "metrics": {m: {"better": self.directions[m].value} for m in self.metrics},
+            "metrics": {
+                m: {
+                    "better": self.directions[m].value,
+                    "range": None if self.ranges.get(m) is None else list(self.ranges[m]),
+                    "measured_once": bool(self.measured_once.get(m)),
+                    "pairs": [
+                        {
+                            "methods": [t.first, t.second],
+                            "n": t.n,
+                            "p": t.p,
+                            "p_holm": t.p_adjusted,
+                            "better": t.better,
+                        }
+                        for t in self.pair_tests(m)
+                    ],
+                }
+                for m in self.metrics
+            },
             "targets": self.targets.tolist(),
             "results": self.rows(),
             "per_sample": {
@@ -128,19 +264,11 @@ def _json_float(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
-def mean_ci(values: torch.Tensor, level: float = 0.95) -> Aggregate:
-    """Mean of the defined values and its two-sided Student-t confidence interval."""
-    finite = values[~torch.isnan(values)].double()
-    n = int(finite.numel())
-    if n == 0:
-        return Aggregate(math.nan, math.nan, math.nan, 0)
-    mean = float(finite.mean())
-    if n == 1:
-        return Aggregate(mean, math.nan, math.nan, 1)
-    from scipy.stats import t  # scipy comes with scikit-image, a core dependency
-
-    half = float(t.ppf(0.5 + level / 2, n - 1)) * float(finite.std(unbiased=True)) / math.sqrt(n)
-    return Aggregate(mean, mean - half, mean + half, n)
+def mean_ci(
+    values: torch.Tensor, bounds: tuple[float, float] | None = None, level: float = 0.95
+) -> Aggregate:
+    """Mean of the defined values and its interval within ``bounds`` (statistics.interval)."""
+    return statistics.interval(values, bounds, level=level)
 
 
 @contextmanager
@@ -158,6 +286,7 @@ def measure_peak(device: torch.device) -> Iterator[dict[str, int | None]]:
     statm = "/proc/self/statm"
     try:
         page = _page_size()
+
         def read() -> int:
             with open(statm) as f:
                 return int(f.read().split()[1]) * page
@@ -325,6 +454,8 @@ def compare(
         skipped_methods=skipped_methods,
         skipped_metrics=skipped_metrics,
         errors=errors,
+        ranges={m: metric_range(cls) for m, cls in metric_classes.items()},
+        measured_once={m: metric_measured_once(cls) for m, cls in metric_classes.items()},
     )
 
 

@@ -3,13 +3,18 @@
 Metrics are plugins registered through ``register_metrics(register)``, like explainers. A metric
 class declares its ``name``, its ``direction`` (is higher or lower better) and what it ``needs``
 (ground-truth ``masks``, a ``torch`` model it can copy, ...), and computes one value per sample from
-a :class:`MetricContext`. ``compare()`` builds the context; a metric never re-implements the
-explainer: it calls ``context.rerun(...)`` to explain perturbed inputs or a modified model.
+a :class:`MetricContext`. Two optional attributes tell ``compare()`` how to summarise the values:
+``range`` (the interval every value lies in, e.g. ``(0.0, 1.0)``; ``None``, the default, is
+unbounded), which confidence intervals never leave, and ``measured_once`` (``True`` when every
+sample gets the same single measurement, like ``cost``: no interval and no ranking as a statistic).
+``compare()`` builds the context; a metric never re-implements the explainer: it calls
+``context.rerun(...)`` to explain perturbed inputs or a modified model.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -96,7 +101,23 @@ class Metric(Protocol):
     direction: ClassVar[Direction]
     needs: ClassVar[frozenset[Need]]
 
+    # Optional (read with metric_range() / metric_measured_once()): the interval every value
+    # lies in (None: unbounded), and whether the values are one measurement given to every sample.
+    # range: ClassVar[tuple[float, float] | None] = None
+    # measured_once: ClassVar[bool] = False
+
     def compute(self, context: MetricContext, **options: Any) -> MetricResult: ...
+
+
+def metric_range(cls: Any) -> tuple[float, float] | None:
+    """The metric's declared range, or ``None`` (unbounded) when it declares none."""
+    bounds = getattr(cls, "range", None)
+    return None if bounds is None else (float(bounds[0]), float(bounds[1]))
+
+
+def metric_measured_once(cls: Any) -> bool:
+    """Whether the metric's values are one measurement per method given to every sample."""
+    return bool(getattr(cls, "measured_once", False))
 
 
 def check_metric_class(cls: Any) -> None:
@@ -113,6 +134,22 @@ def check_metric_class(cls: Any) -> None:
     needs = getattr(cls, "needs", frozenset())
     if not all(isinstance(n, Need) for n in needs):
         raise PluginError(f"{cls.__qualname__}.needs must hold xai_core.metrics.Need values.")
+    bounds = getattr(cls, "range", None)
+    if bounds is not None:
+        ok = (
+            isinstance(bounds, tuple)
+            and len(bounds) == 2
+            and all(isinstance(b, int | float) and not isinstance(b, bool) for b in bounds)
+            and not any(math.isnan(b) for b in bounds)
+            and bounds[0] < bounds[1]
+        )
+        if not ok:
+            raise PluginError(
+                f"{cls.__qualname__}.range must be None or a tuple (low, high) of numbers with "
+                f"low < high (infinite allowed); got {bounds!r}."
+            )
+    if not isinstance(getattr(cls, "measured_once", False), bool):
+        raise PluginError(f"{cls.__qualname__}.measured_once must be a bool.")
     if not callable(getattr(cls, "compute", None)):
         raise PluginError(f"{cls.__qualname__} has no compute() method.")
     params = inspect.signature(cls.compute).parameters.values()

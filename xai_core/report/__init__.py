@@ -2,7 +2,12 @@
 
 from xai_core.report.html import HtmlReport
 from xai_core.report.overlay import overlay, to_png
-from xai_core.report.tables import comparison_csv, comparison_json, comparison_markdown
+from xai_core.report.tables import (
+    comparison_csv,
+    comparison_json,
+    comparison_markdown,
+    verdict_markdown,
+)
 
 __all__ = [
     "HtmlReport",
@@ -11,4 +16,5 @@ __all__ = [
     "comparison_markdown",
     "overlay",
     "to_png",
+    "verdict_markdown",
 ]

@@ -111,22 +111,21 @@ class HtmlReport:
         self.parts.append(fragment)
 
     def add_comparison(self, result: Comparison) -> None:
-        """The metric tables (ranked, with direction and 95% interval) and measured costs."""
+        """The verdict, the metric tables (shared ranks, direction, 95% interval, n, methods not
+        distinguishable) and measured costs."""
+        from xai_core.report.tables import COLUMNS, metric_rows
+        from xai_core.report.verdict import verdict_html
+
+        self.parts.append(verdict_html(result))  # the verdict first: what to trust
         self.add_heading("Comparison")
         for metric in result.metrics:
             better = result.directions[metric].value
-            rows = []
-            for rank, method in enumerate(result.ranking(metric), start=1):
-                agg = result.aggregate(method, metric)
-                error = result.errors.get((method, metric), "")
-                rows.append(
-                    [rank, method, agg.mean, f"[{_cell(agg.low)}, {_cell(agg.high)}]", agg.n, error]
-                )
-            self.add_table(
-                ["rank", "method", "mean", "95% CI", "n", "error"],
-                rows,
-                caption=f"{metric} ({ARROW[better]})",
-            )
+            rows, notes = metric_rows(result, metric)
+            for row in rows:
+                row.append(result.errors.get((row[1], metric), ""))
+            caption = f"{metric} ({ARROW[better]})"
+            notes_text = " ".join(f"{'*' * (i + 1)} {n}" for i, n in enumerate(notes))
+            self.add_table([*COLUMNS, "error"], rows, caption=f"{caption} {notes_text}".strip())
         if result.costs:
             rows = [
                 [m, c.seconds_per_image, "n/a" if c.peak_bytes is None else c.peak_bytes / 2**20]

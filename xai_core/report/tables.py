@@ -1,4 +1,8 @@
-"""Comparison tables as Markdown, CSV and JSON; every metric carries its direction."""
+"""Comparison tables as Markdown, CSV and JSON; every metric carries its direction.
+
+The verdict comes first; then one table per metric with shared ranks, the interval of each mean
+(Wilson for 0/1 values, bootstrap otherwise, within the metric's range; none below n = 3, with a
+footnote) and the methods each one is not distinguishable from."""
 
 from __future__ import annotations
 
@@ -24,24 +28,89 @@ def _md_escape(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+INTERVAL = {"wilson": "Wilson", "bootstrap": "bootstrap"}
+
+
+def metric_rows(result: Comparison, metric: str) -> tuple[list[list[str]], list[str]]:
+    """The cells of one metric's table (rank, method, mean, 95% CI, n, not distinguishable
+    from), best first, and its footnotes. Shared by the Markdown and HTML exports."""
+    ranks = result.ranks(metric)
+    rows, notes = [], []
+    for method in result.ranking(metric):
+        agg = result.aggregate(method, metric)
+        if agg.kind == "none":
+            ci = "—"
+        else:
+            ci = f"[{_fmt(agg.low)}, {_fmt(agg.high)}] ({INTERVAL[agg.kind]})"
+        if agg.note:
+            if agg.note not in notes:
+                notes.append(agg.note)
+            ci += " " + "*" * (notes.index(agg.note) + 1)
+        rank = ranks[method]
+        tied = ", ".join(result.tied_with(method, metric))
+        rows.append(
+            ["—" if rank is None else str(rank), method, _fmt(agg.mean), ci, str(agg.n), tied]
+        )
+    return rows, notes
+
+
+COLUMNS = ["rank", "method", "mean", "95% CI", "n", "not distinguishable from"]
+
+
+def verdict_markdown(result: Comparison) -> str:
+    """The verdict: what to trust, then one line per method."""
+    verdict = result.verdict()
+    lines = ["### Verdict", ""]
+    lines += [f"- {line.replace(chr(10), ' ')}" for line in verdict.lines]  # not in a table
+    lines += [
+        "",
+        "| position | method | mean rank | rank range | metrics | sanity: abs(ρ) | s / image |",
+        "| ---: | --- | ---: | --- | ---: | ---: | ---: |",
+    ]
+    for s in verdict.methods:
+        position = "✗ untrusted" if s.trusted is False else (s.position or "—")
+        spread = "n/a" if s.best_rank is None else f"{s.best_rank:g}–{s.worst_rank:g}"
+        sanity = "not checked" if s.sanity is None else f"{s.sanity:.2f}"
+        cost = _fmt(s.seconds_per_image)
+        lines.append(
+            f"| {position} | {_md_escape(s.method)} | {_fmt(s.mean_rank, 3)} | {spread} | "
+            f"{s.metrics} | {sanity} | {cost} |"
+        )
+    lines += [
+        "",
+        f"Mean rank over {', '.join(verdict.metrics) or 'no metric'} (ties share the mean of "
+        f"their positions); differences: paired Wilcoxon signed-rank, Holm-adjusted, "
+        f"p < {verdict.alpha:g}; sanity fails above |ρ| = {verdict.threshold:g} at the deepest "
+        "randomised layer. See docs/comparing.md.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def comparison_markdown(result: Comparison) -> str:
-    """One table per metric: methods ranked best first, mean with its 95% interval."""
-    lines: list[str] = []
+    """The verdict, then one table per metric: shared ranks, mean with its 95% interval, n, and
+    the methods each is not distinguishable from."""
+    lines: list[str] = [verdict_markdown(result)]
     for metric in result.metrics:
         better = result.directions[metric].value
         lines += [
             f"### {_md_escape(metric)} ({ARROW[better]})",
             "",
-            "| rank | method | mean | 95% CI | n |",
-            "| ---: | --- | ---: | --- | ---: |",
+            "| " + " | ".join(COLUMNS) + " |",
+            "| ---: | --- | ---: | --- | ---: | --- |",
         ]
-        for rank, method in enumerate(result.ranking(metric), start=1):
-            agg = result.aggregate(method, metric)
-            ci = f"[{_fmt(agg.low)}, {_fmt(agg.high)}]"
+        rows, notes = metric_rows(result, metric)
+        for cells in rows:
+            method = cells[1]
             error = result.errors.get((method, metric))
-            name = _md_escape(method) + (f" (error: {_md_escape(error)})" if error else "")
-            lines.append(f"| {rank} | {name} | {_fmt(agg.mean)} | {ci} | {agg.n} |")
+            cells = [_md_escape(c) for c in cells]
+            if error:
+                cells[1] += f" (error: {_md_escape(error)})"
+            lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+        lines += [f"{'*' * (i + 1)} {_md_escape(note)}  " for i, note in enumerate(notes)]
+        if notes:
+            lines.append("")
     if result.costs:
         lines += [
             "### cost (measured in this run)",

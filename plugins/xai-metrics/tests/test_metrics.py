@@ -566,6 +566,47 @@ def test_randomisation_collapses_gradcam_but_not_an_edge_detector(registry):
         assert torch.equal(value, before[key])
 
 
+def test_randomisation_scores_the_magnitude_of_the_rank_correlation():
+    """A map that inverts when the weights go (rho = -1) kept all of its structure: it scores as
+    badly as a map that did not change (|rho| = 1), not as the best; the verdict flags it."""
+    from xai_metrics import Randomization
+
+    model, x = tiny_cnn(0), blobs(2, 0)
+    maps = x[:, 0] + 0.01 * torch.arange(16.0 * 16).view(16, 16)  # no ties
+    ctx = context(model, x, maps)
+    inverted = Explanation(
+        method="given",
+        raw=[-maps.unsqueeze(1)],
+        layers=[],
+        targets=ctx.explanation.targets,
+        scores=ctx.explanation.scores,
+        input_shape=tuple(x.shape),
+    )
+    ctx.rerun = lambda **_: inverted
+    result = Randomization().compute(ctx, stages=2)
+    torch.testing.assert_close(result.values, torch.ones(2, dtype=result.values.dtype))
+    assert result.details["spearman"] == pytest.approx([-1, -1])
+    assert result.details["abs_spearman"] == pytest.approx([1, 1])
+    torch.testing.assert_close(result.details["abs_spearman_deepest"], result.values.cpu())
+
+
+def test_verdict_flags_the_edge_detector_as_untrustworthy(registry):
+    pytest.importorskip("xai_gradcam")
+    model, x = tiny_cnn(0), blobs(4, 0)
+    result = xai_core.compare(
+        model,
+        x,
+        methods=["gradcam", "edges"],
+        metrics=["randomization", "stability"],
+        metric_options={"randomization": {"stages": 2}, "stability": {"augmentations": "hflip"}},
+    )
+    verdict = result.verdict()
+    assert result.ranking("stability")[0] == "edges"  # it wins the other metric
+    assert verdict.untrusted == ["edges"] and verdict.best == ["gradcam"]
+    assert [s.method for s in verdict.methods][-1] == "edges"
+    assert any(line.startswith("Untrustworthy: edges") for line in verdict.lines)
+
+
 def test_cascade_follows_execution_order_and_stages_are_evenly_spaced():
     class Backwards(nn.Module):
         def __init__(self) -> None:

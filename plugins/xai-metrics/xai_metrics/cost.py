@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from xai_core.metrics import Direction, MetricContext, MetricResult, Need
@@ -13,6 +15,8 @@ class Cost:
     name = "cost"
     direction = Direction.LOWER
     needs: frozenset[Need] = frozenset()
+    range = (0.0, math.inf)
+    measured_once = True  # one timing of the batch, given to every sample: no interval, no test
 
     def compute(self, context: MetricContext) -> MetricResult:
         n = context.inputs.shape[0]

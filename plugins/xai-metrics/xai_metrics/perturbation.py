@@ -112,6 +112,7 @@ class Deletion:
     name = "deletion"
     direction = Direction.LOWER
     needs: frozenset[Need] = frozenset()
+    range = (0.0, 1.0)  # an area under a probability (kind="logit" leaves it: not clipped then)
 
     def compute(
         self,
@@ -139,6 +140,7 @@ class Insertion:
     name = "insertion"
     direction = Direction.HIGHER
     needs: frozenset[Need] = frozenset()
+    range = (0.0, 1.0)  # as deletion
 
     def compute(
         self,
@@ -179,6 +181,7 @@ class AvgDrop:
     name = "avg_drop"
     direction = Direction.LOWER
     needs: frozenset[Need] = frozenset()
+    range = (0.0, 1.0)  # max(0, Y - O) / Y with O >= 0
 
     def compute(self, context: MetricContext, *, kind: str = "auto") -> MetricResult:
         """:param kind: ``auto`` (softmax, or sigmoid for one output), ``softmax``, ``sigmoid``."""
@@ -193,6 +196,7 @@ class AvgIncrease:
     name = "avg_increase"
     direction = Direction.HIGHER
     needs: frozenset[Need] = frozenset()
+    range = (0.0, 1.0)  # 0 or 1 per sample
 
     def compute(self, context: MetricContext, *, kind: str = "auto") -> MetricResult:
         """:param kind: ``auto`` (softmax, or sigmoid for one output), ``softmax``, ``sigmoid``."""

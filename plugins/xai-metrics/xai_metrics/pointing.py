@@ -48,6 +48,7 @@ class PointingGame:
     name = "pointing_game"
     direction = Direction.HIGHER
     needs = frozenset({Need.MASKS})
+    range = (0.0, 1.0)  # 1 hit, 0 miss
 
     def compute(
         self,
@@ -101,6 +102,7 @@ class EnergyPointingGame:
     name = "energy_pointing_game"
     direction = Direction.HIGHER
     needs = frozenset({Need.MASKS})
+    range = (0.0, 1.0)  # a share
 
     def compute(self, context: MetricContext) -> MetricResult:
         maps = single_maps(context)

@@ -5,7 +5,7 @@ deep copy of the model, the parameterised layers are re-initialised one at a tim
 output down; after each chosen cascade point ``s`` the batch is explained again and compared with
 the original map::
 
-    value = mean over s of spearman(map, map_s)        lower is better: a method that depends on
+    value = mean over s of |spearman(map, map_s)|      lower is better: a method that depends on
                                                        the weights loses its map as they go
 
 Stability: explain an augmented input ``T(x)``, carry the map back to the original frame
@@ -86,6 +86,7 @@ class Randomization:
     name = "randomization"
     direction = Direction.LOWER
     needs = frozenset({Need.TORCH_MODEL})
+    range = (0.0, 1.0)  # a mean of |Spearman|
 
     def compute(
         self,
@@ -127,13 +128,19 @@ class Randomization:
                 rho.append(spearman(original, maps.flatten(1)))
                 sim.append(ssim(original.view_as(maps), maps))
         rho_t, sim_t = torch.stack(rho), torch.stack(sim)  # (stages, N)
+        # |rho|: a map that inverted (rho = -0.8) kept its structure as much as one that stayed
+        # (rho = 0.8); only a map with no rank correlation left "changed with the model".
+        magnitude = rho_t.abs()
         return MetricResult(
-            rho_t.mean(dim=0),
+            magnitude.mean(dim=0),
             {
                 "layers": [name for name, _ in order],  # output side first
                 "stages": points,  # top layers random at each point
                 "stage_layers": [order[p - 1][0] for p in points],  # deepest random layer
                 "spearman": rho_t.nanmean(dim=1).tolist(),
+                "abs_spearman": magnitude.nanmean(dim=1).tolist(),
+                # the sanity check of compare()'s verdict: |rho| with every chosen layer random
+                "abs_spearman_deepest": magnitude[-1].cpu(),
                 "ssim": sim_t.nanmean(dim=1).tolist(),
                 "spearman_per_sample": rho_t.cpu(),
                 "ssim_per_sample": sim_t.cpu(),
@@ -197,6 +204,7 @@ class Stability:
     name = "stability"
     direction = Direction.HIGHER
     needs: frozenset[Need] = frozenset()
+    range = (-1.0, 1.0)  # a mean of rank correlations
 
     def compute(
         self,
