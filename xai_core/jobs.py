@@ -330,18 +330,18 @@ def _explain_one(
     maps = exp.maps.detach().cpu().numpy()
     atomic_save_npy(folder / f"maps_{method}.npy", maps.astype(np.float32))
     heat, display, sample = _display_pair(exp, loaded, x)
-    display, heat = on_display_grid(display, heat, heat.ndim)  # the input's own aspect
-    scaled, scale = scale_map(heat, method)
-    middle = heat.shape[0] // 2 if heat.ndim == 3 else None  # a volume: show its middle slice
+    scaled, scale = scale_map(heat, method)  # limits from the map as computed
+    display, scaled = on_display_grid(display, scaled, heat.ndim)  # the input's own aspect
+    middle = scaled.shape[0] // 2 if scaled.ndim == 3 else None  # a volume: show its middle slice
     names = _names(exp.targets, class_names)
     target = None if exp.targets is None else int(exp.targets[sample, 0])
     facts = decision_facts(exp.scores[sample].detach().cpu().numpy(), target, class_names or ())
     shown = (display, scaled) if middle is None else (display[middle], scaled[middle])
-    lines = [f"{item.key}" + ("" if middle is None else f", slice {middle + 1}/{heat.shape[0]}")]
+    lines = [item.key + ("" if middle is None else f", slice {middle + 1}/{scaled.shape[0]}")]
     png = figure_png(*shown, scale, method=method, lines=lines + fact_lines(facts))
     atomic_write_bytes(folder / f"overlay_{method}.png", png)
     caption = f"{method}; target: {names[0] if names else exp.targets[0].tolist()}"
-    fragment = input_section(item.key, display, {method: heat}, caption=caption, facts=facts)
+    fragment = input_section(item.key, loaded.display, {method: heat}, caption=caption, facts=facts)
     atomic_write_text(folder / f"report_{method}.html", fragment)
     scores = exp.scores.detach().cpu()
     record = {

@@ -206,8 +206,9 @@ def input_section(
     panels = []
     for method, raw in {**maps, **(masks or {})}.items():
         is_mask = method not in maps
-        display, heat = on_display_grid(image, np.asarray(raw, np.float32), dims)
-        heat, scale = scale_map(heat, "" if is_mask else method)
+        # Scaled on the model's grid, so the colour bar's limits are the map's own values.
+        heat, scale = scale_map(np.asarray(raw, np.float32), "" if is_mask else method)
+        display, heat = on_display_grid(image, heat, dims)
         caption_of = f"{method} (mask)" if is_mask else method
         frames = _frames(display, heat, volume, alpha, scale.signed)
         panels.append(_Panel(caption_of, frames, None if is_mask else scale, method))
