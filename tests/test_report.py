@@ -213,3 +213,38 @@ def test_maps_are_shown_at_the_inputs_aspect(tmp_path):
     # rows that are not page-white across its columns are its rows.
     painted = (figure[:, 8 : 8 + 336] != 255).any(axis=2).mean(axis=1) > 0.95
     assert painted.sum() == 168
+
+
+def test_compare_report_shows_masks_decisions_and_curves_at_the_inputs_aspect(tmp_path):
+    from PIL import Image
+
+    from xai_core.io.inputs import find_inputs
+    from xai_core.io.preprocess import Preprocess
+    from xai_core.jobs import compare_files
+    from xai_core.testing import tiny_cnn
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        Image.fromarray((rng.random((20, 40)) * 255).astype(np.uint8)).save(
+            tmp_path / "in" / f"{name}.png"
+        )
+        mask = np.zeros((20, 40), np.uint8)
+        mask[5:10, 10:20] = 255
+        Image.fromarray(mask).save(tmp_path / "masks" / f"{name}.png")
+    summary = compare_files(
+        tiny_cnn(), find_inputs([tmp_path / "in"]), tmp_path / "out",
+        preprocess=Preprocess(size=(16, 16), channels=3), methods=["occlusion"],
+        metrics=["deletion"], masks=tmp_path / "masks", class_names=["n", "e", "d"],
+        options={"occlusion": {"window": 4, "stride": 4}},
+        metric_options={"deletion": {"steps": 4}},
+    )
+    text = summary.report.read_text()
+    assert text.count('class="fact fact-predicted"') == 2
+    assert text.count('alt="mask (mask)"') == 2 and text.count('class="cbar-label"') == 2
+    assert "occlusion: drop of the target score, signed" in text
+    curves = re.findall(r'class="curve"[^>]*src="data:image/png;base64,([^"]+)"', text)
+    assert len(curves) == 1 and min(_png(base64.b64decode(curves[0])).shape[:2]) > 100
+    overlays = re.findall(r'class="overlay"[^>]*src="data:image/png;base64,([^"]+)"', text)
+    assert {_png(base64.b64decode(uri)).shape[:2] for uri in overlays} == {(20, 40)}

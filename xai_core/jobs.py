@@ -496,7 +496,8 @@ def compare_files(
         target = int(result.targets[i])
         scores = next(iter(result.explanations.values())).scores[i] if heat else None
         facts = decision_facts(None if scores is None else scores.cpu().numpy(), target, names)
-        report.add_input(key, np.asarray(loaded[key].display), heat, facts=facts)
+        truth = None if mask_tensor is None else {"mask": mask_tensor[i].float().cpu().numpy()}
+        report.add_input(key, np.asarray(loaded[key].display), heat, facts=facts, masks=truth)
     for key, error in summary.failed.items():
         report.add_note(f"{key}: failed: {error}", error=True)
     summary.report = report.write(out / "report.html")
