@@ -248,3 +248,11 @@ def test_compare_report_shows_masks_decisions_and_curves_at_the_inputs_aspect(tm
     assert len(curves) == 1 and min(_png(base64.b64decode(curves[0])).shape[:2]) > 100
     overlays = re.findall(r'class="overlay"[^>]*src="data:image/png;base64,([^"]+)"', text)
     assert {_png(base64.b64decode(uri)).shape[:2] for uri in overlays} == {(20, 40)}
+
+
+def test_decision_of_a_single_output_model_and_of_a_segmentation_model():
+    assert decision_facts(np.array([0.0]), 0, ("nodule",)) == {
+        "predicted": "nodule (sigmoid 0.50)",
+        "target": "nodule (score 0)",
+    }
+    assert decision_facts(np.zeros((2, 4, 4)), 1, ("bg", "liver")) == {"target": "liver"}

@@ -218,12 +218,12 @@ def decision_facts(
             prob = np.exp(row - row.max())
             prob /= prob.sum()
             facts["predicted"] = f"{name(predicted)} (softmax {prob[predicted]:.2f})"
-        else:
-            facts["predicted"] = f"{name(predicted)}"
+            if truth is not None:
+                facts["verdict"] = "correct" if predicted == truth else "MISCLASSIFIED"
+        else:  # one output (a binary model's logit): its sigmoid, no argmax to speak of
+            facts["predicted"] = f"{name(0)} (sigmoid {1 / (1 + np.exp(-row[0])):.2f})"
         if target is not None and 0 <= target < row.size:
             facts["target"] = f"{name(target)} (score {row[target]:.3g})"
-        if truth is not None:
-            facts["verdict"] = "correct" if predicted == truth else "MISCLASSIFIED"
     elif target is not None:
         facts["target"] = name(target)
     if truth is not None:
