@@ -193,6 +193,8 @@ def test_maps_are_shown_at_the_inputs_aspect(tmp_path):
     Image.fromarray(wide).save(tmp_path / "wide.png")
     display, heat = on_display_grid(wide, np.ones((16, 16), np.float32), 2)
     assert display.shape == (24, 48) and heat.shape == (24, 48)
+    big = on_display_grid(np.zeros((2, 1024, 512), np.uint8), np.zeros((2, 8, 8)), 3)
+    assert big[0].shape == big[1].shape == (2, 256, 128)  # a volume's slices: capped, aspect kept
     out = tmp_path / "out"
     pre = Preprocess(size=(16, 16), channels=3)
     summary = explain_files(

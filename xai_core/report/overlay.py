@@ -20,6 +20,7 @@ DEFAULT_COLORMAP = "inferno"  # perceptually uniform, readable in grayscale prin
 DIVERGING_COLORMAP = "RdBu_r"  # blue below 0, red above, white-ish at 0
 DEAD_ZONE = 0.05  # |value| under this share of the map's largest |value| leaves the image as is
 MAX_DISPLAY_SIDE = 512  # overlays are shown at the input's aspect, at most this many pixels
+MAX_VOLUME_SIDE = 256  # ... and a volume's slices at most this many (a report holds every slice)
 
 # Methods whose maps are signed by definition, and what their values measure.
 SIGNED_METHODS = frozenset({"occlusion"})
@@ -128,16 +129,19 @@ def display_shape(shape: Sequence[int], max_side: int = MAX_DISPLAY_SIDE) -> tup
 
 
 def on_display_grid(
-    image: np.ndarray, heat: np.ndarray, spatial_dims: int, max_side: int = MAX_DISPLAY_SIDE
+    image: np.ndarray, heat: np.ndarray, spatial_dims: int, max_side: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """The display image and a map on the input's own aspect ratio.
 
     ``image``: the input as read, (*spatial) or (*spatial, 3); ``heat``: a map on the grid the
     model saw (e.g. square after ``--size``). Both are resampled to the input's shape (longest
-    side capped at ``max_side``), so a 2:1 radiograph explained at 224x224 is shown 2:1.
+    side capped at ``max_side``, by default :data:`MAX_DISPLAY_SIDE` for images and
+    :data:`MAX_VOLUME_SIDE` for volumes), so a 2:1 radiograph explained at 224x224 is shown 2:1.
     """
     from skimage.transform import resize
 
+    if max_side is None:
+        max_side = MAX_DISPLAY_SIDE if spatial_dims == 2 else MAX_VOLUME_SIDE
     image = np.asarray(image)
     target = display_shape(image.shape[:spatial_dims], max_side)
     if image.shape[:spatial_dims] != target:
