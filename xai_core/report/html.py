@@ -1,4 +1,5 @@
-"""One self-contained HTML file: overlays, 3D slice sliders, comparison tables.
+"""One self-contained HTML file: overlays with colour bars and the model's decision, 3D slice
+sliders, comparison tables and perturbation-curve plots.
 
 No network and no server: images are embedded as PNG data URIs, the stylesheet and the small
 slider script are inline, and a Content-Security-Policy forbids every other source. Every piece
