@@ -33,6 +33,12 @@ class PageCheck:
     broken_images: int = 0
     slider_changed: bool | None = None
     screenshot: Path | None = None
+    # What a reader needs beside each picture: counts of decoded images by class, the visible
+    # text of colour-bar labels and ticks, of decision captions (score, predicted, target).
+    decoded: dict[str, int] = field(default_factory=dict)
+    colour_bar_labels: list[str] = field(default_factory=list)
+    colour_bar_ticks: list[str] = field(default_factory=list)
+    facts: list[str] = field(default_factory=list)
 
 
 def check_report(html_file: Path, screenshot: Path) -> PageCheck:
@@ -53,6 +59,15 @@ def check_report(html_file: Path, screenshot: Path) -> PageCheck:
             )
             result.images = len(sizes)
             result.broken_images = sum(1 for done, width in sizes if not done or width == 0)
+            result.decoded = page.evaluate(
+                """() => Object.fromEntries(['overlay', 'cbar-img', 'curve'].map(c => [c,
+                    [...document.querySelectorAll('img.' + c)]
+                        .filter(e => e.complete && e.naturalWidth > 0).length]))"""
+            )
+            visible = "els => els.filter(e => e.offsetWidth > 0).map(e => e.innerText.trim())"
+            result.colour_bar_labels = page.eval_on_selector_all(".cbar-label", visible)
+            result.colour_bar_ticks = page.eval_on_selector_all(".cbar-ticks", visible)
+            result.facts = page.eval_on_selector_all("p.facts", visible)
             if page.query_selector("input.slider"):
                 group = page.get_attribute("input.slider", "data-group")
                 selector = f'img[data-group="{group}"]'

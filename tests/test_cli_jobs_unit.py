@@ -243,7 +243,7 @@ def test_an_input_failing_midway_leaves_no_partial_outputs(inputs, tmp_path, mon
     def broken_overlay(*args, **kwargs):  # fails after the maps were written
         raise ValueError("cannot draw")
 
-    monkeypatch.setattr(jobs, "overlay", broken_overlay)
+    monkeypatch.setattr(jobs, "figure_png", broken_overlay)
     out = tmp_path / "out"
     summary = jobs.explain_files(tiny_cnn(), inputs[:1], out, method="cam", preprocess=PRE)
     assert summary.failed == {"a.png": "ValueError: cannot draw"}

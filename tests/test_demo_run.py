@@ -57,3 +57,22 @@ def test_demo_report_renders_in_chromium(demo, tmp_path):
     assert page.console_errors == []
     assert page.images > 50 and page.broken_images == 0
     assert page.slider_changed is True  # the CT study has slice sliders
+    # Every map has a labelled colour bar, every input its decision, the curves are drawn.
+    assert page.decoded["cbar-img"] == len(page.colour_bar_labels) > 50
+    assert any("occlusion: drop of the target score, signed" in t for t in page.colour_bar_labels)
+    assert any(t.startswith("gradcam, min-max per map") for t in page.colour_bar_labels)
+    assert all("predicted:" in f and "target:" in f and "truth:" in f for f in page.facts)
+    assert len(page.facts) == 6 + 6 + 6 + 4 + 6 + 6
+    assert page.decoded["curve"] == 4 * 2  # deletion and insertion of the first four studies
+
+
+def test_demo_writes_overlay_files(demo):
+    from PIL import Image
+
+    out, _ = demo
+    files = sorted((out / "overlays").glob("*.png"))
+    names = {f.name for f in files}
+    assert {"study1_sample0_occlusion.png", "study4_sample0_gradcam.png"} <= names
+    assert len(files) > 50
+    with Image.open(out / "overlays" / "study1_sample0_gradcam.png") as image:
+        assert image.width >= 320 and image.height > image.width  # text, overlay, colour bar

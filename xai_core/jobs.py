@@ -46,8 +46,15 @@ from xai_core.io.outputs import (
     request_key,
 )
 from xai_core.io.preprocess import Preprocess
-from xai_core.report import HtmlReport, overlay, to_png
+from xai_core.report import HtmlReport
 from xai_core.report.html import input_section
+from xai_core.report.overlay import (
+    decision_facts,
+    fact_lines,
+    figure_png,
+    on_display_grid,
+    scale_map,
+)
 from xai_core.types import ExplainerInfo
 
 Progress = Callable[[str, int, int], None]  # (message, done, total)
@@ -77,18 +84,6 @@ class JobSummary:
 
 def middle_slice(volume: np.ndarray) -> np.ndarray:
     return volume[volume.shape[0] // 2]
-
-
-def display_of(loaded: Any, spatial: tuple[int, ...]) -> np.ndarray:
-    """The input's display image resized to the explained grid (maps live on that grid)."""
-    from skimage.transform import resize
-
-    display = np.asarray(loaded.display)
-    target = spatial + display.shape[len(spatial) :]
-    if display.shape[: len(spatial)] != spatial:
-        display = resize(display, target, order=1, preserve_range=True, anti_aliasing=True)
-        display = display.round().astype(np.uint8)
-    return display
 
 
 # Errors that do not depend on the input: they would fail every input alike, so the run stops at
@@ -334,13 +329,19 @@ def _explain_one(
     folder.mkdir(parents=True, exist_ok=True)
     maps = exp.maps.detach().cpu().numpy()
     atomic_save_npy(folder / f"maps_{method}.npy", maps.astype(np.float32))
-    heat, display = _display_pair(exp, loaded, x)
-    middle = heat.shape[0] // 2 if heat.ndim == 3 else None  # a volume: show its middle slice
-    png = overlay(display[middle], heat[middle]) if middle is not None else overlay(display, heat)
-    atomic_write_bytes(folder / f"overlay_{method}.png", to_png(png))
+    heat, display, sample = _display_pair(exp, loaded, x)
+    scaled, scale = scale_map(heat, method)  # limits from the map as computed
+    display, scaled = on_display_grid(display, scaled, heat.ndim)  # the input's own aspect
+    middle = scaled.shape[0] // 2 if scaled.ndim == 3 else None  # a volume: show its middle slice
     names = _names(exp.targets, class_names)
+    target = None if exp.targets is None else int(exp.targets[sample, 0])
+    facts = decision_facts(exp.scores[sample].detach().cpu().numpy(), target, class_names or ())
+    shown = (display, scaled) if middle is None else (display[middle], scaled[middle])
+    lines = [item.key + ("" if middle is None else f", slice {middle + 1}/{scaled.shape[0]}")]
+    png = figure_png(*shown, scale, method=method, lines=lines + fact_lines(facts))
+    atomic_write_bytes(folder / f"overlay_{method}.png", png)
     caption = f"{method}; target: {names[0] if names else exp.targets[0].tolist()}"
-    fragment = input_section(item.key, display, {method: heat}, caption=caption)
+    fragment = input_section(item.key, loaded.display, {method: heat}, caption=caption, facts=facts)
     atomic_write_text(folder / f"report_{method}.html", fragment)
     scores = exp.scores.detach().cpu()
     record = {
@@ -356,6 +357,9 @@ def _explain_one(
         "seconds": time.perf_counter() - start,
         "options": {k: repr(v) for k, v in options.items()},
         "maps_shape": list(maps.shape),
+        "decision": facts,
+        "colour_scale": {"signed": scale.signed, "low": scale.low, "high": scale.high,
+                         "label": scale.label(method)},
     }
     atomic_write_text(folder / f"result_{method}.json", json.dumps(record, indent=2))
     return record, [folder / name for name in output_names(method)]
@@ -390,25 +394,20 @@ def _names(targets: torch.Tensor | None, class_names: Sequence[str] | None) -> l
     ]
 
 
-def _display_pair(exp, loaded, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """(normalised heat, display image) on the explained grid, for one input.
+def _display_pair(exp, loaded, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int]:
+    """(raw map on the explained grid, display image as read, the sample whose decision is
+    shown) for one input.
 
-    2D: (H, W) each. A volume, explained whole or slice by slice: (D, H, W) heat and a matching
+    2D: an (H, W) map. A volume, explained whole or slice by slice: a (D, H, W) map with the
     display stack. Several targets or layers: the first is shown (all are in the .npy file).
     """
-    heat = exp.normalized().detach().cpu().numpy()
+    heat = exp.maps.detach().to("cpu", torch.float32).numpy()
     spatial = tuple(x.shape[2:])
     per_sample = heat.reshape(x.shape[0], -1, *spatial)[:, 0]  # (N, *spatial)
-    if x.ndim == 5:  # one volume
-        heat = per_sample[0]
-        display = display_of(loaded, spatial)
-    elif x.shape[0] > 1:  # slices of a volume as a batch
-        heat = per_sample
-        display = display_of(loaded, (x.shape[0], *spatial))
-    else:
-        heat = per_sample[0]
-        display = display_of(loaded, spatial)
-    return heat, display
+    display = np.asarray(loaded.display)
+    if x.ndim == 5 or x.shape[0] == 1:  # one volume, or one image
+        return per_sample[0], display, 0
+    return per_sample, display, x.shape[0] // 2  # slices of a volume as a batch
 
 
 @dataclass
@@ -489,13 +488,16 @@ def compare_files(
     report = HtmlReport(title="xai-core: comparison")
     report.add_comparison(result)
     report.add_heading("Inputs")
+    names = tuple(class_names or ())
     for i, key in enumerate(keys):
-        spatial = tuple(x.shape[2:])
-        display = display_of(loaded[key], spatial)
-        heat = {m: e.normalized()[i].detach().cpu().numpy() for m, e in result.explanations.items()}
+        # Raw maps (signed ones keep their sign) on the model's grid; shown at the input's aspect.
+        heat = {m: e.full[i, 0, 0].detach().to("cpu", torch.float32).numpy()
+                for m, e in result.explanations.items()}
         target = int(result.targets[i])
-        name = class_names[target] if class_names and target < len(class_names) else target
-        report.add_input(key, display, heat, caption=f"target: {name}")
+        scores = next(iter(result.explanations.values())).scores[i] if heat else None
+        facts = decision_facts(None if scores is None else scores.cpu().numpy(), target, names)
+        truth = None if mask_tensor is None else {"mask": mask_tensor[i].float().cpu().numpy()}
+        report.add_input(key, np.asarray(loaded[key].display), heat, facts=facts, masks=truth)
     for key, error in summary.failed.items():
         report.add_note(f"{key}: failed: {error}", error=True)
     summary.report = report.write(out / "report.html")

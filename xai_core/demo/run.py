@@ -29,6 +29,7 @@ import xai_core
 from xai_core.comparison import Comparison
 from xai_core.demo import data
 from xai_core.report import HtmlReport, comparison_json, comparison_markdown
+from xai_core.report.overlay import decision_facts, fact_lines, figure_png, scale_map
 
 SEED = 2026
 # Windows about the size of the lesions, overlapping by half: 225 boxes per 64x64 image, 343 per
@@ -61,6 +62,7 @@ class Study:
     # In the report's opening verdicts; not the marker studies, whose "best" map is the one that
     # points at the shortcut: a finding about the model, read with the study's note.
     overview: bool = True
+    labels: np.ndarray | None = None  # (N,) the true class of each sample, when known
 
 
 @dataclass
@@ -103,7 +105,8 @@ def _display(images: torch.Tensor) -> np.ndarray:
 def run_demo(
     out: str | Path = "xai-demo", progress: Callable[[str], None] | None = None
 ) -> DemoResult:
-    """Run the six studies, write ``report.html`` and the tables into ``out``."""
+    """Run the six studies, write ``report.html``, the tables and ``overlays/*.png`` (each map
+    with its colour bar and the model's decision) into ``out``."""
     from xai_core.demo import load_model, onnx_path
 
     start = time.perf_counter()
@@ -132,6 +135,7 @@ def run_demo(
         classes=names,
         metrics=None,
         overview=True,
+        labels=None,
     ):
         say(title)
         result = xai_core.compare(
@@ -145,7 +149,10 @@ def run_demo(
             metric_options=_metric_options(metrics),
             progress=lambda m: say(f"{title}: {m}"),
         )
-        studies.append(Study(title, note, result, display, truth, classes, overview))
+        labels = None if labels is None else labels.numpy()
+        studies.append(
+            Study(title, note, result, display, truth, classes, overview=overview, labels=labels)
+        )
 
     truth = {"lesion (ground truth)": lesion.numpy()}
     study(
@@ -159,6 +166,7 @@ def run_demo(
         options={"occlusion": OCCLUSION_2D},
         truth=truth,
         display=_display(xrays.images),
+        labels=xrays.labels,
     )
     study(
         "X-ray ViT",
@@ -171,6 +179,7 @@ def run_demo(
         options={"occlusion": OCCLUSION_2D},
         truth=truth,
         display=_display(xrays.images),
+        labels=xrays.labels,
     )
     study(
         "X-ray CNN (ONNX)",
@@ -182,6 +191,7 @@ def run_demo(
         options={"occlusion": OCCLUSION_2D},
         truth=truth,
         display=_display(xrays.images),
+        labels=xrays.labels,
     )
     volumes = data.make_volumes(4, seed=SEED)
     study(
@@ -194,6 +204,7 @@ def run_demo(
         truth={"lesion (ground truth)": volumes.masks.numpy()},
         display=_display(volumes.images),
         classes=data.CT_CLASSES,
+        labels=volumes.labels,
     )
     shortcut = data.make_xrays(6, seed=SEED + 1, shortcut=True, marker="all")
     markers = shortcut.markers
@@ -216,6 +227,7 @@ def run_demo(
             options={"occlusion": OCCLUSION_2D},
             truth={"marker": markers.numpy(), "lesion": shortcut.masks.numpy()},
             display=_display(shortcut.images),
+            labels=shortcut.labels,
         )
     say("writing the report")
     report = _write_report(studies, out)
@@ -249,23 +261,55 @@ def _write_report(studies: list[Study], out: Path) -> Path:
         report.add_comparison(result)
         for i in range(study.display.shape[0]):
             target = int(result.targets[i])
-            name = study.class_names[target] if target < len(study.class_names) else str(target)
+            truth = None if study.labels is None else int(study.labels[i])
+            # Raw maps (occlusion keeps its sign); the first explanation's scores are the model's.
             maps = {
-                method: exp.normalized()[i].detach().cpu().numpy()
+                method: exp.full[i, 0, 0].detach().to("cpu", torch.float32).numpy()
                 for method, exp in result.explanations.items()
             }
-            maps.update(
-                {panel: masks[i].astype(np.float32) for panel, masks in study.truth.items()}
-            )
+            scores = next(iter(result.explanations.values())).scores[i].cpu().numpy()
+            facts = decision_facts(scores, target, study.class_names, truth)
+            name = f"{study.title}: sample {i}"
             report.add_input(
-                f"{study.title}: sample {i}",
+                name,
                 study.display[i],
                 maps,
-                caption=f"explained class: {name}",
+                facts=facts,
+                masks={panel: masks[i].astype(np.float32) for panel, masks in study.truth.items()},
             )
+            _write_overlays(out / "overlays", f"study{index + 1}_sample{i}", name, study, i, maps,
+                            facts)
         stem = f"study{index + 1}"
         atomic_write_text(out / f"{stem}.md", f"## {study.title}\n\n{comparison_markdown(result)}")
         atomic_write_text(out / f"{stem}.json", comparison_json(result))
         tables.append(f"## {study.title}\n\n{study.note}\n\n{comparison_markdown(result)}")
     atomic_write_text(out / "summary.md", "\n".join(tables))
     return report.write(out / "report.html")
+
+
+def _write_overlays(
+    folder: Path,
+    stem: str,
+    name: str,
+    study: Study,
+    i: int,
+    maps: dict[str, np.ndarray],
+    facts: dict[str, str],
+) -> None:
+    """Each map of sample ``i`` as ``folder/<stem>_<method>.png``, with its colour bar and the
+    model's decision (a volume: its middle slice)."""
+    from xai_core.io.outputs import atomic_write_bytes
+
+    folder.mkdir(parents=True, exist_ok=True)
+    image = study.display[i]
+    for method, raw in maps.items():
+        heat, scale = scale_map(raw, method)
+        lines = [name]
+        if heat.ndim == 3:
+            middle = heat.shape[0] // 2
+            image_2d, heat = image[middle], heat[middle]
+            lines = [f"{name}, slice {middle + 1}/{raw.shape[0]}"]
+        else:
+            image_2d = image
+        png = figure_png(image_2d, heat, scale, method=method, lines=lines + fact_lines(facts))
+        atomic_write_bytes(folder / f"{stem}_{method}.png", png)
