@@ -277,8 +277,9 @@ def _write_report(studies: list[Study], out: Path) -> Path:
                 facts=facts,
                 masks={panel: masks[i].astype(np.float32) for panel, masks in study.truth.items()},
             )
-            _write_overlays(out / "overlays", f"study{index + 1}_sample{i}", name, study, i, maps,
-                            facts)
+            _write_overlays(
+                out / "overlays", f"study{index + 1}_sample{i}", name, study, i, maps, facts
+            )
         stem = f"study{index + 1}"
         atomic_write_text(out / f"{stem}.md", f"## {study.title}\n\n{comparison_markdown(result)}")
         atomic_write_text(out / f"{stem}.json", comparison_json(result))
