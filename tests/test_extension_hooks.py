@@ -190,6 +190,10 @@ def test_xai_explain_runs_a_plugin_model_on_plugin_inputs(demo_site, npy_folder,
         assert maps.shape[-2:] == (32, 32) and np.isfinite(maps).all()
     summary = json.loads((out / "summary.json").read_text())
     assert not summary.get("failed")
+    listed = subprocess.run([XAI, "plugins", "--json"], capture_output=True, text=True, env=env)
+    rows = {(r["name"], r["kind"]) for r in json.loads(listed.stdout) if r["status"] == "ok"}
+    added = {("extension_demo", "loader"), ("npyimg", "reader"), ("chunked-threads", "executor")}
+    assert added <= rows
 
 
 # -- executors -------------------------------------------------------------------------------

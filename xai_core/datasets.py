@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from xai_core.api import check_masks, check_options, run_explainer
 from xai_core.errors import CapabilityError, InputError, OptionError, XaiError
+from xai_core.executors import DEFAULT_ENGINE, Executor, Partial, run
 from xai_core.io.inputs import MaskFolder
 from xai_core.registry import get_registry
 from xai_core.tags import Scope
@@ -384,7 +385,7 @@ def explain_dataset(
     preprocess: Any = None,
     labels: torch.Tensor | Sequence[int] | None = None,
     progress: Progress | None = None,
-    engine: Any = "local",
+    engine: str | Executor = DEFAULT_ENGINE,
     **options: Any,
 ) -> Any:
     """Run a global method over ``data`` batch by batch and merge its per-batch summaries.
@@ -419,8 +420,6 @@ def explain_dataset(
     stream = DataStream(
         data, batch_size=batch_size, device=adapter.device, preprocess=preprocess, labels=labels
     )
-    from xai_core.executors import run
-
     step = _GlobalStep(info, adapter, group_by, options)
     merged = run(engine, step, stream, total=stream.total, progress=progress)
     if merged is None:
@@ -437,9 +436,7 @@ class _GlobalStep:
     group_by: str
     options: dict[str, Any]
 
-    def __call__(self, batch: Batch) -> Any:
-        from xai_core.executors import Partial
-
+    def __call__(self, batch: Batch) -> Partial:
         targets = batch_targets(batch, self.group_by)
         exp = run_explainer(self.info, self.adapter, batch.inputs, targets, self.options)
         part = exp.details.get("global")

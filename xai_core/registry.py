@@ -1014,6 +1014,36 @@ class Registry:
 
     # -- reporting ---------------------------------------------------------------------------
 
+    def _extension_rows(self) -> list[dict[str, Any]]:
+        """Rows for the plugins' model loaders, readers and executors (not the core's own)."""
+        found: list[tuple[str, str, PluginInfo, str]] = []
+        for impl in self._plugin_impls("load_model"):
+            if impl.plugin_name != CORE_PLUGIN:
+                doc = (inspect.getdoc(impl.function) or "").strip()
+                source = self._source(impl.plugin_name)
+                found.append((source.plugin, "loader", source, doc.splitlines()[0] if doc else ""))
+        for name, _, source in self.readers():
+            found.append((name, "reader", source, "for files the core's readers do not claim"))
+        table = self._cached("_executors", "register_executors", _check_executor, "executor")
+        for name, entries in table.items():
+            if len(entries) == 1:
+                found.append((name, "executor", entries[0].source, f"engine={name!r}"))
+        return [
+            {
+                "name": name,
+                "kind": kind,
+                "scope": None,
+                "dependence": None,
+                "plugin": source.distribution or source.plugin,
+                "version": source.version,
+                "status": "ok",
+                "origin": _origin(source),
+                "note": note,
+            }
+            for name, kind, source, note in found
+            if source.plugin != CORE_PLUGIN
+        ]
+
     def plugin_rows(self) -> list[dict[str, Any]]:
         """One row per explainer, metric, adapter, command, conflict and failure (``xai plugins``).
 
@@ -1072,6 +1102,7 @@ class Registry:
                     "note": f"{summary} {_ADAPTER_NOTE}" if summary else _ADAPTER_NOTE,
                 }
             )
+        rows.extend(self._extension_rows())
         for name, source in sorted(self.commands.items()):
             rows.append(
                 {
