@@ -273,6 +273,9 @@ def test_audit_partial_sums_add_up_to_the_whole(fresh_registry):
         torch.testing.assert_close(m.sums, w.sums, atol=1e-9, rtol=1e-9)
         assert torch.equal(m.counts, w.counts)
     assert torch.equal(merged.value.masked, whole.value.masked)
+    # The step pickles (a worker process runs a copy) and gives the same part.
+    copy = pickle.loads(pickle.dumps(step))(Batch(x[:5], y[:5], masks[:5]))
+    assert torch.equal(copy.value.positive.sums, a.value.positive.sums)
     no_masks = step(Batch(x[:2], y[:2]))
     with pytest.raises(xai_core.errors.InputError, match="Masks were given for some batches"):
         _ = a + no_masks
@@ -285,6 +288,22 @@ def test_unknown_and_malformed_engines_are_typed_errors(fresh_registry):
     with pytest.raises(OptionError, match="engine must be"):
         audit(tiny_cnn(), (x, y), engine=42)
     assert fresh_registry.executor_names() == ["local"]
+
+    class Local:  # the core's engine name cannot be taken over
+        name = "local"
+        map = reduce = staticmethod(lambda *args: None)
+
+    class Plugin:
+        @xai_core.hookimpl
+        def register_executors(self, register):
+            register(Local)
+
+    fresh_registry.register_plugin(Plugin(), "takeover", distribution="takeover", version="1")
+    with pytest.warns(PluginWarning):
+        engine = fresh_registry.get_executor("local")
+    assert type(engine).__module__ == "xai_core.executors"
+    (failure,) = [f for f in fresh_registry.failures if f.plugin == "takeover"]
+    assert "provided by the built-in xai-core" in failure.error
 
 
 def test_partials_merge_with_plus():
