@@ -276,9 +276,17 @@ def test_audit_partial_sums_add_up_to_the_whole(fresh_registry):
     # The step pickles (a worker process runs a copy) and gives the same part.
     copy = pickle.loads(pickle.dumps(step))(Batch(x[:5], y[:5], masks[:5]))
     assert torch.equal(copy.value.positive.sums, a.value.positive.sums)
+    before = a.value.maps.sums.clone()
+    a += b  # what the local engine's reduce does: in place, the same sums as a + b
+    assert a.images == 8 and a.value.without == merged.value.without
+    assert torch.equal(a.value.maps.sums, merged.value.maps.sums)
+    assert torch.equal(a.value.off_hits.sums, merged.value.off_hits.sums)
+    assert not torch.equal(before, a.value.maps.sums)
     no_masks = step(Batch(x[:2], y[:2]))
     with pytest.raises(xai_core.errors.InputError, match="Masks were given for some batches"):
-        _ = a + no_masks
+        _ = b + no_masks
+    with pytest.raises(xai_core.errors.InputError, match="Masks were given for some batches"):
+        b += no_masks
 
 
 def test_unknown_and_malformed_engines_are_typed_errors(fresh_registry):

@@ -321,6 +321,19 @@ class _Sums:
             without=self.without + other.without,
         )
 
+    def __iadd__(self, other: _Sums) -> _Sums:
+        """In place, for a running reduce: one set of sums in memory, as before executors."""
+        if (self.off is None) != (other.off is None):
+            raise InputError("Masks were given for some batches but not for others.")
+        for name in ("maps", "positive", "hits", "image", "off", "off_hits"):
+            mine = getattr(self, name)
+            if mine is not None:
+                mine += getattr(other, name)
+        if self.masked is not None:
+            self.masked += other.masked.to(self.masked.device)
+        self.without += other.without
+        return self
+
 
 @dataclass
 class _AuditStep:

@@ -338,6 +338,15 @@ class ClassMaps:
             self.counts + other.counts.to(device),
         )
 
+    def __iadd__(self, other: ClassMaps) -> ClassMaps:
+        """Merge ``other`` into these sums in place (what a running reduce uses: no copy)."""
+        if other.sums.shape != self.sums.shape:
+            return self + other  # raises the error above
+        self.sums += other.sums.to(self.sums.device)
+        self.squares += other.squares.to(self.sums.device)
+        self.counts += other.counts.to(self.sums.device)
+        return self
+
     def _per_class(self) -> torch.Tensor:
         return self.counts.clamp(min=1).to(torch.float64).view(-1, *([1] * len(self.spatial)))
 

@@ -54,8 +54,11 @@ class LocalExecutor:
 
     def reduce(self, parts: Iterable[Any]) -> Any:
         total = None
-        for part in parts:
-            total = part if total is None else total + part
+        for part in parts:  # in place where the part allows it (``+=``): one running sum
+            if total is None:
+                total = part
+            else:
+                total += part
         return total
 
 
@@ -68,6 +71,11 @@ class Partial:
 
     def __add__(self, other: Partial) -> Partial:
         return Partial(self.value + other.value, self.images + other.images)
+
+    def __iadd__(self, other: Partial) -> Partial:
+        self.value += other.value  # in place when the value supports it
+        self.images += other.images
+        return self
 
 
 def get_executor(engine: str | Executor) -> Executor:
