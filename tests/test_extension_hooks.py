@@ -93,14 +93,19 @@ def test_a_plugin_loads_its_own_specs_and_never_existing_files(demo, tmp_path, c
 
 
 class _Raising:
-    """An in-process plugin whose loader and reader raise."""
+    """An in-process plugin whose loader and reader raise, and that tries to go first."""
 
-    @xai_core.hookimpl
+    @xai_core.hookimpl(tryfirst=True)
     def load_model(self, spec, options):
         raise RuntimeError("loader exploded")
 
-    @xai_core.hookimpl
+    @xai_core.hookimpl(tryfirst=True)
     def register_readers(self, register):
+        class Greedy:  # asked only for files the core's readers do not claim
+            name = "greedy"
+            claims = staticmethod(lambda path: path.suffix in (".png", ".txt"))
+            read = staticmethod(lambda path, options: None)
+
         class Bad:
             name = "bad"
 
@@ -117,6 +122,7 @@ class _Raising:
             claims = staticmethod(lambda path: True)
             read = staticmethod(lambda path, options: None)
 
+        register(Greedy)
         register(Bad)
         register(Impostor)
 
@@ -134,7 +140,8 @@ def test_raising_loaders_and_readers_are_failures_and_built_ins_still_work(
 
         Image.fromarray(np.zeros((8, 8), np.uint8)).save(npy_folder / "plain.png")
         items = find_inputs([npy_folder])
-    assert sorted(str(i.kind) for i in items) == ["image", "npyimg", "npyimg", "npyimg"]
+    kinds = sorted(str(i.kind) for i in items)
+    assert kinds == ["greedy", "image", "npyimg", "npyimg", "npyimg"]  # greedy: notes.txt
     failures = {(f.plugin, f.stage): f.error for f in demo.failures}
     assert failures[("raising", "load_model")] == "RuntimeError: loader exploded"
     assert failures[("raising", "claims")] == "RuntimeError: claims exploded"

@@ -540,8 +540,10 @@ class Registry:
         return self._sources.get(plugin_name, PluginInfo(plugin_name, None, None))
 
     def _plugin_impls(self, hook_name: str) -> list[Any]:
-        """A hook's implementations in pluggy's call order (the last registered first)."""
-        return list(reversed(getattr(self.pm.hook, hook_name).get_hookimpls()))
+        """A hook's implementations in pluggy's call order (the last registered first), the
+        core's own always first: a plugin's ``tryfirst`` cannot put it before the core."""
+        impls = reversed(getattr(self.pm.hook, hook_name).get_hookimpls())
+        return sorted(impls, key=lambda impl: impl.plugin_name != CORE_PLUGIN)  # stable
 
     # -- calling hooks -----------------------------------------------------------------------
 
