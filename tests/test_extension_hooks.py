@@ -85,6 +85,10 @@ def test_a_plugin_loads_its_own_specs_and_never_existing_files(demo, tmp_path, c
         load_model("toy:huge")
     with pytest.raises(ModelError, match="No installed plugin loads nope: specs"):
         load_model("nope:thing")
+    rows = {(r["name"], r["kind"], r["plugin"]) for r in demo.plugin_rows() if r["status"] == "ok"}
+    added = {("extension_demo", "loader"), ("npyimg", "reader"), ("chunked-threads", "executor")}
+    assert {(name, kind, "xai-extension-demo") for name, kind in added} <= rows  # xai plugins
+    assert not {r for r in rows if r[2] == "xai-core"}  # the core's own are not plugin rows
     # A file that exists is the core's, even when named like a plugin's spec.
     path = tmp_path / "toy:tiny"
     torch.jit.save(torch.jit.script(cnn), str(path))
@@ -197,10 +201,6 @@ def test_xai_explain_runs_a_plugin_model_on_plugin_inputs(demo_site, npy_folder,
         assert maps.shape[-2:] == (32, 32) and np.isfinite(maps).all()
     summary = json.loads((out / "summary.json").read_text())
     assert not summary.get("failed")
-    listed = subprocess.run([XAI, "plugins", "--json"], capture_output=True, text=True, env=env)
-    rows = {(r["name"], r["kind"]) for r in json.loads(listed.stdout) if r["status"] == "ok"}
-    added = {("extension_demo", "loader"), ("npyimg", "reader"), ("chunked-threads", "executor")}
-    assert added <= rows
 
 
 # -- executors -------------------------------------------------------------------------------
