@@ -6,6 +6,7 @@ import inspect
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import typer
@@ -25,7 +26,15 @@ HOOKS = sorted(
 
 
 def test_every_hook_has_a_test_and_documentation():
-    assert HOOKS == ["adapt_model", "register_commands", "register_explainers", "register_metrics"]
+    assert HOOKS == [
+        "adapt_model",
+        "load_model",
+        "register_commands",
+        "register_executors",
+        "register_explainers",
+        "register_metrics",
+        "register_readers",
+    ]
     module = sys.modules[__name__]
     guide = (DOCS / "writing-a-plugin.md").read_text()
     for name in HOOKS:
@@ -145,3 +154,74 @@ def test_plugin_tutorial_shows_the_tested_plugin_verbatim():
     data = Path(__file__).parent / "data"
     for path, body in blocks:
         assert body == (data / path).read_text(), f"{path} differs from the tutorial"
+
+
+def test_hook_load_model(fresh_registry, cnn):
+    class Plugin:
+        @xai_core.hookimpl
+        def load_model(self, spec, options):
+            if spec.startswith("mine:"):
+                return cnn, {"classes": options["num_classes"]}
+            return None
+
+    fresh_registry.register_plugin(Plugin(), "mine", distribution="mine-dist", version="1")
+    from xai_core.io.models import load_model
+
+    model, info = load_model("mine:net", num_classes=4)
+    assert model is cnn
+    assert info == {"kind": "mine", "classes": 4, "loader": "mine-dist"}
+
+
+def test_hook_register_readers(fresh_registry, tmp_path):
+    from xai_core.io import find_inputs, read_item
+    from xai_core.io.inputs import LoadedInput
+
+    class Flat:
+        name = "flat"
+
+        def claims(self, path):
+            return path.suffix == ".flat"
+
+        def read(self, path, options):
+            options.check_size(path, (1, 2, 2), 4)
+            return LoadedInput(np.full((1, 2, 2), 0.5, np.float32), np.zeros((2, 2), np.uint8))
+
+    class Plugin:
+        @xai_core.hookimpl
+        def register_readers(self, register):
+            register(Flat())  # an instance is fine too
+
+    fresh_registry.register_plugin(Plugin(), "flat-plugin")
+    (tmp_path / "a.flat").write_text("")
+    (item,) = find_inputs([tmp_path])
+    assert item.kind == "flat"
+    assert read_item(item).array.mean() == 0.5
+    from xai_core.errors import InputTooLargeError
+
+    with pytest.raises(InputTooLargeError):
+        read_item(item, max_input_bytes=8)
+
+
+def test_hook_register_executors(fresh_registry):
+    from xai_core.executors import Partial, run
+
+    class Twice:
+        name = "twice"
+
+        def map(self, step, batches):
+            for batch in batches:
+                yield step(batch) + step(batch)
+
+        def reduce(self, parts):
+            return sum(parts, Partial(0, 0))
+
+    class Plugin:
+        @xai_core.hookimpl
+        def register_executors(self, register):
+            register(Twice)
+
+    fresh_registry.register_plugin(Plugin(), "twice-plugin")
+    assert fresh_registry.executor_names() == ["local", "twice"]
+    merged = run("twice", lambda b: Partial(b, 1), [1, 2, 3])
+    assert (merged.value, merged.images) == (12, 6)
+    assert run("local", lambda b: Partial(b, 1), [1, 2, 3]).value == 6

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from xai_core.api import run_explainer
 from xai_core.datasets import ClassMaps, DataStream, Progress, batch_targets
 from xai_core.errors import CapabilityError, InputError, OptionError, did_you_mean
+from xai_core.executors import DEFAULT_ENGINE, Executor, Partial, run
 from xai_core.explanation import normalize
 from xai_core.registry import get_registry
 from xai_core.tags import Scope
@@ -287,7 +288,11 @@ def _unit(a: np.ndarray) -> np.ndarray:
 
 @dataclass
 class _Sums:
-    """What the audit accumulates per class while it streams (all ``ClassMaps``)."""
+    """What the audit accumulates per class while it streams (all ``ClassMaps``).
+
+    Partial sums over parts of the data merge with ``+`` into the sums over all of it (the
+    executor's reduce, see :mod:`xai_core.executors`).
+    """
 
     maps: ClassMaps  # normalised maps: mean and spread, as `aggregate` gives them
     positive: ClassMaps  # positive part of the raw maps: their class mean gives P_c
@@ -296,6 +301,75 @@ class _Sums:
     off: ClassMaps | None = None  # the positive part outside the widened mask
     off_hits: ClassMaps | None = None  # hits outside the widened mask
     masked: torch.Tensor | None = None  # (C,) images with a non-empty mask
+    without: int = 0  # images whose map had no positive value
+
+    def __add__(self, other: _Sums) -> _Sums:
+        if (self.off is None) != (other.off is None):
+            raise InputError("Masks were given for some batches but not for others.")
+
+        def both(a: Any, b: Any) -> Any:
+            return None if a is None else a + b.to(a.device) if torch.is_tensor(a) else a + b
+
+        return _Sums(
+            maps=self.maps + other.maps,
+            positive=self.positive + other.positive,
+            hits=self.hits + other.hits,
+            image=self.image + other.image,
+            off=both(self.off, other.off),
+            off_hits=both(self.off_hits, other.off_hits),
+            masked=both(self.masked, other.masked),
+            without=self.without + other.without,
+        )
+
+    def __iadd__(self, other: _Sums) -> _Sums:
+        """In place, for a running reduce: one set of sums in memory, as before executors."""
+        if (self.off is None) != (other.off is None):
+            raise InputError("Masks were given for some batches but not for others.")
+        for name in ("maps", "positive", "hits", "image", "off", "off_hits"):
+            mine = getattr(self, name)
+            if mine is not None:
+                mine += getattr(other, name)
+        if self.masked is not None:
+            self.masked += other.masked.to(self.masked.device)
+        self.without += other.without
+        return self
+
+
+@dataclass
+class _AuditStep:
+    """One batch of the audit: explained, then summed per class (a picklable step)."""
+
+    info: Any
+    adapter: Any
+    options: dict[str, Any]
+    group_by: str
+    reference: str
+    class_names: Sequence[str] | None
+    min_lift: float
+    mask_margin: int | None
+
+    def __call__(self, batch: Any) -> Partial:
+        if batch.inputs.ndim != 4:
+            raise InputError(
+                f"The audit works on 2D images (N, C, H, W); got {tuple(batch.inputs.shape)}."
+            )
+        if self.reference == "masks" and batch.masks is None:
+            raise OptionError("reference='masks' needs masks: pass masks=... or (x, y, masks).")
+        targets = batch_targets(batch, self.group_by)
+        exp = run_explainer(self.info, self.adapter, batch.inputs, targets, self.options)
+        if len(exp.raw) > 1 or exp.full.shape[1] != 1:
+            raise OptionError("The audit explains one class and one layer per image.")
+        raw = exp.full[:, 0, 0]  # (B, H, W) on the input grid
+        classes = exp.targets[:, 0]
+        # Each batch tells the number of classes and the image size; parts of another size
+        # refuse to merge.
+        names = _class_names(self.class_names, exp.scores.shape[1])
+        sums = _new_sums(len(names), raw.shape[1:], raw.device, batch.masks)
+        margin = (
+            self.mask_margin if self.mask_margin is not None else round(0.05 * max(raw.shape[1:]))
+        )
+        sums.without = _accumulate(sums, batch, raw, classes, self.min_lift, margin)
+        return Partial(sums, len(batch))
 
 
 def audit(
@@ -317,6 +391,7 @@ def audit(
     min_images: int = 5,
     mask_margin: int | None = None,
     progress: Progress | None = None,
+    engine: str | Executor = DEFAULT_ENGINE,
 ) -> AuditResult:
     """Explain every image of ``data`` and flag regions that hold a class's attribution.
 
@@ -345,6 +420,8 @@ def audit(
     :param mask_margin: pixels by which masks are widened (maps are smoother than lesions);
         default 5% of the image's larger side.
     :param progress: ``progress(images_done, images_total_or_None)`` after each batch.
+    :param engine: where the batches are explained: an executor's name (``"local"``, this
+        process, the default; plugins add others) or an executor (:mod:`xai_core.executors`).
     """
     _check_settings(group_by, reference, min_share, min_lift, min_fraction, min_images, mask_margin)
     registry = get_registry()
@@ -373,34 +450,14 @@ def audit(
             masks=masks,
         )
     start = time.perf_counter()
-    total = stream.total
-    sums: _Sums | None = None
-    names: list[str] = []
-    margin = 0
-    done = without = 0
-    for batch in stream:
-        if batch.inputs.ndim != 4:
-            raise InputError(
-                f"The audit works on 2D images (N, C, H, W); got {tuple(batch.inputs.shape)}."
-            )
-        if reference == "masks" and batch.masks is None:
-            raise OptionError("reference='masks' needs masks: pass masks=... or (x, y, masks).")
-        targets = batch_targets(batch, group_by)
-        exp = run_explainer(info, adapter, batch.inputs, targets, options)
-        if len(exp.raw) > 1 or exp.full.shape[1] != 1:
-            raise OptionError("The audit explains one class and one layer per image.")
-        raw = exp.full[:, 0, 0]  # (B, H, W) on the input grid
-        classes = exp.targets[:, 0]
-        if sums is None:  # the first batch tells the number of classes and the image size
-            names = _class_names(class_names, exp.scores.shape[1])
-            sums = _new_sums(len(names), raw.shape[1:], raw.device, batch.masks)
-            margin = mask_margin if mask_margin is not None else round(0.05 * max(raw.shape[1:]))
-        without += _accumulate(sums, batch, raw, classes, min_lift, margin)
-        done += len(batch)
-        if progress is not None:
-            progress(done, total)
-    if sums is None:
+    step = _AuditStep(
+        info, adapter, options, group_by, reference, class_names, min_lift, mask_margin
+    )
+    merged = run(engine, step, stream, total=stream.total, progress=progress)
+    if merged is None:
         raise InputError("The dataset is empty: no batch came out of it.")
+    sums, done, without = merged.value, merged.images, merged.value.without
+    names = _class_names(class_names, sums.maps.num_classes)
     result = _find_flags(sums, names, reference, min_share, min_lift, min_fraction, min_images)
     result.method = method
     result.images = done

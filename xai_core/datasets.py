@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from xai_core.api import check_masks, check_options, run_explainer
 from xai_core.errors import CapabilityError, InputError, OptionError, XaiError
+from xai_core.executors import DEFAULT_ENGINE, Executor, Partial, run
 from xai_core.io.inputs import MaskFolder
 from xai_core.registry import get_registry
 from xai_core.tags import Scope
@@ -337,6 +338,15 @@ class ClassMaps:
             self.counts + other.counts.to(device),
         )
 
+    def __iadd__(self, other: ClassMaps) -> ClassMaps:
+        """Merge ``other`` into these sums in place (what a running reduce uses: no copy)."""
+        if other.sums.shape != self.sums.shape:
+            return self + other  # raises the error above
+        self.sums += other.sums.to(self.sums.device)
+        self.squares += other.squares.to(self.sums.device)
+        self.counts += other.counts.to(self.sums.device)
+        return self
+
     def _per_class(self) -> torch.Tensor:
         return self.counts.clamp(min=1).to(torch.float64).view(-1, *([1] * len(self.spatial)))
 
@@ -384,6 +394,7 @@ def explain_dataset(
     preprocess: Any = None,
     labels: torch.Tensor | Sequence[int] | None = None,
     progress: Progress | None = None,
+    engine: str | Executor = DEFAULT_ENGINE,
     **options: Any,
 ) -> Any:
     """Run a global method over ``data`` batch by batch and merge its per-batch summaries.
@@ -397,6 +408,8 @@ def explain_dataset(
         class), ``"all"`` (every class, for every image), or ``"auto"`` (labels when the data
         has them, else the prediction).
     :param progress: called as ``progress(images_done, images_total_or_None)`` after each batch.
+    :param engine: where the batches are explained: an executor's name (``"local"``, the
+        default; plugins add others) or an executor (:mod:`xai_core.executors`).
     :param options: the global method's options, e.g. ``local="gradcam"`` for ``aggregate``.
     """
     registry = get_registry()
@@ -416,18 +429,26 @@ def explain_dataset(
     stream = DataStream(
         data, batch_size=batch_size, device=adapter.device, preprocess=preprocess, labels=labels
     )
-    total = stream.total
-    summary: Any = None
-    done = 0
-    for batch in stream:
-        exp = run_explainer(info, adapter, batch.inputs, batch_targets(batch, group_by), options)
+    step = _GlobalStep(info, adapter, group_by, options)
+    merged = run(engine, step, stream, total=stream.total, progress=progress)
+    if merged is None:
+        raise InputError("The dataset is empty: no batch came out of it.")
+    return merged.value
+
+
+@dataclass
+class _GlobalStep:
+    """One batch of a global explanation: its mergeable summary (a picklable step)."""
+
+    info: Any
+    adapter: Any
+    group_by: str
+    options: dict[str, Any]
+
+    def __call__(self, batch: Batch) -> Partial:
+        targets = batch_targets(batch, self.group_by)
+        exp = run_explainer(self.info, self.adapter, batch.inputs, targets, self.options)
         part = exp.details.get("global")
         if part is None:
-            raise TypeError(f"{method} returned no details['global'] summary to merge.")
-        summary = part if summary is None else summary + part
-        done += len(batch)
-        if progress is not None:
-            progress(done, total)
-    if summary is None:
-        raise InputError("The dataset is empty: no batch came out of it.")
-    return summary
+            raise TypeError(f"{self.info.name} returned no details['global'] summary to merge.")
+        return Partial(part, len(batch))

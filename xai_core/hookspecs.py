@@ -95,3 +95,54 @@ def adapt_model(model: Any, options: dict[str, Any]) -> ModelAdapter | None:
     :param model: whatever the user passed as ``model``.
     :param options: adapter options given by the user (e.g. ``providers`` for ONNX).
     """
+
+
+# -- extension points of the file layer and of dataset work ----------------------------------
+
+
+@hookspec
+def load_model(spec: str, options: dict[str, Any]) -> tuple[Any, dict[str, Any]] | None:
+    """Load the model a command-line ``spec`` names: ``(model, info)``, or ``None``.
+
+    The core's own loaders (``demo:``, Hugging Face folders, ONNX, TorchScript, timm and
+    torchvision state_dicts; :mod:`xai_core.io.models`) are asked first and claim ``demo:``
+    specs and every path that exists. Plugins are asked, in pluggy's order, only for the other
+    specs, typically with a prefix of their own (``myplugin:NAME``); the first ``(model, info)``
+    returned wins. Raise an :class:`~xai_core.errors.XaiError` for a spec you recognise but cannot
+    load: it is shown if no other plugin loads it. Any other exception, or a result that is not a
+    ``(model, dict)`` pair, is recorded as your plugin's failure and the next plugin is asked.
+    Model files are untrusted: never unpickle them (``torch.load(weights_only=True)`` only).
+
+    :param spec: what the user gave as the model (``xai explain SPEC ...``).
+    :param options: ``arch`` and ``num_classes`` as given on the command line (or ``None``).
+    :returns: the model (anything :func:`xai_core.explain` accepts) and a dict describing it:
+        ``kind`` (defaults to your plugin's name), optionally ``class_names`` and ``preprocess``
+        (defaults for :class:`~xai_core.io.Preprocess`: ``size``, ``mean``, ``std``, ``channels``).
+    """
+
+
+@hookspec
+def register_readers(register: Callable[[Any], None]) -> None:
+    """Register input readers by calling ``register(reader)`` (a class or an instance).
+
+    A reader has a ``name`` (a lower-case identifier, the inputs' ``kind``), a cheap
+    ``claims(path) -> bool`` that classifies a file without decoding it, and
+    ``read(path, options) -> LoadedInput`` (:class:`~xai_core.io.inputs.LoadedInput`; ``options``
+    is a :class:`~xai_core.io.readers.ReadOptions` carrying the input size limit, which the
+    reader must check from the file's header before decoding, e.g. with
+    ``options.check_size(path, shape, itemsize)``). The core's PNG/JPEG, DICOM and NIfTI readers
+    are asked first; plugin readers only for files none of them claims. A reader whose
+    ``claims`` raises is recorded as a failure and treated as not claiming; one whose ``read``
+    raises makes that file fail (an ``InputFileError``), never the batch.
+    """
+
+
+@hookspec
+def register_executors(register: Callable[[Any], None]) -> None:
+    """Register executors of dataset work by calling ``register(ExecutorClass)``.
+
+    An executor (:class:`~xai_core.executors.Executor`) has a ``name`` (what users pass as
+    ``engine=``), ``map(step, batches)`` yielding ``step(batch)`` for every batch, and
+    ``reduce(parts)`` merging those partial results with ``+``. The core's ``local`` executor
+    (one process, in order) is the default; a name the core uses cannot be taken over.
+    """

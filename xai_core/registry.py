@@ -74,6 +74,9 @@ ENV_TRACE = "XAI_CORE_TRACE"
 BUILTIN_DISTRIBUTIONS = frozenset(
     {"xai-attention", "xai-cam", "xai-global", "xai-gradcam", "xai-metrics", "xai-occlusion"}
 )
+# The core registers its own model loaders, readers and the local executor as a plugin of this
+# name (xai_core/core_plugin.py), asked before any other; it counts as built in.
+CORE_PLUGIN = "xai-core"
 
 trace_log = logging.getLogger("xai_core.hooks")
 _NAME = re.compile(r"^[a-z][a-z0-9_\-.]*$")
@@ -111,6 +114,20 @@ class PluginFailure:
         }
 
 
+@dataclass(frozen=True)
+class RegistrySnapshot:
+    """What a registry loaded, to rebuild it in another process (:meth:`Registry.snapshot`).
+
+    ``plugins`` are the entry points loaded, ``skipped`` those left out by the allow/block
+    lists, ``not_rebuilt`` in-process plugins (they cannot be loaded again elsewhere).
+    """
+
+    group: str | None
+    plugins: tuple[str, ...]
+    skipped: tuple[str, ...] = ()
+    not_rebuilt: tuple[str, ...] = ()
+
+
 @dataclass
 class _Entry:
     cls: type
@@ -120,7 +137,10 @@ class _Entry:
 def is_builtin(source: PluginInfo) -> bool:
     """Whether ``source`` is a first-party distribution (:data:`BUILTIN_DISTRIBUTIONS`)."""
     dist = source.distribution
-    return dist is not None and re.sub(r"[-_.]+", "-", dist).lower() in BUILTIN_DISTRIBUTIONS
+    if dist is None:
+        return False
+    dist = re.sub(r"[-_.]+", "-", dist).lower()
+    return dist in BUILTIN_DISTRIBUTIONS or (dist == CORE_PLUGIN and source.plugin == CORE_PLUGIN)
 
 
 def describe_exception(exc: BaseException) -> str:
@@ -193,6 +213,36 @@ def _check_explainer_class(cls: Any) -> None:
         )
 
 
+def _qualname(obj: Any) -> str:
+    """A registered class's qualified name, or its class's for an instance."""
+    return getattr(obj, "__qualname__", None) or type(obj).__qualname__
+
+
+def _check_named(obj: Any, what: str, methods: tuple[str, ...]) -> None:
+    """Raise PluginError when a reader or executor (class or instance) lacks its parts."""
+    name = getattr(obj, "name", None)
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise PluginError(
+            f"{_qualname(obj)}.name must be a lower-case identifier (the {what}'s name); "
+            f"got {name!r}."
+        )
+    missing = [m for m in methods if not callable(getattr(obj, m, None))]
+    if missing:
+        raise PluginError(f"{_qualname(obj)} is not a {what}: it has no {', '.join(missing)}().")
+
+
+def _check_reader(obj: Any) -> None:
+    _check_named(obj, "reader", ("claims", "read"))
+
+
+def _check_executor(obj: Any) -> None:
+    _check_named(obj, "executor", ("map", "reduce"))
+
+
+def _instance(obj: Any) -> Any:
+    return obj() if isinstance(obj, type) else obj
+
+
 def _names_from_env(var: str) -> set[str]:
     return {n.strip() for n in os.environ.get(var, "").split(",") if n.strip()}
 
@@ -235,10 +285,20 @@ def _command_name(info: Any) -> str | None:
 class Registry:
     """Plugins, what they registered, and what failed. Loads entry points lazily, once."""
 
-    def __init__(self, *, entry_points_group: str | None = PROJECT) -> None:
+    def __init__(
+        self,
+        *,
+        entry_points_group: str | None = PROJECT,
+        allow: Iterable[str] | None = None,
+        block: Iterable[str] | None = None,
+    ) -> None:
         self.pm = pluggy.PluginManager(PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.group = entry_points_group
+        # Explicit allow/block lists (a rebuilt registry, see from_snapshot) replace the env's.
+        self._allow = None if allow is None else frozenset(allow)
+        self._block = None if block is None else frozenset(block)
+        self._entry_point_names: list[str] = []  # plugins loaded from entry points, in order
         self.failures: list[PluginFailure] = []
         self.skipped: list[str] = []  # plugins not loaded because of the env allow/block lists
         self.commands: dict[str, PluginInfo] = {}  # `xai` sub-commands added by plugins
@@ -253,6 +313,49 @@ class Registry:
         self._lock = threading.RLock()
         self._local = threading.local()
         self._unwarned: list[PluginFailure] = []
+        self._readers: dict[str, list[_Entry]] | None = None
+        self._executors: dict[str, list[_Entry]] | None = None
+        self._reader_list: list[tuple[str, Any, PluginInfo]] | None = None
+        self._register_core()
+
+    def _register_core(self) -> None:
+        """The core's own loaders, readers and executor: a plugin asked before all others."""
+        from importlib.metadata import PackageNotFoundError, version
+
+        from xai_core import core_plugin
+
+        try:
+            core_version = version(CORE_PLUGIN)
+        except PackageNotFoundError:  # pragma: no cover - running from a source tree
+            core_version = None
+        self.pm.register(core_plugin, name=CORE_PLUGIN)
+        self._sources[CORE_PLUGIN] = PluginInfo(CORE_PLUGIN, CORE_PLUGIN, core_version)
+
+    # -- rebuilding in another process -------------------------------------------------------
+
+    def snapshot(self) -> RegistrySnapshot:
+        """What this registry loaded, so a worker process can rebuild the same registry
+        (:meth:`from_snapshot`) by loading those entry points again. In-process plugins
+        (:meth:`register_plugin`) live in this process only: they are listed, not rebuilt."""
+        self.load()
+        with self._locked():
+            loaded = tuple(self._entry_point_names)
+            others = tuple(n for n in self._sources if n not in loaded and n != CORE_PLUGIN)
+            return RegistrySnapshot(self.group, loaded, tuple(self.skipped), others)
+
+    @classmethod
+    def from_snapshot(cls, snapshot: RegistrySnapshot) -> Registry:
+        """A registry that loads exactly the entry points ``snapshot`` names (whatever the
+        environment's allow/block lists say in this process)."""
+        return cls(
+            entry_points_group=snapshot.group,
+            allow=snapshot.plugins,
+            block=snapshot.skipped,
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled (e.g. sent to a worker): rebuilt there from its entry points, never copied.
+        return (Registry.from_snapshot, (self.snapshot(),))
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -302,9 +405,12 @@ class Registry:
                     self._load_entry_points(self.group)
             except BaseException:  # a real Ctrl-C: forget the partial load, the next call redoes it
                 for name in list(self._sources):
-                    if self.pm.has_plugin(name):
+                    if name != CORE_PLUGIN and self.pm.has_plugin(name):
                         self.pm.unregister(name=name)
+                core = self._sources[CORE_PLUGIN]
                 self._sources.clear()
+                self._sources[CORE_PLUGIN] = core
+                self._entry_point_names.clear()
                 self.failures.clear()
                 self.skipped.clear()
                 self._unwarned.clear()
@@ -316,14 +422,15 @@ class Registry:
                 self._invalidate()
 
     def _load_entry_points(self, group: str) -> None:
-        allow, block = _names_from_env(ENV_ALLOW), _names_from_env(ENV_BLOCK)
+        allow = self._allow if self._allow is not None else _names_from_env(ENV_ALLOW) or None
+        block = self._block if self._block is not None else _names_from_env(ENV_BLOCK)
         found = entry_points(group=group)
         # Built-ins first: a third-party entry point reusing a built-in's name is the refused one.
         order = sorted(found, key=lambda e: (e.name, not is_builtin(_source_of(e))))
         for ep in order:
             source = _source_of(ep)
             names = {ep.name, source.distribution}
-            if (allow and not names & allow) or names & block:
+            if (allow is not None and not names & allow) or names & block:
                 self.skipped.append(ep.name)
                 continue
             if self.pm.has_plugin(ep.name):
@@ -341,6 +448,8 @@ class Registry:
             ok, obj = self._guarded(source, "import", ep.load)
             if ok:
                 self._register(obj, source)
+                if self.pm.has_plugin(ep.name):
+                    self._entry_point_names.append(ep.name)
 
     def _guarded(
         self, source: PluginInfo, stage: str, function: Callable[..., Any], /, **kwargs: Any
@@ -423,13 +532,18 @@ class Registry:
         with self._lock:
             self._explainers = None
             self._metrics = None
+            self._readers = None
+            self._executors = None
+            self._reader_list = None
 
     def _source(self, plugin_name: str) -> PluginInfo:
         return self._sources.get(plugin_name, PluginInfo(plugin_name, None, None))
 
     def _plugin_impls(self, hook_name: str) -> list[Any]:
-        """A hook's implementations in pluggy's call order (the last registered first)."""
-        return list(reversed(getattr(self.pm.hook, hook_name).get_hookimpls()))
+        """A hook's implementations in pluggy's call order (the last registered first), the
+        core's own always first: a plugin's ``tryfirst`` cannot put it before the core."""
+        impls = reversed(getattr(self.pm.hook, hook_name).get_hookimpls())
+        return sorted(impls, key=lambda impl: impl.plugin_name != CORE_PLUGIN)  # stable
 
     # -- calling hooks -----------------------------------------------------------------------
 
@@ -495,7 +609,9 @@ class Registry:
                 target = app.registered_groups if hasattr(info, "typer_instance") else None
                 (target if target is not None else app.registered_commands).append(info)
 
-    def _collect(self, hook_name: str, check: Callable[[Any], None]) -> dict[str, list[_Entry]]:
+    def _collect(
+        self, hook_name: str, check: Callable[[Any], None], kind: str | None = None
+    ) -> dict[str, list[_Entry]]:
         if hook_name in self._collecting:
             raise PluginError(
                 f"a plugin looked up registered classes while {hook_name} was running; look "
@@ -526,7 +642,8 @@ class Registry:
                     found.setdefault(entry.cls.name, []).append(entry)
         finally:
             self._collecting.discard(hook_name)
-        return self._apply_precedence(found, "metric" if "metric" in hook_name else "method")
+        kind = kind or ("metric" if "metric" in hook_name else "method")
+        return self._apply_precedence(found, kind)
 
     def _apply_precedence(
         self, found: dict[str, list[_Entry]], kind: str
@@ -548,13 +665,19 @@ class Registry:
                         "register",
                         PluginError(
                             f"the {kind} {name!r} is provided by the built-in {owner}; "
-                            f"{entry.cls.__qualname__} of this plugin is refused. Rename it."
+                            f"{_qualname(entry.cls)} of this plugin is refused. Rename it."
                         ),
                     )
             found[name] = builtins
         return found
 
-    def _cached(self, attribute: str, hook_name: str, check: Callable[[Any], None]) -> Any:
+    def _cached(
+        self,
+        attribute: str,
+        hook_name: str,
+        check: Callable[[Any], None],
+        kind: str | None = None,
+    ) -> Any:
         """A lookup table, collected once under the lock (never cached while loading)."""
         table = getattr(self, attribute)
         if table is not None:
@@ -563,7 +686,7 @@ class Registry:
         with self._locked():
             table = getattr(self, attribute)
             if table is None:
-                table = self._collect(hook_name, check)
+                table = self._collect(hook_name, check, kind)
                 if not self._loading:  # a plugin's import asked: the table is not complete yet
                     setattr(self, attribute, table)
         return table
@@ -728,7 +851,200 @@ class Registry:
             f"install a plugin that adapts this kind of model."
         )
 
+    # -- loading models from a spec (`xai explain SPEC`) -----------------------------------------
+
+    def load_model(self, spec: str, **options: Any) -> tuple[Any, dict[str, Any]]:
+        """``(model, info)`` for a command-line model ``spec``: the core's loaders first (they
+        claim ``demo:`` specs and every existing path), then the plugins' ``load_model`` in
+        pluggy's order; the first result wins.
+
+        The core's errors (a corrupt file, a wrong ``--arch``) are the user's and propagate. A
+        plugin that raises (other than an ``XaiError`` saying why it cannot load a spec it
+        recognised) or returns something else than ``(model, dict)`` is recorded as a failure
+        and skipped, like a raising ``adapt_model``.
+        """
+        self.load()
+        args = {"spec": spec, "options": options}
+        refusal: XaiError | None = None
+        with self._locked():
+            impls = self._plugin_impls("load_model")
+        for impl in impls:
+            source = self._source(impl.plugin_name)
+
+            def ask(_impl: Any = impl, core: bool = False) -> Any:
+                try:
+                    return _impl.function(**{n: args[n] for n in _impl.argnames})
+                except XaiError as exc:
+                    if core:
+                        raise
+                    return exc
+
+            if impl.plugin_name == CORE_PLUGIN:
+                result = ask(core=True)
+            else:
+                _, result = self._guarded(source, "load_model", ask)
+            if isinstance(result, XaiError):
+                refusal = refusal or result
+                continue
+            if result is None:
+                continue
+            if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], dict)):
+                self._fail(
+                    source,
+                    "load_model",
+                    PluginError(
+                        f"load_model returned a {type(result).__name__}, not (model, info dict) "
+                        f"(or None for specs it does not load)."
+                    ),
+                )
+                continue
+            model, info = result
+            if impl.plugin_name == CORE_PLUGIN:
+                return model, info
+            return model, {"kind": source.plugin, **info, "loader": source.distribution}
+        if refusal is not None:
+            raise refusal
+        from xai_core.errors import ModelError
+
+        prefix = spec.split(":", 1)[0] if ":" in spec else None
+        hint = (
+            f" No installed plugin loads {prefix}: specs (see `xai plugins`)."
+            if prefix and len(prefix) > 1
+            else ""
+        )
+        raise ModelError(f"Model file not found: {spec}.{hint}")
+
+    # -- input readers -----------------------------------------------------------------------
+
+    def readers(self) -> list[tuple[str, Any, PluginInfo]]:
+        """Usable readers ``(name, reader, source)``: the core's first, then the plugins' in
+        pluggy's order. A name registered twice by third-party plugins is left out (listed by
+        ``xai plugins`` as a conflict); a built-in reader's name cannot be taken over."""
+        listed = self._reader_list
+        if listed is not None:
+            return listed
+        table = self._cached("_readers", "register_readers", _check_reader, "reader")
+        with self._locked():
+            listed = [
+                (name, _instance(e[0].cls), e[0].source)
+                for name, e in table.items()
+                if len(e) == 1
+            ]
+            if self._readers is not None:  # cache only a complete table (see _cached)
+                self._reader_list = listed
+        return listed
+
+    def reader_for(self, path: Any) -> tuple[str, Any, PluginInfo] | None:
+        """The first reader that claims ``path``, or ``None``.
+
+        A plugin reader whose ``claims`` raises or returns a non-bool is recorded as a failure
+        and treated as not claiming; the core's readers are asked without a guard (fast).
+        """
+        for name, reader, source in self.readers():
+            if source.plugin == CORE_PLUGIN:
+                if reader.claims(path):
+                    return name, reader, source
+                continue
+            ok, claimed = self._guarded(source, "claims", lambda r=reader: r.claims(path))
+            if ok and not isinstance(claimed, bool):
+                self._fail(
+                    source,
+                    "claims",
+                    PluginError(f"reader {name!r}: claims() returned {claimed!r}, not a bool."),
+                )
+            elif ok and claimed:
+                return name, reader, source
+        return None
+
+    def get_reader(self, name: str) -> tuple[Any, PluginInfo]:
+        """The reader registered as ``name`` and its plugin."""
+        for found, reader, source in self.readers():
+            if found == name:
+                return reader, source
+        table = self._cached("_readers", "register_readers", _check_reader, "reader")
+        entry = _only_entry(table, name, "reader")  # unknown or conflicting: a typed error
+        return _instance(entry.cls), entry.source  # pragma: no cover - _only_entry raised
+
+    def read(self, kind: str, path: Any, options: Any) -> Any:
+        """Read ``path`` with the reader registered as ``kind``; a :class:`LoadedInput`.
+
+        A plugin reader's failure is the file's: an ``XaiError`` it raises propagates, any other
+        exception (or a result that is not a ``LoadedInput``) becomes an ``InputFileError``
+        naming the file and the plugin, so a batch goes on with the next file.
+        """
+        from xai_core.errors import InputFileError
+        from xai_core.io.inputs import LoadedInput
+
+        reader, source = self.get_reader(kind)
+        if source.plugin == CORE_PLUGIN:
+            return reader.read(path, options)
+        errors: list[Exception] = []
+
+        def call() -> Any:
+            try:
+                return reader.read(path, options)
+            except Exception as exc:  # the file's error, not the plugin's failure
+                errors.append(exc)
+                return None
+
+        ok, loaded = self._guarded(source, "read", call)
+        who = f"the {kind!r} reader of {_describe_source(source)}"
+        if errors and isinstance(errors[0], XaiError):
+            raise errors[0]
+        if errors:
+            raise InputFileError(path, f"{who} failed: {describe_exception(errors[0])}") from (
+                errors[0]
+            )
+        if not ok:
+            raise InputFileError(path, f"{who} failed (see `xai plugins`)")
+        if not isinstance(loaded, LoadedInput):
+            raise InputFileError(
+                path, f"{who} returned a {type(loaded).__name__}, not a LoadedInput"
+            )
+        return loaded
+
+    # -- executors ---------------------------------------------------------------------------
+
+    def executor_names(self) -> list[str]:
+        table = self._cached("_executors", "register_executors", _check_executor, "executor")
+        return sorted(name for name, e in table.items() if len(e) == 1)
+
+    def get_executor(self, name: str) -> Any:
+        """A new instance of the executor ``name`` (``"local"`` is the core's)."""
+        table = self._cached("_executors", "register_executors", _check_executor, "executor")
+        return _instance(_only_entry(table, name, "executor").cls)
+
     # -- reporting ---------------------------------------------------------------------------
+
+    def _extension_rows(self) -> list[dict[str, Any]]:
+        """Rows for the plugins' model loaders, readers and executors (not the core's own)."""
+        found: list[tuple[str, str, PluginInfo, str]] = []
+        for impl in self._plugin_impls("load_model"):
+            if impl.plugin_name != CORE_PLUGIN:
+                doc = (inspect.getdoc(impl.function) or "").strip()
+                source = self._source(impl.plugin_name)
+                found.append((source.plugin, "loader", source, doc.splitlines()[0] if doc else ""))
+        for name, _, source in self.readers():
+            found.append((name, "reader", source, "for files the core's readers do not claim"))
+        table = self._cached("_executors", "register_executors", _check_executor, "executor")
+        for name, entries in table.items():
+            if len(entries) == 1:
+                found.append((name, "executor", entries[0].source, f"engine={name!r}"))
+        return [
+            {
+                "name": name,
+                "kind": kind,
+                "scope": None,
+                "dependence": None,
+                "plugin": source.distribution or source.plugin,
+                "version": source.version,
+                "status": "ok",
+                "origin": _origin(source),
+                "note": note,
+            }
+            for name, kind, source, note in found
+            if source.plugin != CORE_PLUGIN
+        ]
 
     def plugin_rows(self) -> list[dict[str, Any]]:
         """One row per explainer, metric, adapter, command, conflict and failure (``xai plugins``).
@@ -788,6 +1104,7 @@ class Registry:
                     "note": f"{summary} {_ADAPTER_NOTE}" if summary else _ADAPTER_NOTE,
                 }
             )
+        rows.extend(self._extension_rows())
         for name, source in sorted(self.commands.items()):
             rows.append(
                 {

@@ -3,6 +3,9 @@
 Inputs and outputs stay torch tensors. On a CUDA provider they are bound to the session with
 I/O binding (no host copy); on the CPU provider numpy views share the tensors' memory. A model
 exported with a fixed batch size is run in chunks of that size, the last one padded.
+
+The adapter pickles (to run in a worker process, :mod:`xai_core.executors`): what is kept is the
+model's path or bytes and the providers asked for; unpickling opens a new session.
 """
 
 from __future__ import annotations
@@ -38,6 +41,12 @@ def _onnxruntime():
     return onnxruntime
 
 
+def _session_source(session: Any) -> str | bytes | None:
+    """The path or bytes an ``InferenceSession`` was opened from (onnxruntime keeps them)."""
+    path = getattr(session, "_model_path", None)
+    return path if path else getattr(session, "_model_bytes", None)
+
+
 def is_onnx_model(model: object) -> bool:
     if isinstance(model, bytes | bytearray):
         return True
@@ -54,6 +63,8 @@ class OnnxAdapter(ModelAdapter):
 
     def __init__(self, model: Any, providers: list[str] | None = None) -> None:
         ort = _onnxruntime()
+        self._providers = None if providers is None else list(providers)
+        self._source = _session_source(model) if isinstance(model, ort.InferenceSession) else model
         available = ort.get_available_providers()
         wanted = [p for p in (providers or PREFERRED_PROVIDERS) if p in available]
         if not wanted:
@@ -98,6 +109,18 @@ class OnnxAdapter(ModelAdapter):
             channels=shape[1] if len(shape) > 1 else None,
             spatial=tuple(shape[2:]) if len(shape) > 2 else None,
         )
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self._source is None:
+            raise TypeError(
+                "This OnnxAdapter wraps an InferenceSession whose model path or bytes are not "
+                "known, so it cannot be pickled; pass the .onnx path or bytes instead."
+            )
+        source = bytes(self._source) if isinstance(self._source, bytearray) else self._source
+        return {"source": source, "providers": self._providers}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["source"], providers=state["providers"])  # a new session
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "provider": self.provider, "fixed_batch": self.fixed_batch}

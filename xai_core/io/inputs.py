@@ -80,7 +80,7 @@ class InputItem:
     """
 
     key: str
-    kind: InputKind
+    kind: InputKind | str  # a plugin reader's items have its name as kind
     paths: tuple[Path, ...]
 
     @property
@@ -105,29 +105,31 @@ class LoadedInput:
 # -- finding ---------------------------------------------------------------------------------
 
 
-def classify(path: Path) -> InputKind | None:
-    """The kind of file by name (and, without an extension, by the DICOM preamble), or None."""
-    name = path.name.lower()
-    if name.endswith(NIFTI_SUFFIXES):
-        return InputKind.NIFTI
-    suffix = path.suffix.lower()
-    if suffix in IMAGE_SUFFIXES:
-        return InputKind.IMAGE
-    if suffix in DICOM_SUFFIXES:
-        return InputKind.DICOM
-    # Scanners often name files by their UID ("1.2.840.113619.2.55.3"): a numeric suffix is
-    # no extension. DICOMDIR is an index of a CD, not an image.
-    no_extension = suffix == "" or suffix[1:].isdigit()
-    if no_extension and name != "dicomdir" and dicom.has_dicom_preamble(path):
-        return InputKind.DICOM
-    return None
+def classify(path: Path) -> InputKind | str | None:
+    """The kind of file (the name of the first reader that claims it), or None.
+
+    The core's readers come first (:mod:`xai_core.io.readers`): by name, and without an
+    extension by the DICOM preamble; then the readers of plugins (``register_readers``), whose
+    kinds are their names.
+    """
+    from xai_core.registry import get_registry
+
+    found = get_registry().reader_for(Path(path))
+    if found is None:
+        return None
+    name = found[0]
+    return InputKind(name) if name in _READ_KINDS else name
+
+
+_READ_KINDS = frozenset({InputKind.IMAGE, InputKind.DICOM, InputKind.NIFTI})
 
 
 def find_inputs(paths: Sequence[str | Path]) -> list[InputItem]:
     """Inputs in ``paths``: files as given, folders searched recursively in sorted order.
 
     Kinds are told by extension (case-insensitive): .png, .jpg, .jpeg, .dcm, .dicom, .nii,
-    .nii.gz, and DICOM files without an extension by their preamble. In folders, hidden entries
+    .nii.gz, and DICOM files without an extension by their preamble; files none of these claims
+    by the readers of plugins (:mod:`xai_core.io.readers`). In folders, hidden entries
     and files of other kinds are skipped, and the slices of a DICOM series in one folder become
     one ``dicom-series`` item (see :func:`_group_dicom` for when slices are a volume). A path
     that does not exist, or a file named explicitly that is of no known kind, raises
@@ -144,7 +146,11 @@ def find_inputs(paths: Sequence[str | Path]) -> list[InputItem]:
         elif root.is_file():
             kind = classify(root)
             if kind is None:
-                raise InputFileError(root, "not a PNG, JPEG, DICOM or NIfTI file")
+                raise InputFileError(
+                    root,
+                    "not a PNG, JPEG, DICOM or NIfTI file, nor a kind an installed reader plugin "
+                    "reads (see `xai plugins`)",
+                )
             items.append(InputItem(_safe_key([root.name]), kind, (root,)))
         else:
             raise InputFileError(root, "no such file or folder")
@@ -265,18 +271,17 @@ def read_item(
     :mod:`xai_core.io.limits`). Every failure is an :class:`~xai_core.errors.XaiError`: an
     unreadable, malformed or too large file an :class:`InputFileError` naming it.
     """
+    from xai_core.io.readers import ReadOptions
+    from xai_core.registry import get_registry
+
     limit = max_input_bytes_of(max_input_bytes)  # a bad setting fails here, not as the file's
     try:
-        if item.kind is InputKind.IMAGE:
-            loaded = read_image(item.paths[0], max_input_bytes=limit)
-        elif item.kind is InputKind.NIFTI:
-            loaded = read_nifti(item.paths[0], max_input_bytes=limit)
-        elif item.kind is InputKind.DICOM:
-            read = dicom.read_dicom_file(item.paths[0], window, max_input_bytes=limit)
-            loaded = LoadedInput(**read)
-        else:
+        if item.kind == InputKind.DICOM_SERIES:
             read = dicom.read_dicom_series(item.paths, window, max_input_bytes=limit)
             loaded = LoadedInput(**read)
+        else:  # the reader registered under the item's kind: the core's or a plugin's
+            options = ReadOptions(max_input_bytes=limit, window=window)
+            loaded = get_registry().read(str(item.kind), item.paths[0], options)
     except XaiError:
         raise
     except Exception as exc:  # a case no check foresaw: still the file's error, not a crash

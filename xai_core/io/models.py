@@ -60,40 +60,90 @@ def load_model(
     """The model object for ``spec`` (see the module doc) and a dict describing it.
 
     The dict has ``kind`` ("onnx", "torchscript", "torchvision", "timm", "huggingface" or
-    "demo"), ``path``, and for files with a sidecar JSON its ``sidecar`` path and
+    "demo", or for a plugin's model the plugin's name, with ``loader`` its distribution),
+    ``path``, and for files with a sidecar JSON its ``sidecar`` path and
     ``class_names``; ``preprocess`` holds the model's own preprocessing defaults where it has
     them (the CLI's options and the sidecar take precedence). Modules are in eval mode.
+
+    This goes through the ``load_model`` hook: the core's loaders (:data:`BUILTIN_LOADERS`)
+    first, then plugins for specs none of them claims (docs/writing-a-plugin.md).
     """
-    if spec.startswith(DEMO_PREFIX):
-        return _load_demo(spec[len(DEMO_PREFIX) :])
-    path = Path(spec)
-    if path.is_dir():
-        if arch is not None:
-            warnings.warn(
-                f"{path} is a Hugging Face folder, whose config.json names the architecture; "
-                f"--arch {arch} is ignored.",
-                UserWarning,
-                stacklevel=2,
-            )
-        return _load_huggingface(path, num_classes)
-    if not path.is_file():
-        raise ModelError(f"Model file not found: {spec}")
+    from xai_core.registry import get_registry
+
+    return get_registry().load_model(spec, arch=arch, num_classes=num_classes)
+
+
+def load_builtin(
+    spec: str, *, arch: str | None = None, num_classes: int | None = None
+) -> tuple[Any, dict[str, Any]] | None:
+    """The first of the core's loaders that claims ``spec`` loads it; ``None`` if none does
+    (a spec that is neither ``demo:`` nor an existing path: plugins are asked next)."""
+    for _, claims, load in BUILTIN_LOADERS:
+        if claims(spec, arch):
+            return load(spec, arch, num_classes)
+    return None
+
+
+def _file_info(path: Path) -> dict[str, Any]:
     info: dict[str, Any] = {"path": str(path)}
     sidecar = read_sidecar(path)
     if sidecar:
         info["sidecar"] = sidecar["path"]
         info["class_names"] = sidecar.get("class_names")
-    if path.suffix.lower() == ".onnx":
-        return str(path), {"kind": "onnx", **info}
-    if is_torchscript(path):
-        if arch is not None:
-            warnings.warn(
-                f"{path} is a TorchScript file, which holds its own architecture; "
-                f"--arch {arch} is ignored.",
-                UserWarning,
-                stacklevel=2,
-            )
-        return _load_torchscript(path), {"kind": "torchscript", **info}
+    return info
+
+
+def _is_file(spec: str) -> bool:
+    try:
+        return Path(spec).is_file()
+    except OSError:  # a name too long for the file system, ...: not a file
+        return False
+
+
+def _ignored_arch(path: Path, arch: str | None, what: str) -> None:
+    if arch is not None:
+        warnings.warn(
+            f"{path} is {what}, which holds its own architecture; --arch {arch} is ignored.",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def _demo_spec(spec: str, arch: str | None, num_classes: int | None) -> tuple[Any, dict]:
+    return _load_demo(spec[len(DEMO_PREFIX) :])
+
+
+def _huggingface_spec(spec: str, arch: str | None, num_classes: int | None) -> tuple[Any, dict]:
+    path = Path(spec)
+    if arch is not None:
+        warnings.warn(
+            f"{path} is a Hugging Face folder, whose config.json names the architecture; "
+            f"--arch {arch} is ignored.",
+            UserWarning,
+            stacklevel=4,
+        )
+    return _load_huggingface(path, num_classes)
+
+
+def _onnx_spec(spec: str, arch: str | None, num_classes: int | None) -> tuple[Any, dict]:
+    path = Path(spec)
+    return str(path), {"kind": "onnx", **_file_info(path)}
+
+
+def _torchscript_spec(spec: str, arch: str | None, num_classes: int | None) -> tuple[Any, dict]:
+    path = Path(spec)
+    _ignored_arch(path, arch, "a TorchScript file")
+    return _load_torchscript(path), {"kind": "torchscript", **_file_info(path)}
+
+
+def _timm_spec(spec: str, arch: str | None, num_classes: int | None) -> tuple[Any, dict]:
+    path = Path(spec)
+    model, built = _load_timm(path, str(arch)[len(TIMM_PREFIX) :], num_classes)
+    return model, {"kind": "timm", **built, **_file_info(path)}
+
+
+def _torchvision_spec(spec: str, arch: str | None, num_classes: int | None) -> tuple[Any, dict]:
+    path = Path(spec)
     if arch is None:
         raise ModelError(
             f"{path} is not TorchScript or ONNX, so xai-core needs the architecture to load its "
@@ -102,11 +152,22 @@ def load_model(
             f"arbitrary code: export it with torch.jit.script/trace or torch.onnx, or save its "
             f"state_dict()."
         )
-    if arch.startswith(TIMM_PREFIX):
-        model, built = _load_timm(path, arch[len(TIMM_PREFIX) :], num_classes)
-        return model, {"kind": "timm", **built, **info}
     model, built = _load_torchvision(path, arch, num_classes)
-    return model, {"kind": "torchvision", **info, **built}
+    return model, {"kind": "torchvision", **_file_info(path), **built}
+
+
+# The core's loaders, asked in this order: (name, claims(spec, arch), load(spec, arch, classes)).
+# Together they claim ``demo:`` specs and every existing file or folder; the last one takes any
+# other file (a state_dict), so a plugin can never take over a file that exists.
+BUILTIN_LOADERS = (
+    ("demo", lambda spec, arch: spec.startswith(DEMO_PREFIX), _demo_spec),
+    ("huggingface", lambda spec, arch: Path(spec).is_dir(), _huggingface_spec),
+    ("onnx", lambda spec, arch: _is_file(spec) and spec.lower().endswith(".onnx"), _onnx_spec),
+    ("torchscript", lambda spec, arch: _is_file(spec) and is_torchscript(Path(spec)),
+     _torchscript_spec),
+    ("timm", lambda spec, arch: _is_file(spec) and str(arch).startswith(TIMM_PREFIX), _timm_spec),
+    ("torchvision", lambda spec, arch: _is_file(spec), _torchvision_spec),
+)  # fmt: skip
 
 
 def is_torchscript(path: Path) -> bool:
