@@ -33,6 +33,7 @@ import pluggy
 from xai_core import hookspecs
 from xai_core.adapters.base import ModelAdapter
 from xai_core.errors import (
+    ModelError,
     ModelTypeError,
     PluginConflictError,
     PluginError,
@@ -134,7 +135,7 @@ class _BuiltinAdapters:
         from xai_core.adapters.torch import TorchAdapter
 
         if isinstance(model, nn.Module):
-            return TorchAdapter(model)
+            return TorchAdapter(model, input_spec=options.get("input_spec"))
         if is_onnx_model(model):
             return OnnxAdapter(model, providers=options.get("providers"))
         return None
@@ -398,6 +399,7 @@ class Registry:
         if isinstance(model, ModelAdapter):
             return model
         self.load()
+        crashed: list[tuple[str, Exception]] = []
         for impl in reversed(self.pm.hook.adapt_model.get_hookimpls()):
             args = {"model": model, "options": options}
             try:
@@ -409,9 +411,17 @@ class Registry:
                     impl.plugin_name, PluginInfo(impl.plugin_name, None, None)
                 )
                 self._fail(source, "adapt_model", exc)
+                crashed.append((impl.plugin_name, exc))
                 continue
             if adapter is not None:
                 return adapter
+        if crashed:  # an adapter took the model up and broke: say so, not "wrong type"
+            name, exc = crashed[-1]
+            raise ModelError(
+                f"The model adapter {name!r} failed on this {type(model).__name__}: "
+                f"{type(exc).__name__}: {exc}. Please report it; meanwhile pass an "
+                f"xai_core.ModelAdapter (e.g. TorchAdapter(model, input_spec=...))."
+            ) from exc
         raise ModelTypeError(
             f"xai-core cannot explain a {type(model).__module__}.{type(model).__name__}: pass a "
             f"torch.nn.Module, an ONNX model (path, bytes or onnxruntime.InferenceSession), or "

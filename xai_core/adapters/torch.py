@@ -6,6 +6,7 @@ import logging
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 
 from xai_core.adapters.base import InputSpec, ModelAdapter
 from xai_core.capture import capture, preserved_state
-from xai_core.errors import LayerNotFoundError, LayerTypeError, ModelError
+from xai_core.errors import LayerNotFoundError, LayerTypeError, ModelError, OptionError
 from xai_core.tags import Capability
 
 log = logging.getLogger("xai_core")
@@ -30,7 +31,22 @@ _POOLING = (
     nn.AdaptiveMaxPool2d,
     nn.AdaptiveMaxPool3d,
 )
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def conv_input(module: nn.Module) -> tuple[int, int] | None:
+    """``(input rank, input channels)`` a convolution takes, or ``None`` for other modules.
+
+    Read from the module's weight, never its exact class, so subclasses (timm's same-padding
+    ``Conv2dSame``, weight-standardised ``StdConv2d``, EfficientNet-Lite ports) and duck-typed
+    convolutions (an ``in_channels`` and a ``(out, in, *kernel)`` weight) count alike.
+    """
+    channels = getattr(module, "in_channels", None)
+    weight = getattr(module, "weight", None)
+    if not isinstance(channels, int) or not isinstance(weight, torch.Tensor):
+        return None
+    if isinstance(weight, nn.parameter.UninitializedParameter) or not 3 <= weight.ndim <= 5:
+        return None
+    return weight.ndim, channels  # a (N, C, *spatial) input has as many axes as the kernel
 
 # Default layers found by probing, per model and input shape, so the probe runs once.
 _default_layer_cache: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], str]] = (
@@ -70,9 +86,18 @@ class TorchAdapter(ModelAdapter):
 
     kind = "torch"
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, *, input_spec: InputSpec | None = None) -> None:
+        """:param input_spec: what the model takes (rank, channels), when its first
+            convolution does not say it or says it wrongly; fields left ``None`` go unchecked
+            (the dtype is always read from the parameters when not given).
+        """
         if not isinstance(module, nn.Module):
             raise ModelError(f"TorchAdapter needs an nn.Module; got {type(module).__name__}.")
+        if input_spec is not None and not isinstance(input_spec, InputSpec):
+            raise OptionError(
+                f"input_spec must be an xai_core.InputSpec, e.g. InputSpec(rank=4, channels=3); "
+                f"got {type(input_spec).__name__}."
+            )
         self.module = module
         tensors = [*module.parameters(), *module.buffers()]
         self.device = tensors[0].device if tensors else torch.device("cpu")
@@ -86,13 +111,15 @@ class TorchAdapter(ModelAdapter):
         if any(is_attention_module(m) for m in modules):
             caps.add(Capability.ATTENTION)
         self.capabilities = frozenset(caps)
-        first_conv = next((m for m in modules if isinstance(m, _CONV)), None)
         floating = next((t.dtype for t in tensors if t.is_floating_point()), None)
-        if first_conv is not None:
-            rank = {nn.Conv1d: 3, nn.Conv2d: 4, nn.Conv3d: 5}[type(first_conv)]
-            self.input_spec = InputSpec(rank, first_conv.in_channels, dtype=floating)
+        if input_spec is not None:
+            self.input_spec = replace(input_spec, dtype=input_spec.dtype or floating)
         else:
-            self.input_spec = InputSpec(dtype=floating)
+            # The first convolution registered is, in nearly every model, the one reading the
+            # input; when it is not, the user states the truth with `input_spec=`.
+            first_conv = next((c for c in map(conv_input, modules) if c is not None), None)
+            rank, channels = first_conv or (None, None)
+            self.input_spec = InputSpec(rank, channels, dtype=floating)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return scores_of(self.module(inputs))
