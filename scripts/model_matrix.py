@@ -319,11 +319,17 @@ MISSING = {
 
 def first_sentence(message: str) -> str:
     """A reason short enough for a table and shared by models: the message up to its first
-    full stop, without the layer names in quotes; a missing capability in plain words."""
+    full stop or colon, without layer names and shapes; a missing capability in plain words."""
     needs = re.match(r"\S+ needs ([\w, -]+); this \S+ model offers", message)
     if needs:
         return "; ".join(MISSING.get(c, c) for c in needs.group(1).split(", "))
-    head = re.sub(r" '[^']*'", "", message.split(". ")[0]).strip().rstrip(".")
+    head = message.split(". ")[0].split(": ")[0]
+    while True:  # parentheses with names or numbers in them, innermost first
+        shorter = re.sub(r" ?\([^()]*['\d][^()]*\)", "", head)
+        if shorter == head:
+            break
+        head = shorter
+    head = re.sub(r" '[^']*'", "", head).strip().rstrip(".")
     return head if len(head) <= 160 else head[:157] + "..."
 
 
