@@ -160,6 +160,8 @@ ZOO: list[Arch] = [
         _timm("densenet121", growth_rate=8, block_config=(2, 2, 2, 2)),
     ),
     Arch("resnetv2_50x1_bit", "timm", "CNN", _timm("resnetv2_50x1_bit")),
+    Arch("cs3darknet_focus_s", "timm", "CNN", _timm("cs3darknet_focus_s")),
+    Arch("fastvit_t8", "timm", "CNN", _timm("fastvit_t8")),
     # timm transformers and hybrids, shrunk to two blocks
     Arch("vit_tiny_patch16_224", "timm", "ViT", _timm("vit_tiny_patch16_224", **_VIT_TIMM), 32),
     Arch(
@@ -200,6 +202,9 @@ ZOO: list[Arch] = [
     Arch("mobilevit_xxs", "timm", "hybrid", _timm("mobilevit_xxs")),
     Arch("levit_128s", "timm", "hybrid", _timm("levit_128s", img_size=64)),
     Arch("coat_lite_tiny", "timm", "hybrid", _timm("coat_lite_tiny", img_size=64)),
+    Arch("coatnet_nano_rw_224", "timm", "hybrid", _timm("coatnet_nano_rw_224", img_size=64)),
+    Arch("maxvit_pico_rw_256", "timm", "hybrid", _timm("maxvit_pico_rw_256", img_size=64)),
+    Arch("edgenext_xx_small", "timm", "hybrid", _timm("edgenext_xx_small")),
     # Hugging Face transformers, tiny configurations
     Arch("hf-vit", "transformers", "ViT", _hf("ViT", **_VIT_HF), 32),
     Arch("hf-deit", "transformers", "ViT", _hf("DeiT", **_VIT_HF), 32),
@@ -310,7 +315,7 @@ class Outcome:
 
 # What a missing capability means for a PyTorch model, in the words of the page.
 MISSING = {
-    "attention": "no attention module xai-core can capture (a CNN)",
+    "attention": "no attention module that xai-core can capture",
     "classifier-weights": "no nn.Linear layer (a convolutional or compiled classifier)",
     "layers": "no module hooks (TorchScript)",
     "gradients": "no gradients",

@@ -1,4 +1,4 @@
-"""The model-zoo matrix: every local method on 39 architectures built the ways users build them.
+"""The model-zoo matrix: every local method on 40+ architectures, built the ways users build them.
 
 Every pair gives finite maps on the input grid or a typed not-applicable answer (see
 ``scripts/model_matrix.py``); Grad-CAM and CAM agree with a hand-written reference at the same
