@@ -363,11 +363,15 @@ def run_pair(
     return Outcome("ok", "", e)
 
 
+def run_row(model: nn.Module, x: torch.Tensor) -> dict[str, Outcome]:
+    """Every column of one architecture's row."""
+    usable = {i.name for i in xai_core.list_explainers(model=model)}
+    return {col: run_pair(model, x, m, opts, usable) for col, m, opts in methods()}
+
+
 def run_arch(arch: Arch) -> tuple[nn.Module, torch.Tensor, dict[str, Outcome]]:
     model, x = build(arch)
-    usable = {i.name for i in xai_core.list_explainers(model=model)}
-    row = {col: run_pair(model, x, m, opts, usable) for col, m, opts in methods()}
-    return model, x, row
+    return model, x, run_row(model, x)
 
 
 # -- the page --------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from torch import nn
 import xai_core
 from xai_core import InputSpec
 from xai_core.adapters.torch import TorchAdapter
+from xai_core.capture import hook_count
 from xai_core.errors import InputError, ModelError, OptionError
 from xai_core.registry import PluginWarning
 
@@ -102,6 +103,20 @@ def reference_cam(model, x, e) -> torch.Tensor:
     return torch.einsum("nc,nchw->nhw", weights, features).detach()
 
 
+def snapshot(model: nn.Module) -> tuple:
+    """Everything an explanation must leave as it found it: parameters and buffers, training
+    flags, requires_grad, grads, hooks, and plain settings (timm's ``fused_attn``, say)."""
+    tensors = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+    flags = [(n, m.training) for n, m in model.named_modules()]
+    params = [(n, p.requires_grad, p.grad is None) for n, p in model.named_parameters()]
+    plain = (bool, int, float, str, type(None))
+    settings = [
+        (n, sorted((k, v) for k, v in vars(m).items() if isinstance(v, plain)))
+        for n, m in model.named_modules()
+    ]
+    return tensors, flags, params, hook_count(model), settings
+
+
 def export_onnx(model: nn.Module, x: torch.Tensor, path: Path) -> Path:
     torch.onnx.export(
         model,
@@ -118,10 +133,15 @@ def export_onnx(model: nn.Module, x: torch.Tensor, path: Path) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", mm.ZOO, ids=mm.arch_id)
 def test_every_method_gives_a_map_or_says_why_not(arch, tmp_path):
-    model, x, row = mm.run_arch(arch)
-    ROWS[mm.arch_id(arch)] = row
+    model, x = mm.build(arch)
+    before = snapshot(model)
+    row = ROWS[mm.arch_id(arch)] = mm.run_row(model, x)
     failed = {c: o.reason for c, o in row.items() if o.status == "failed"}
     assert not failed, f"{mm.arch_id(arch)}: {failed}"
+    after = snapshot(model)
+    assert after[1:] == before[1:], "mode, grads, hooks or module settings changed"
+    for name, tensor in before[0].items():
+        assert torch.equal(after[0][name], tensor), f"{name} changed"
     assert row["occlusion"].status == "ok"  # model-agnostic: runs on everything
 
     if arch.family == "CNN" and not isinstance(model, torch.jit.ScriptModule):
