@@ -149,11 +149,9 @@ def test_every_method_gives_a_map_or_says_why_not(arch, tmp_path):
         assert gradcam is not None, row["gradcam"].reason
         expected = reference_gradcam(model, x, gradcam.layers[0], gradcam.targets[:, 0])
         assert pearson(gradcam.raw[0][:, 0], expected) >= 0.99
-        cam = row["cam"]
-        if cam.status == "ok":
-            e = cam.explanation
-            expected = reference_cam(model, x, e)
-            assert pearson(e.raw[0][:, 0], expected) >= 0.99
+    if row["cam"].status == "ok":  # every CNN, and the hybrids CAM runs on
+        e = row["cam"].explanation
+        assert pearson(e.raw[0][:, 0], reference_cam(model, x, e)) >= 0.99
 
     if mm.arch_id(arch) in ONNX:
         path = export_onnx(model, x, tmp_path / "model.onnx")
