@@ -235,6 +235,25 @@ ZOO: list[Arch] = [
         _hf("ResNet", embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1]),
     ),
     Arch(
+        "hf-regnet",
+        "transformers",
+        "CNN",
+        _hf("RegNet", embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], groups_width=8),
+    ),
+    Arch(
+        "hf-efficientnet",
+        "transformers",
+        "CNN",
+        _hf("EfficientNet", image_size=64, width_coefficient=0.25, hidden_dim=320),
+    ),
+    Arch(
+        "hf-poolformer",
+        "transformers",
+        "CNN",
+        _hf("PoolFormer", hidden_sizes=[16, 32, 32, 32], depths=[1, 1, 1, 1]),
+    ),
+    Arch("hf-data2vec-vision", "transformers", "ViT", _hf("Data2VecVision", **_VIT_HF), 32),
+    Arch(
         "hf-mobilevit",
         "transformers",
         "hybrid",
