@@ -127,6 +127,28 @@ class DictOutput(FunctionalGAP):
         return {"logits": self.classifier(features.mean((2, 3))), "features": features}
 
 
+class Normalized(nn.Module):
+    """A trained model behind its preprocessing, as deployed: the classifier sits one level
+    deeper and the first module is no convolution."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) / self.std)
+
+
+def _normalized() -> nn.Module:
+    return Normalized(_timm("regnetx_002")())
+
+
+def _fx_traced() -> nn.Module:
+    return torch.fx.symbolic_trace(FunctionalGAP())
+
+
 def _channels_last() -> nn.Module:
     return _tv("resnet18")().to(memory_format=torch.channels_last)
 
@@ -270,6 +292,8 @@ ZOO: list[Arch] = [
     Arch("dict output", "custom", "CNN", DictOutput),
     Arch("resnet18 channels-last", "custom", "CNN", _channels_last),
     Arch("TorchScript CNN", "custom", "CNN", _scripted),
+    Arch("torch.fx GraphModule", "custom", "CNN", _fx_traced),
+    Arch("regnetx_002 behind normalisation", "custom", "CNN", _normalized),
 ]
 
 
