@@ -3,7 +3,7 @@
 Each architecture (timm, Hugging Face transformers, torchvision, and a few built the ways users
 build models: functional pooling, a dict output, channels-last, TorchScript, a ``Conv2d``
 subclass) is built with random weights and tiny sizes, and crossed with every local method.
-A pair is ``ok`` (finite maps of shape ``(N, H, W)`` on the input grid), ``n/a`` (the method
+A pair is ``ok`` (finite maps of shape ``(N, *spatial)`` on the input grid), ``n/a`` (the method
 says, with a typed :class:`~xai_core.errors.CapabilityError` or through ``list_explainers``,
 why it does not apply) or a failure (any other exception, or a bad map).
 
@@ -42,6 +42,10 @@ class Arch:
     family: str  # CNN, ViT, hierarchical transformer, hybrid
     build: Callable[[], nn.Module] = field(repr=False, compare=False)
     size: int = 64
+    depth: int | None = None  # volumes and clips: (N, C, depth, size, size)
+
+    def shape(self, n: int) -> tuple[int, ...]:
+        return (n, 3, *([self.depth] if self.depth else []), self.size, self.size)
 
 
 # -- builders --------------------------------------------------------------------------------
@@ -147,6 +151,18 @@ def _normalized() -> nn.Module:
 
 def _fx_traced() -> nn.Module:
     return torch.fx.symbolic_trace(FunctionalGAP())
+
+
+def _video() -> nn.Module:
+    from torchvision.models.video import r3d_18
+
+    return r3d_18(weights=None, num_classes=CLASSES)
+
+
+def _volume() -> nn.Module:
+    from xai_core.testing import tiny_cnn
+
+    return tiny_cnn(dims=3, classes=CLASSES)
 
 
 def _channels_last() -> nn.Module:
@@ -286,12 +302,14 @@ ZOO: list[Arch] = [
     Arch("mobilenet_v3_small", "torchvision", "CNN", _tv("mobilenet_v3_small")),
     Arch("efficientnet_b0", "torchvision", "CNN", _tv("efficientnet_b0")),
     Arch("vit (2 blocks)", "torchvision", "ViT", _torchvision_vit, 32),
+    Arch("r3d_18 (video)", "torchvision", "3D CNN", _video, 32, depth=8),
     # built the ways users build models
     Arch("Conv2d subclass (EfficientNet-Lite port)", "custom", "CNN", LiteNet),
     Arch("functional GAP", "custom", "CNN", FunctionalGAP),
     Arch("dict output", "custom", "CNN", DictOutput),
     Arch("resnet18 channels-last", "custom", "CNN", _channels_last),
     Arch("TorchScript CNN", "custom", "CNN", _scripted),
+    Arch("tiny 3D CNN (volumes)", "custom", "3D CNN", _volume, 16, depth=8),
     Arch("torch.fx GraphModule", "custom", "CNN", _fx_traced),
     Arch("regnetx_002 behind normalisation", "custom", "CNN", _normalized),
 ]
@@ -306,7 +324,7 @@ def arch_id(arch: Arch) -> str:
 
 def methods() -> list[tuple[str, str, dict[str, Any]]]:
     """``(column, method, options)`` for every installed local method; Grad-CAM's weightings
-    get a column each. Occlusion uses 2 x 2 boxes so that the matrix stays fast."""
+    get a column each. Occlusion uses 2 boxes per axis so that the matrix stays fast."""
     columns = []
     for info in xai_core.list_explainers(scope="local"):
         columns.append((info.name, info.name, {}))
@@ -316,11 +334,12 @@ def methods() -> list[tuple[str, str, dict[str, Any]]]:
     return columns
 
 
-def occlusion_options(size: int) -> dict[str, Any]:
-    return {"window": size // 2, "stride": size // 2}
+def occlusion_options(spatial: tuple[int, ...]) -> dict[str, Any]:
+    halves = tuple(s // 2 for s in spatial)
+    return {"window": halves, "stride": halves}
 
 
-def calibrate(model: nn.Module, size: int, seed: int = 0) -> nn.Module:
+def calibrate(model: nn.Module, shape: tuple[int, ...], seed: int = 0) -> nn.Module:
     """BatchNorm statistics from two random batches (random-weight nets otherwise blow up to
     logits of 1e14 with the default running statistics), then eval mode."""
     g = torch.Generator().manual_seed(seed)
@@ -333,17 +352,18 @@ def calibrate(model: nn.Module, size: int, seed: int = 0) -> nn.Module:
         model.train()
         with torch.no_grad():
             for _ in range(2):
-                model(torch.randn(4, 3, size, size, generator=g))
+                model(torch.randn(shape, generator=g))
         for m, momentum in zip(norms, momenta, strict=True):
             m.momentum = momentum
     return model.eval()
 
 
 def build(arch: Arch, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
-    """The model (random weights, calibrated, eval mode) and a ``(2, 3, size, size)`` batch."""
+    """The model (random weights, calibrated, eval mode) and a ``(2, 3, [depth,] size, size)``
+    batch."""
     torch.manual_seed(seed)
-    model = calibrate(arch.build(), arch.size, seed)
-    x = torch.randn(BATCH, 3, arch.size, arch.size, generator=torch.Generator().manual_seed(1))
+    model = calibrate(arch.build(), arch.shape(4), seed)
+    x = torch.randn(arch.shape(BATCH), generator=torch.Generator().manual_seed(1))
     if arch.name.endswith("channels-last"):
         x = x.contiguous(memory_format=torch.channels_last)
     return model, x
@@ -390,7 +410,7 @@ def run_pair(
         reason = registry.unsupported_reason(registry.get_explainer(method), xai_core.adapt(model))
         return Outcome("n/a", first_sentence(reason or "not listed for this model"))
     if method == "occlusion":
-        options = {**options, **occlusion_options(x.shape[-1])}
+        options = {**options, **occlusion_options(tuple(x.shape[2:]))}
     try:
         e = xai_core.explain(model, x, method=method, **options)
     except CapabilityError as error:
@@ -422,15 +442,16 @@ def run_arch(arch: Arch) -> tuple[nn.Module, torch.Tensor, dict[str, Outcome]]:
 HEADER = """# Which method runs on which model
 
 This page is written by `scripts/model_matrix.py` from a run of every installed local method on
-every architecture below (random weights, tiny configurations, {batch} images of 28-64 px);
-`tests/test_model_zoo.py` runs the same matrix in CI and fails when this page differs from what
-the script writes now. Regenerate it with `python scripts/model_matrix.py`.
+every architecture below (random weights, tiny configurations, {batch} images of 16-64 px, clips
+of 8 frames); `tests/test_model_zoo.py` runs the same matrix in CI and fails when this page
+differs from what the script writes now. Regenerate it with `python scripts/model_matrix.py`.
 
-`ok`: finite maps of shape `(N, H, W)` on the input grid. A number: the method does not apply,
-with the reason below; `xai_core.list_explainers(model=...)` leaves such methods out, or the
-method raises a `CapabilityError` saying the same. Nothing else is allowed: any other error or a
-non-finite map fails the test. Grad-CAM and CAM are also checked against a hand-written reference
-on every CNN, and occlusion on ONNX exports against occlusion on the PyTorch models.
+`ok`: finite maps of shape `(N, H, W)` (`(N, D, H, W)` for 3D models) on the input grid. A
+number: the method does not apply, with the reason below; `xai_core.list_explainers(model=...)`
+leaves such methods out, or the method raises a `CapabilityError` saying the same. Nothing else
+is allowed: any other error or a non-finite map fails the test, and so does a model not left
+exactly as it was. Grad-CAM is also checked against a hand-written reference on every CNN, CAM
+on every model it runs on, and occlusion on ONNX exports against occlusion on the PyTorch models.
 """
 
 

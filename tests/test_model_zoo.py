@@ -75,7 +75,7 @@ def reference_gradcam(model, x, layer: str, targets: torch.Tensor) -> torch.Tens
         handle.remove()
     acts = seen[-1]
     (grads,) = torch.autograd.grad(scores.gather(1, targets[:, None]).sum(), acts)
-    weights = grads.mean(dim=(2, 3), keepdim=True)
+    weights = grads.mean(dim=tuple(range(2, grads.ndim)), keepdim=True)
     return (weights * acts).sum(1).clamp(min=0).detach()
 
 
@@ -100,7 +100,7 @@ def reference_cam(model, x, e) -> torch.Tensor:
         mu, sigma = pooled.mean(1), (pooled.var(1, unbiased=False) + norm.eps).sqrt()
         weights = weights * norm.weight / sigma[:, None]
         features = features - mu[:, None, None, None]
-    return torch.einsum("nc,nchw->nhw", weights, features).detach()
+    return torch.einsum("nc,nc...->n...", weights, features).detach()
 
 
 def snapshot(model: nn.Module) -> tuple:
@@ -144,7 +144,7 @@ def test_every_method_gives_a_map_or_says_why_not(arch, tmp_path):
         assert torch.equal(after[0][name], tensor), f"{name} changed"
     assert row["occlusion"].status == "ok"  # model-agnostic: runs on everything
 
-    if arch.family == "CNN" and not isinstance(model, torch.jit.ScriptModule):
+    if arch.family.endswith("CNN") and not isinstance(model, torch.jit.ScriptModule):
         gradcam = row["gradcam"].explanation
         assert gradcam is not None, row["gradcam"].reason
         expected = reference_gradcam(model, x, gradcam.layers[0], gradcam.targets[:, 0])
@@ -155,7 +155,7 @@ def test_every_method_gives_a_map_or_says_why_not(arch, tmp_path):
 
     if mm.arch_id(arch) in ONNX:
         path = export_onnx(model, x, tmp_path / "model.onnx")
-        options = mm.occlusion_options(arch.size)
+        options = mm.occlusion_options(tuple(x.shape[2:]))
         on_onnx = xai_core.explain(path, x.contiguous(), method="occlusion", **options).maps
         on_torch = row["occlusion"].explanation.maps
         scale = float(on_torch.abs().max()) or 1.0
