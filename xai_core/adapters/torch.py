@@ -38,11 +38,34 @@ _default_layer_cache: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...],
 )
 
 
+# What a module that computes multi-head attention itself holds (duck typing, not class names):
+# a head count, and query and key projections under the names the common libraries use.
+_HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_heads", "heads")
+_PROJECTIONS = (("qkv",), ("query", "key"), ("q", "k"), ("q_proj", "k_proj"), ("to_qkv",))
+
+
+def computes_attention(module: nn.Module) -> bool:
+    """True for a module that looks like it computes multi-head attention from its input itself:
+    an integer head count and query/key projection sub-modules (timm's ``Attention`` and its
+    EVA/BEiT/Swin variants, Hugging Face's ``ViTAttention``/``ViTSelfAttention`` and kin).
+    Whether it really does is shown when it runs: :func:`xai_core.capture.capture_attention`
+    reads the weights of its ``F.scaled_dot_product_attention`` or softmax call, and refuses a
+    module in which it finds neither."""
+    heads = next((getattr(module, a) for a in _HEAD_COUNTS if hasattr(module, a)), None)
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+        return False
+    children = dict(module.named_children())
+    return any(all(isinstance(children.get(n), nn.Module) for n in names) for names in _PROJECTIONS)
+
+
 def is_attention_module(module: nn.Module) -> bool:
-    """True for ``nn.MultiheadAttention`` and for custom modules that opt in to the attention
-    contract by setting ``xai_attention = True`` (see docs/methods/attention.md)."""
-    return isinstance(module, nn.MultiheadAttention) or bool(
-        getattr(module, "xai_attention", False)
+    """True for ``nn.MultiheadAttention``, for custom modules that opt in to the attention
+    contract by setting ``xai_attention = True`` (see docs/methods/attention.md), and for modules
+    recognised by their structure (:func:`computes_attention`)."""
+    return (
+        isinstance(module, nn.MultiheadAttention)
+        or bool(getattr(module, "xai_attention", False))
+        or computes_attention(module)
     )
 
 
