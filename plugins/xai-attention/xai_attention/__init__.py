@@ -122,11 +122,12 @@ def same_tokens(calls: list[Call]) -> int:
 # -- tokens to an image grid -----------------------------------------------------------------------
 
 
-def token_map(relevance: torch.Tensor, class_token: bool, grid: tuple[int, ...]) -> torch.Tensor:
-    """``(..., T, T)`` token-to-token relevance -> ``(..., *grid)`` over the patches: the class
-    token's row, or for mean-pooled models (no class token) the mean of all rows."""
-    if class_token:
-        return relevance[..., 0, 1:].unflatten(-1, grid)
+def token_map(relevance: torch.Tensor, extra: int, grid: tuple[int, ...]) -> torch.Tensor:
+    """``(..., T, T)`` token-to-token relevance -> ``(..., *grid)`` over the patches (the last
+    tokens, after ``extra`` class/distillation/register tokens): the class token's row, or for
+    mean-pooled models (no extra token) the mean of all rows."""
+    if extra:
+        return relevance[..., 0, extra:].unflatten(-1, grid)
     return relevance.mean(dim=-2).unflatten(-1, grid)
 
 
@@ -225,12 +226,14 @@ class RawAttention:
         *,
         layer: int | str = -1,
         head: int | str = "mean",
-        class_token: bool | None = None,
+        class_token: bool | int | None = None,
     ) -> Attribution:
         """:param layer: which attention call, by index in forward order (default: the last), or
             an attention module's name (its last call).
         :param head: a head index, or ``"mean"``, ``"max"`` or ``"min"`` over heads.
-        :param class_token: token 0 is a class token; ``None`` decides from the token count.
+        :param class_token: token 0 is a class token (``True``; more extra tokens such as
+            registers may follow it) or a patch (``False``), or an ``int``: the number of leading
+            non-patch tokens; ``None`` decides from the token count.
         """
         check_head(head, allow_index=True)
         if isinstance(layer, bool) or not isinstance(layer, int | str):
@@ -238,15 +241,16 @@ class RawAttention:
         scores, calls = attention_forward(model, inputs, grad=False)
         resolved = targets.resolve(scores)
         name, weights = pick_layer(calls, layer)
-        has_cls, grid = token_layout(weights.shape[-1], inputs.shape[2:], class_token)
-        maps = token_map(fuse_heads(weights, head), has_cls, grid)
+        extra, grid = token_layout(weights.shape[-1], inputs.shape[2:], class_token)
+        maps = token_map(fuse_heads(weights, head), extra, grid)
         return Attribution(
             maps=per_target(maps, resolved.count),
             scores=scores.detach(),
             layers=[name],
             details={
                 "head": head,
-                "class_token": has_cls,
+                "class_token": bool(extra),
+                "extra_tokens": extra,
                 "grid": grid,
                 "heads": weights.shape[1],
                 "attention_layers": [n for n, _ in calls],
@@ -269,12 +273,14 @@ class AttentionRollout:
         *,
         head_fusion: str = "mean",
         discard_ratio: float = 0.0,
-        class_token: bool | None = None,
+        class_token: bool | int | None = None,
     ) -> Attribution:
         """:param head_fusion: ``"mean"`` (the paper), ``"max"`` or ``"min"`` over heads.
         :param discard_ratio: fraction in [0, 1) of each layer's smallest fused weights set to
             zero before the identity is added (a noise filter from jacobgil/vit-explain).
-        :param class_token: token 0 is a class token; ``None`` decides from the token count.
+        :param class_token: token 0 is a class token (``True``; more extra tokens such as
+            registers may follow it) or a patch (``False``), or an ``int``: the number of leading
+            non-patch tokens; ``None`` decides from the token count.
         """
         check_head(head_fusion, allow_index=False)
         if not 0.0 <= discard_ratio < 1.0:
@@ -282,13 +288,13 @@ class AttentionRollout:
         scores, calls = attention_forward(model, inputs, grad=False)
         resolved = targets.resolve(scores)
         tokens = same_tokens(calls)
-        has_cls, grid = token_layout(tokens, inputs.shape[2:], class_token)
+        extra, grid = token_layout(tokens, inputs.shape[2:], class_token)
         eye = torch.eye(tokens, dtype=calls[0][1].dtype, device=calls[0][1].device)
         tilde = []
         for _, weights in calls:
             a = 0.5 * discard_lowest(fuse_heads(weights, head_fusion), discard_ratio) + 0.5 * eye
             tilde.append(a / a.sum(dim=-1, keepdim=True))  # rows renormalised
-        maps = token_map(chain(tilde), has_cls, grid)
+        maps = token_map(chain(tilde), extra, grid)
         names = [n for n, _ in calls]
         return Attribution(
             maps=per_target(maps, resolved.count),
@@ -297,7 +303,8 @@ class AttentionRollout:
             details={
                 "head_fusion": head_fusion,
                 "discard_ratio": discard_ratio,
-                "class_token": has_cls,
+                "class_token": bool(extra),
+                "extra_tokens": extra,
                 "grid": grid,
                 "attention_layers": names,
                 "target_independent": True,
@@ -317,13 +324,15 @@ class GradAttentionRollout:
         inputs: torch.Tensor,
         targets: Targets,
         *,
-        class_token: bool | None = None,
+        class_token: bool | int | None = None,
     ) -> Attribution:
-        """:param class_token: token 0 is a class token; ``None`` decides from the token count."""
+        """:param class_token: token 0 is a class token (``True``; more extra tokens such as
+            registers may follow it) or a patch (``False``), or an ``int``: the number of leading
+            non-patch tokens; ``None`` decides from the token count."""
         scores, calls = attention_forward(model, inputs, grad=True)
         chosen = targets.resolve(scores).select(scores)  # (N, K) target logits
         tokens = same_tokens(calls)
-        has_cls, grid = token_layout(tokens, inputs.shape[2:], class_token)
+        extra, grid = token_layout(tokens, inputs.shape[2:], class_token)
         names = [n for n, _ in calls]
         eye = torch.eye(tokens, dtype=calls[0][1].dtype, device=calls[0][1].device)
         per_target = []  # one backward per target through the retained graph, reduced at once
@@ -338,14 +347,15 @@ class GradAttentionRollout:
                 grad = grad.reshape(weights.shape)  # (N, heads, T, T)
                 a_bar = (grad * weights.detach()).clamp(min=0).mean(dim=1)
                 steps.append(eye + a_bar)  # R <- R + Abar R, the paper's update
-            per_target.append(token_map(chain(steps), has_cls, grid))  # (N, *grid)
+            per_target.append(token_map(chain(steps), extra, grid))  # (N, *grid)
         maps = torch.stack(per_target, dim=1)  # (N, K, *grid)
         return Attribution(
             maps=maps.contiguous(),
             scores=scores.detach(),
             layers=[span(names)],
             details={
-                "class_token": has_cls,
+                "class_token": bool(extra),
+                "extra_tokens": extra,
                 "grid": grid,
                 "attention_layers": names,
                 "target_independent": False,
