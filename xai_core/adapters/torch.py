@@ -70,6 +70,17 @@ def is_attention_module(module: nn.Module) -> bool:
     )
 
 
+def declared_extra_tokens(module: nn.Module) -> int | None:
+    """How many leading non-patch tokens (class, distillation, registers) the model says it has
+    (timm's ``num_prefix_tokens``), or ``None``: token layouts then decide from the count, which
+    is ambiguous for tiny grids (1 class + 4 registers + 2x2 patches = 9 = 3x3 patches)."""
+    for m in module.modules():
+        count = getattr(m, "num_prefix_tokens", None)
+        if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
+            return count
+    return None
+
+
 def scores_of(output: Any) -> torch.Tensor:
     """The score tensor inside whatever a model's ``forward`` returned."""
     if isinstance(output, torch.Tensor):
@@ -205,10 +216,15 @@ class TorchAdapter(ModelAdapter):
                 and not any(name.startswith(a + ".") for a in attention)
                 and not torch.equal(out[0], out[1])
             ]
-            chosen, attention_name = self._tokens_entering(outputs, queries.arguments, inputs)
+            extra = declared_extra_tokens(self.module)
+            chosen, attention_name = self._tokens_entering(
+                outputs, queries.arguments, inputs, extra
+            )
             if chosen is None:
                 # Hooks fire when a module *finishes*: the last feature map is the deepest.
-                spatial = [name for name, out in outputs if self._is_feature_map(out, inputs)]
+                spatial = [
+                    name for name, out in outputs if self._is_feature_map(out, inputs, extra)
+                ]
                 if not spatial:
                     raise LayerNotFoundError(
                         "No layer of this model outputs a feature map of the input (channels "
@@ -224,14 +240,14 @@ class TorchAdapter(ModelAdapter):
         return cached[key]
 
     @staticmethod
-    def _is_feature_map(output: torch.Tensor, inputs: torch.Tensor) -> bool:
+    def _is_feature_map(output: torch.Tensor, inputs: torch.Tensor, extra: int | None) -> bool:
         from xai_core.errors import CapabilityError
         from xai_core.ops import feature_layout
 
         if output.ndim not in (inputs.ndim, 3):
             return False
         try:
-            layout = feature_layout(output.shape, inputs.shape[2:])
+            layout = feature_layout(output.shape, inputs.shape[2:], extra)
         except CapabilityError:
             return False
         return math.prod(layout.grid) > 1
@@ -241,6 +257,7 @@ class TorchAdapter(ModelAdapter):
         outputs: list[tuple[str, torch.Tensor]],
         calls: list[tuple[str, tuple[torch.Tensor, ...]]],
         inputs: torch.Tensor,
+        extra: int | None = None,
     ) -> tuple[str | None, str | None]:
         """The module whose recorded output is the query of the last *self*-attention call
         (query equal to key, or a single input: a transformer encoder block), and its name; or
@@ -262,7 +279,7 @@ class TorchAdapter(ModelAdapter):
             if query.ndim != 3 or query.shape[0] != 2:  # batch-first tokens of the probe
                 return None, None
             try:
-                token_layout(query.shape[1], inputs.shape[2:], None)
+                token_layout(query.shape[1], inputs.shape[2:], extra)
             except CapabilityError:
                 return None, None
             for name, out in reversed(outputs):

@@ -24,7 +24,7 @@ from torch import nn
 import xai_core
 from xai_core import Attribution, Capability, Tags, Targets
 from xai_core.adapters.base import ModelAdapter
-from xai_core.adapters.torch import TorchAdapter, is_attention_module
+from xai_core.adapters.torch import TorchAdapter, declared_extra_tokens, is_attention_module
 from xai_core.capture import capture_attention
 from xai_core.errors import CapabilityError, LayerNotFoundError, OptionError, did_you_mean
 from xai_core.ops import target_gradients, token_layout
@@ -54,6 +54,35 @@ def attention_modules(module: nn.Module) -> dict[str, nn.Module]:
     return {name or "<model>": m for name, m in found.items()}
 
 
+def windowed_attention(module: nn.Module) -> str | None:
+    """The name of a module that splits the tokens into windows before attending (Swin's
+    shifted windows: ``window_size`` and ``shift_size``; MaxViT's ``partition_size``), or
+    ``None``. Decided by structure, before anything runs."""
+    for name, m in module.named_modules():
+        if (hasattr(m, "window_size") and hasattr(m, "shift_size")) or hasattr(
+            m, "partition_size"
+        ):
+            return name or "<model>"
+    return None
+
+
+def not_applicable(model: ModelAdapter) -> str | None:
+    """Why attention maps cannot be drawn for ``model``, or ``None`` (``unsupported_reason``)."""
+    if not isinstance(model, TorchAdapter):
+        kind = model.kind
+        return f"attention maps read the attention modules of a PyTorch model, not a {kind} model"
+    windowed = windowed_attention(model.module)
+    if windowed is not None:
+        return (
+            f"the model attends within windows ({windowed!r} splits the tokens into windows, as "
+            f"Swin and MaxViT do): each attention matrix covers one window, there is no class "
+            f"token and no T x T matrix over the whole image to roll out or show; use gradcam "
+            f"(its default layer lays the stage's tokens out on the image grid) or a "
+            f"perturbation method"
+        )
+    return None
+
+
 def attention_forward(
     model: ModelAdapter, inputs: torch.Tensor, *, grad: bool
 ) -> tuple[torch.Tensor, list[Call]]:
@@ -76,6 +105,14 @@ def attention_forward(
             "weights to show."
         )
     for name, weights in seen.order:
+        windows = weights.shape[0] // inputs.shape[0] if weights.ndim == 4 else 1
+        if windows > 1 and weights.shape[0] == windows * inputs.shape[0]:
+            raise CapabilityError(
+                f"Attention layer {name!r} attends within {weights.shape[0] // inputs.shape[0]} "
+                f"windows per image (weights {tuple(weights.shape)} for N={inputs.shape[0]}): "
+                f"windowed attention has no T x T matrix over the image to show or roll out; use "
+                f"gradcam or a perturbation method."
+            )
         if (
             weights.ndim != 4
             or weights.shape[0] != inputs.shape[0]
@@ -86,6 +123,13 @@ def attention_forward(
                 f"maps need self-attention weights (N={inputs.shape[0]}, heads, T, T)."
             )
     return scores, list(seen.order)
+
+
+def extra_tokens(model: ModelAdapter, class_token: bool | int | None) -> bool | int | None:
+    """The user's ``class_token``, else the count of extra tokens the model declares."""
+    if class_token is None and isinstance(model, TorchAdapter):
+        return declared_extra_tokens(model.module)
+    return class_token
 
 
 def pick_layer(calls: list[Call], layer: int | str) -> Call:
@@ -218,6 +262,10 @@ class RawAttention:
     name = "attention"
     tags = Tags("local", "model-specific", requires={Capability.ATTENTION})
 
+    @classmethod
+    def unsupported_reason(cls, model: ModelAdapter) -> str | None:
+        return not_applicable(model)
+
     def explain(
         self,
         model: ModelAdapter,
@@ -241,7 +289,8 @@ class RawAttention:
         scores, calls = attention_forward(model, inputs, grad=False)
         resolved = targets.resolve(scores)
         name, weights = pick_layer(calls, layer)
-        extra, grid = token_layout(weights.shape[-1], inputs.shape[2:], class_token)
+        tokens = weights.shape[-1]
+        extra, grid = token_layout(tokens, inputs.shape[2:], extra_tokens(model, class_token))
         maps = token_map(fuse_heads(weights, head), extra, grid)
         return Attribution(
             maps=per_target(maps, resolved.count),
@@ -264,6 +313,10 @@ class AttentionRollout:
 
     name = "rollout"
     tags = Tags("local", "model-specific", requires={Capability.ATTENTION})
+
+    @classmethod
+    def unsupported_reason(cls, model: ModelAdapter) -> str | None:
+        return not_applicable(model)
 
     def explain(
         self,
@@ -288,7 +341,7 @@ class AttentionRollout:
         scores, calls = attention_forward(model, inputs, grad=False)
         resolved = targets.resolve(scores)
         tokens = same_tokens(calls)
-        extra, grid = token_layout(tokens, inputs.shape[2:], class_token)
+        extra, grid = token_layout(tokens, inputs.shape[2:], extra_tokens(model, class_token))
         eye = torch.eye(tokens, dtype=calls[0][1].dtype, device=calls[0][1].device)
         tilde = []
         for _, weights in calls:
@@ -318,6 +371,10 @@ class GradAttentionRollout:
     name = "grad_rollout"
     tags = Tags("local", "model-specific", requires={Capability.ATTENTION, Capability.GRADIENTS})
 
+    @classmethod
+    def unsupported_reason(cls, model: ModelAdapter) -> str | None:
+        return not_applicable(model)
+
     def explain(
         self,
         model: ModelAdapter,
@@ -332,7 +389,7 @@ class GradAttentionRollout:
         scores, calls = attention_forward(model, inputs, grad=True)
         chosen = targets.resolve(scores).select(scores)  # (N, K) target logits
         tokens = same_tokens(calls)
-        extra, grid = token_layout(tokens, inputs.shape[2:], class_token)
+        extra, grid = token_layout(tokens, inputs.shape[2:], extra_tokens(model, class_token))
         names = [n for n, _ in calls]
         eye = torch.eye(tokens, dtype=calls[0][1].dtype, device=calls[0][1].device)
         per_target = []  # one backward per target through the retained graph, reduced at once

@@ -26,7 +26,7 @@ from torch import nn
 
 import xai_core
 from xai_core import Attribution, Capability, Tags, Targets
-from xai_core.adapters.torch import TorchAdapter
+from xai_core.adapters.torch import TorchAdapter, declared_extra_tokens
 from xai_core.capture import capture
 from xai_core.errors import CapabilityError, LayerTypeError, OptionError
 from xai_core.ops import Layout, as_feature_map, feature_layout, target_gradients
@@ -118,6 +118,8 @@ class GradCAM:
             scores = model.forward(x)
         chosen = targets.resolve(scores).select(scores)  # (N, K)
         acts = [seen.last(name) for name in hooked]  # a layer used twice: its last call
+        if class_token is None:
+            class_token = declared_extra_tokens(model.module)
         grids = []
         for name, a in zip(hooked, acts, strict=True):
             grids.append(feature_layout_of(name, a, inputs, class_token))
