@@ -332,3 +332,19 @@ def test_gradcam_default_layer_on_hierarchical_models(swins) -> None:
         assert "attn" not in layer and "attention" not in layer, (name, layer)
         assert bool(torch.isfinite(exp.raw[0]).all()) and exp.raw[0].abs().sum() > 0, name
         assert _depends_on_input(model, layer, x), (name, layer)
+
+
+def test_attention_that_cannot_be_reproduced_is_refused(monkeypatch) -> None:
+    """The explicit computation must give the fused kernel's output, or no map is drawn."""
+    import xai_core.capture
+
+    def off_by_a_little(*args, **kwargs):
+        out, weights = explicit_attention(*args, **kwargs)
+        return out + 1e-3, weights
+
+    monkeypatch.setattr(xai_core.capture, "explicit_attention", off_by_a_little)
+    model = _timm("vit_tiny_patch16_224", 32, **small)
+    with pytest.raises(CapabilityError, match="differs from its explicit"):
+        xai_core.explain(model, _images(32), method="rollout")
+    assert hook_count(model) == 0
+    assert not torch.overrides._get_current_function_mode_stack()  # the mode is gone too
