@@ -6,6 +6,7 @@ Tiny random-weight models (2 blocks, 32-56 px), built once per module."""
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 
 import pytest
@@ -348,3 +349,21 @@ def test_attention_that_cannot_be_reproduced_is_refused(monkeypatch) -> None:
         xai_core.explain(model, _images(32), method="rollout")
     assert hook_count(model) == 0
     assert not torch.overrides._get_current_function_mode_stack()  # the mode is gone too
+
+
+@pytest.mark.parametrize("name", ["levit_128s", "mobilevit_xxs"])
+def test_hybrids_get_an_input_dependent_default_and_typed_attention_errors(name) -> None:
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=5, img_size=64)
+    x = _images(64)
+    exp = xai_core.explain(model, x, method="gradcam")
+    (layer,) = exp.layers
+    assert bool(torch.isfinite(exp.raw[0]).all()) and exp.raw[0].abs().sum() > 0
+    assert math.prod(exp.raw[0].shape[2:]) > 1 and _depends_on_input(model, layer, x)
+    for method in ATTENTION_METHODS:
+        try:
+            maps = xai_core.explain(model, x, method=method).raw[0]
+        except CapabilityError as error:  # windows (MobileViT), token counts per stage (LeViT)
+            assert "windows" in str(error) or "token count" in str(error)
+        else:
+            assert bool(torch.isfinite(maps).all())

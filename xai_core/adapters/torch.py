@@ -279,8 +279,10 @@ class TorchAdapter(ModelAdapter):
             if query.ndim != 3 or query.shape[0] != 2:  # batch-first tokens of the probe
                 return None, None
             try:
-                token_layout(query.shape[1], inputs.shape[2:], extra)
+                _, grid = token_layout(query.shape[1], inputs.shape[2:], extra)
             except CapabilityError:
+                return None, None
+            if math.prod(grid) < 2:  # one cell (LeViT's last stage on a small input): no map
                 return None, None
             for name, out in reversed(outputs):
                 if out.shape == query.shape and torch.equal(out, query):
