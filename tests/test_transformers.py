@@ -201,6 +201,10 @@ def test_hugging_face_weights_equal_output_attentions(impl) -> None:
         reference = reference_model(x, output_attentions=True).attentions
     exp = xai_core.explain(model, x, method="attention", layer=0, head=1)
     torch.testing.assert_close(exp.raw[0][:, 0], reference[0][:, 1, 0, 1:].unflatten(-1, (4, 4)))
+    # Same weights (same seed), other implementation: the same gradient-weighted rollout.
+    ours = xai_core.explain(model, x, method="grad_rollout", targets=[[1, 4], [0, 2]]).raw[0]
+    eager = xai_core.explain(reference_model, x, method="grad_rollout", targets=[[1, 4], [0, 2]])
+    torch.testing.assert_close(ours, eager.raw[0], atol=1e-5, rtol=1e-4)
     assert model.config._attn_implementation == impl
 
 
