@@ -398,7 +398,7 @@ def first_sentence(message: str) -> str:
             break
         head = shorter
     head = re.sub(r" '[^']*'", "", head).strip().rstrip(".")
-    return head if len(head) <= 160 else head[:157] + "..."
+    return head if len(head) <= 200 else head[:197].rsplit(" ", 1)[0] + " ..."
 
 
 def run_pair(
@@ -482,7 +482,7 @@ def render(rows: dict[str, dict[str, Outcome]], archs: list[Arch]) -> str:
         ok = [sum(rows[i][c].status == "ok" for i in ids) for c in columns]
         lines.append(f"| {family} | {len(ids)} | " + " | ".join(map(str, ok)) + " |")
     lines.append("\n## Why not\n")
-    lines += [f"{number}. {reason}." for reason, number in reasons.items()]
+    lines += [f"{number}. {reason.rstrip('.')}." for reason, number in reasons.items()]
     counts = [o.status for row in rows.values() for o in row.values()]
     lines.append(
         f"\n{len(archs)} architectures, {len(counts)} pairs: {counts.count('ok')} ok, "
