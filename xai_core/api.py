@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from xai_core.adapters.base import ModelAdapter
+from xai_core.adapters.base import InputSpec, ModelAdapter
 from xai_core.contract import check_attribution
 from xai_core.errors import (
     CapabilityError,
@@ -155,6 +155,7 @@ def explain(
     *,
     method: str,
     targets: TargetSpec = None,
+    input_spec: InputSpec | None = None,
     **options: Any,
 ) -> Explanation:
     """Explain ``model``'s scores on ``inputs`` with the installed method ``method``.
@@ -164,6 +165,8 @@ def explain(
     :param inputs: ``(N, C, H, W)`` or ``(N, C, D, H, W)`` float tensor on the model's device.
     :param method: a name from :func:`list_explainers`, e.g. ``"gradcam"``.
     :param targets: what to explain (see :mod:`xai_core.targets`); default: the top class.
+    :param input_spec: what a PyTorch model takes (``InputSpec(rank=4, channels=3)``), for a
+        model whose first convolution does not tell it (see :class:`~xai_core.InputSpec`).
     :param options: the method's own options (e.g. ``layer=...`` for Grad-CAM).
     :returns: an :class:`Explanation`; ``.maps`` is ``(N, *spatial)`` for one target and layer.
     """
@@ -175,7 +178,7 @@ def explain(
     registry = get_registry()
     info = registry.get_explainer(method)
     check_options(info, options)  # before the model is adapted or run
-    adapter = registry.adapt(model)
+    adapter = registry.adapt(model, **({} if input_spec is None else {"input_spec": input_spec}))
     reason = registry.unsupported_reason(info, adapter)
     if reason is not None:
         working = [i.name for i in registry.list_explainers(model=adapter)]

@@ -23,13 +23,15 @@ import os
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 _STAT_LAYERS = (nn.modules.batchnorm._NormBase,)
 
@@ -234,6 +236,13 @@ def hook_count(module: nn.Module) -> int:
 # * custom modules that opt in with ``xai_attention = True`` and call :func:`record_attention` in
 #   their forward (docs/methods/attention.md). A module that declares the contract but records
 #   nothing (e.g. it calls ``F.scaled_dot_product_attention``) is an error, never an empty map.
+# * modules recognised by their structure (a head count and query/key projections: timm's
+#   ``Attention``, Hugging Face's ``ViTAttention``, ...; see ``computes_attention``). While one of
+#   them runs, a ``TorchFunctionMode`` computes each ``F.scaled_dot_product_attention`` call
+#   explicitly, ``softmax(q k^T * scale + mask) @ v``, checks it against the fused kernel, hands
+#   the model the explicit output (so the weights are in the autograd graph) and records the
+#   weights; an eager ``softmax`` over ``(B, heads, T, T)`` is recorded as it is. The model's
+#   flags (``fused_attn``, ``_attn_implementation``) are never touched.
 
 _attention_sink: ContextVar[Callable[[nn.Module, torch.Tensor], None] | None] = ContextVar(
     "xai_core_attention_sink", default=None
@@ -254,6 +263,98 @@ def record_attention(module: nn.Module, weights: torch.Tensor) -> None:
     sink = _attention_sink.get()
     if sink is not None:
         sink(module, weights)
+
+
+# The softmax entry points a module's forward may call (``x.softmax`` arrives as TensorBase's).
+_SOFTMAXES = frozenset(
+    {torch.softmax, torch.Tensor.softmax, torch._C.TensorBase.softmax, F.softmax}
+)
+
+
+def explicit_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``F.scaled_dot_product_attention``'s output and its softmax weights ``(..., L, S)``,
+    computed without a fused kernel (the arguments are SDPA's; dropout is refused)."""
+    from xai_core.errors import CapabilityError
+
+    if dropout_p:
+        raise CapabilityError(
+            f"An attention call used dropout_p={dropout_p} although the model is in eval mode; "
+            f"its attention weights are random and cannot be explained."
+        )
+    if enable_gqa and key.shape[-3] != query.shape[-3]:  # grouped-query: share key/value heads
+        repeat = query.shape[-3] // key.shape[-3]
+        key, value = key.repeat_interleave(repeat, -3), value.repeat_interleave(repeat, -3)
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    logits = (query @ key.transpose(-2, -1)) * scale
+    if is_causal:
+        allowed = torch.ones(logits.shape[-2:], dtype=torch.bool, device=logits.device).tril()
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            logits = logits.masked_fill(~attn_mask, float("-inf"))
+        else:
+            logits = logits + attn_mask
+    weights = logits.softmax(dim=-1)
+    return weights @ value, weights
+
+
+class _AttentionMode(TorchFunctionMode):
+    """Materialises the attention weights of the structurally recognised module running now.
+
+    ``running`` is the stack of such modules whose forward is in progress (pushed and popped by
+    their forward hooks): a call is attributed to the innermost one. Outside them every function
+    runs untouched.
+    """
+
+    def __init__(self, running: list[nn.Module], sink: Callable[[nn.Module, torch.Tensor], None]):
+        super().__init__()
+        self.running, self.sink = running, sink
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not self.running or (
+            func is not F.scaled_dot_product_attention and func not in _SOFTMAXES
+        ):
+            return func(*args, **kwargs)
+        module = self.running[-1]
+        # Nothing below is seen by another mode (a capture around this one): one record a call.
+        with torch._C.DisableTorchFunction():
+            if func is F.scaled_dot_product_attention:
+                output, weights = explicit_attention(*args, **kwargs)
+                with torch.no_grad():
+                    fused = func(*args, **kwargs)
+                _check_same(module, output, fused)
+            else:
+                output = weights = func(*args, **kwargs)
+                dim = args[1] if len(args) > 1 else kwargs.get("dim")
+                if weights.ndim != 4 or dim not in (-1, 3):
+                    return output  # not a (B, heads, T, T) attention softmax
+        self.sink(module, weights)
+        return output
+
+
+def _check_same(module: nn.Module, explicit: torch.Tensor, fused: torch.Tensor) -> None:
+    """The explicit attention must be the model's own: refuse a map of something else."""
+    from xai_core.errors import CapabilityError
+
+    tolerance = 1e-5 if explicit.dtype in (torch.float32, torch.float64) else 1e-2
+    if not torch.allclose(explicit.detach(), fused, atol=tolerance, rtol=10 * tolerance):
+        difference = (explicit.detach() - fused).abs().max().item()
+        raise CapabilityError(
+            f"{type(module).__name__}'s F.scaled_dot_product_attention differs from its explicit "
+            f"softmax(q k^T * scale + mask) @ v by {difference:.3g}; xai-core cannot show "
+            f"attention weights it cannot reproduce. Record them yourself "
+            f"(docs/methods/attention.md, custom attention modules)."
+        )
 
 
 @contextmanager
@@ -326,30 +427,57 @@ def capture_attention(modules: Mapping[str, nn.Module]) -> Iterator[Captured]:
             before.append(len(record.outputs[name]))
 
         def post(m: nn.Module, _args: Any, _output: Any) -> None:
-            if len(record.outputs[name]) == before.pop():
+            if len(record.outputs[name]) != before.pop():
+                return
+            if not getattr(m, "xai_attention", False):
                 raise CapabilityError(
-                    f"Attention module {name!r} ({type(m).__name__}) declares "
-                    f"`xai_attention = True` but recorded no weights during its forward pass. "
-                    f"Fused attention (F.scaled_dot_product_attention, flash kernels) never "
-                    f"materialises them: compute softmax(q k^T / sqrt(d)) explicitly and call "
-                    f"xai_core.capture.record_attention(self, weights) with the (B, heads, T, T) "
-                    f"weights used to mix the values (docs/methods/attention.md)."
+                    f"Attention module {name!r} ({type(m).__name__}) computed its attention "
+                    f"neither with F.scaled_dot_product_attention nor with a softmax over "
+                    f"(B, heads, T, T), so xai-core cannot read its weights. Set "
+                    f"`xai_attention = True` on it and call "
+                    f"xai_core.capture.record_attention(self, weights) (docs/methods/attention.md)."
                 )
+            raise CapabilityError(
+                f"Attention module {name!r} ({type(m).__name__}) declares "
+                f"`xai_attention = True` but recorded no weights during its forward pass. "
+                f"Fused attention (F.scaled_dot_product_attention, flash kernels) never "
+                f"materialises them: compute softmax(q k^T / sqrt(d)) explicitly and call "
+                f"xai_core.capture.record_attention(self, weights) with the (B, heads, T, T) "
+                f"weights used to mix the values (docs/methods/attention.md)."
+            )
 
         return pre, post
 
+    running: list[nn.Module] = []  # recognised modules whose forward is in progress
+
+    def track(pre: Callable[..., Any], post: Callable[..., Any]) -> tuple[Any, Any]:
+        def track_pre(m: nn.Module, args: Any) -> None:
+            running.append(m)
+            pre(m, args)
+
+        def track_post(m: nn.Module, args: Any, output: Any) -> None:
+            running.pop()
+            post(m, args, output)
+
+        return track_pre, track_post
+
     token = _attention_sink.set(sink)
     try:
-        for name, module in modules.items():
-            if isinstance(module, nn.MultiheadAttention):
-                pre, post = mha_hooks(name)
-                handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-                handles.append(module.register_forward_hook(post, with_kwargs=True))
-            else:
+        with ExitStack() as stack:
+            for name, module in modules.items():
+                if isinstance(module, nn.MultiheadAttention):
+                    pre, post = mha_hooks(name)
+                    handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+                    handles.append(module.register_forward_hook(post, with_kwargs=True))
+                    continue
                 pre, post = custom_hooks(name)
+                if not getattr(module, "xai_attention", False):  # recognised by its structure
+                    pre, post = track(pre, post)
                 handles.append(module.register_forward_pre_hook(pre))
                 handles.append(module.register_forward_hook(post))
-        yield record
+            if len(custom) > sum(bool(getattr(m, "xai_attention", False)) for m in custom):
+                stack.enter_context(_AttentionMode(running, record_attention))
+            yield record
     finally:
         for handle in handles:
             handle.remove()

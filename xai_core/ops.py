@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -86,23 +86,97 @@ def patch_grid(tokens: int, spatial: Sequence[int]) -> tuple[int, ...] | None:
     return None
 
 
-def token_layout(
-    tokens: int, spatial: Sequence[int], class_token: bool | None
-) -> tuple[bool, tuple[int, ...]]:
-    """Whether token 0 is a class token, and the patch grid of the other tokens.
+# Leading tokens that are not patches: a class token, DeiT's distillation token, up to 8 or so
+# register tokens (DINOv2-reg, EVA-02). More than this is not taken for a vision transformer.
+MAX_EXTRA_TOKENS = 16
 
-    Auto (``class_token=None``): a class token when the last ``T - 1`` tokens tile the input as a
-    patch grid (``T = 197`` at 224x224 px: 196 = 14 x 14 patches), else none when all ``T`` do.
+
+def token_layout(
+    tokens: int, spatial: Sequence[int], class_token: bool | int | None
+) -> tuple[int, tuple[int, ...]]:
+    """How many leading tokens are not patches (class, distillation, register tokens), and the
+    patch grid of the others.
+
+    ``class_token``: ``None`` decides from the token count: a class token when the last ``T - 1``
+    tokens tile the input as a patch grid (``T = 197`` at 224x224 px: 196 = 14 x 14 patches),
+    else none when all ``T`` do, else the fewest leading extra tokens (2: class and distillation,
+    5: class and 4 registers, ...) after which the rest tile it. ``True``: a class token first,
+    possibly followed by more extra tokens; ``False``: none; an ``int``: exactly that many.
+    The count is ``0`` or more; as a flag, ``bool(count)`` says whether token 0 is not a patch.
     """
-    options = [class_token] if class_token is not None else [True, False]
-    for has_cls in options:
-        grid = patch_grid(tokens - int(has_cls), spatial)
+    extra = range(2, MAX_EXTRA_TOKENS + 1)
+    if class_token is None:
+        options = [1, 0, *extra]
+    elif isinstance(class_token, bool):
+        options = [1, *extra] if class_token else [0]
+    else:
+        options = [int(class_token)]
+    for prefix in options:
+        grid = patch_grid(tokens - prefix, spatial) if tokens > prefix else None
         if grid is not None:
-            return has_cls, grid
-    wanted = {True: "T - 1", False: "T"}
+            return prefix, grid
     raise CapabilityError(
-        f"Cannot lay {' or '.join(wanted[c] for c in options)} of the T={tokens} tokens out as a "
-        f"patch grid of the {tuple(spatial)} input. Models with extra tokens (distillation, "
-        f"registers) or patch grids that do not follow the input's shape are not supported; "
-        f"pass class_token=True/False if the automatic choice is wrong."
+        f"Cannot lay the T={tokens} tokens out as a patch grid of the {tuple(spatial)} input "
+        f"after {_counts(options)} leading class/extra token(s). Patch grids that do not "
+        f"follow the input's shape (windows, pooled stages) are not supported; pass "
+        f"class_token=True/False (or the number of leading non-patch tokens) if the automatic "
+        f"choice is wrong."
     )
+
+
+def _counts(options: Sequence[int]) -> str:
+    return str(options[0]) if len(options) == 1 else f"{min(options)} to {max(options)}"
+
+
+# -- layer outputs as feature maps ---------------------------------------------------------------
+
+
+class Layout(NamedTuple):
+    """How a layer's output ``(N, ...)`` holds a feature map over the input's spatial grid.
+
+    ``kind``: ``"channels_first"`` ``(N, C, *s)`` (CNNs), ``"channels_last"`` ``(N, *s, C)``
+    (timm Swin, ConvNeXt-style norms), or ``"tokens"`` ``(N, T, C)`` whose last tokens, after
+    ``extra`` class/distillation/register tokens, tile the input as ``grid``.
+    """
+
+    kind: str
+    extra: int = 0
+    grid: tuple[int, ...] = ()
+
+
+def _is_grid(shape: Sequence[int], spatial: Sequence[int]) -> bool:
+    return len(shape) == len(spatial) and patch_grid(math.prod(shape), spatial) == tuple(shape)
+
+
+def feature_layout(
+    shape: Sequence[int], spatial: Sequence[int], class_token: bool | int | None = None
+) -> Layout:
+    """The :class:`Layout` of an output of ``shape`` for an input of spatial size ``spatial``.
+
+    An output of the input's rank is channels-first, unless only its middle dimensions (not its
+    trailing ones) tile the input at some stride: then its last dimension holds the channels
+    (a CNN map ``(N, 512, 7, 7)`` stays channels-first; Swin's ``(N, 7, 7, 768)`` is
+    channels-last). Rank-3 outputs are tokens laid out by :func:`token_layout`.
+    Raises :class:`CapabilityError` for anything else.
+    """
+    shape = tuple(shape)
+    if len(shape) == len(spatial) + 2:
+        if not _is_grid(shape[2:], spatial) and _is_grid(shape[1:-1], spatial):
+            return Layout("channels_last", 0, shape[1:-1])
+        return Layout("channels_first", 0, shape[2:])
+    if len(shape) == 3:
+        extra, grid = token_layout(shape[1], spatial, class_token)
+        return Layout("tokens", extra, grid)
+    raise CapabilityError(
+        f"An output of shape {shape} is neither a feature map (N, C, *spatial) or (N, *spatial, "
+        f"C) of the {tuple(spatial)} input nor tokens (N, T, C)."
+    )
+
+
+def as_feature_map(output: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """A layer's output (or its gradient) as the channels-first map ``(N, C, *grid)``."""
+    if layout.kind == "channels_last":
+        return output.movedim(-1, 1)
+    if layout.kind == "tokens":
+        return output[:, layout.extra :].transpose(1, 2).unflatten(2, layout.grid)
+    return output

@@ -50,6 +50,7 @@ import pluggy
 from xai_core import hookspecs
 from xai_core.adapters.base import ModelAdapter
 from xai_core.errors import (
+    ModelError,
     ModelTypeError,
     PluginConflictError,
     PluginError,
@@ -255,7 +256,7 @@ def _builtin_adapter(model: Any, options: dict[str, Any]) -> ModelAdapter | None
     from xai_core.adapters.torch import TorchAdapter
 
     if isinstance(model, nn.Module):
-        return TorchAdapter(model)
+        return TorchAdapter(model, input_spec=options.get("input_spec"))
     if is_onnx_model(model):
         return OnnxAdapter(model, providers=options.get("providers"))
     return None
@@ -814,7 +815,16 @@ class Registry:
         """
         if isinstance(model, ModelAdapter):
             return model
-        adapter = _builtin_adapter(model, options)
+        try:
+            adapter = _builtin_adapter(model, options)
+        except XaiError:
+            raise
+        except Exception as exc:  # the core's adapter broke on this model: say so, not "wrong type"
+            raise ModelError(
+                f"xai-core's adapter failed on this {type(model).__name__}: "
+                f"{type(exc).__name__}: {exc}. Please report it; meanwhile pass an "
+                f"xai_core.ModelAdapter (e.g. TorchAdapter(model, input_spec=...))."
+            ) from exc
         if adapter is not None:
             return adapter
         self.load()

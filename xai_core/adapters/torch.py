@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import math
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -13,7 +15,7 @@ from torch import nn
 
 from xai_core.adapters.base import InputSpec, ModelAdapter
 from xai_core.capture import capture, preserved_state
-from xai_core.errors import LayerNotFoundError, LayerTypeError, ModelError
+from xai_core.errors import LayerNotFoundError, LayerTypeError, ModelError, OptionError
 from xai_core.tags import Capability
 
 log = logging.getLogger("xai_core")
@@ -30,7 +32,22 @@ _POOLING = (
     nn.AdaptiveMaxPool2d,
     nn.AdaptiveMaxPool3d,
 )
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def conv_input(module: nn.Module) -> tuple[int, int] | None:
+    """``(input rank, input channels)`` a convolution takes, or ``None`` for other modules.
+
+    Read from the module's weight, never its exact class, so subclasses (timm's same-padding
+    ``Conv2dSame``, weight-standardised ``StdConv2d``, EfficientNet-Lite ports) and duck-typed
+    convolutions (an ``in_channels`` and a ``(out, in, *kernel)`` weight) count alike.
+    """
+    channels = getattr(module, "in_channels", None)
+    weight = getattr(module, "weight", None)
+    if not isinstance(channels, int) or not isinstance(weight, torch.Tensor):
+        return None
+    if isinstance(weight, nn.parameter.UninitializedParameter) or not 3 <= weight.ndim <= 5:
+        return None
+    return weight.ndim, channels  # a (N, C, *spatial) input has as many axes as the kernel
 
 # Default layers found by probing, per model and input shape, so the probe runs once.
 _default_layer_cache: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], str]] = (
@@ -38,12 +55,46 @@ _default_layer_cache: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...],
 )
 
 
+# What a module that computes multi-head attention itself holds (duck typing, not class names):
+# a head count, and query and key projections under the names the common libraries use.
+_HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_heads", "heads")
+_PROJECTIONS = (("qkv",), ("query", "key"), ("q", "k"), ("q_proj", "k_proj"), ("to_qkv",))
+
+
+def computes_attention(module: nn.Module) -> bool:
+    """True for a module that looks like it computes multi-head attention from its input itself:
+    an integer head count and query/key projection sub-modules (timm's ``Attention`` and its
+    EVA/BEiT/Swin variants, Hugging Face's ``ViTAttention``/``ViTSelfAttention`` and kin).
+    Whether it really does is shown when it runs: :func:`xai_core.capture.capture_attention`
+    reads the weights of its ``F.scaled_dot_product_attention`` or softmax call, and refuses a
+    module in which it finds neither."""
+    heads = next((getattr(module, a) for a in _HEAD_COUNTS if hasattr(module, a)), None)
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+        return False
+    children = dict(module.named_children())
+    return any(all(isinstance(children.get(n), nn.Module) for n in names) for names in _PROJECTIONS)
+
+
 def is_attention_module(module: nn.Module) -> bool:
-    """True for ``nn.MultiheadAttention`` and for custom modules that opt in to the attention
-    contract by setting ``xai_attention = True`` (see docs/methods/attention.md)."""
-    return isinstance(module, nn.MultiheadAttention) or bool(
-        getattr(module, "xai_attention", False)
+    """True for ``nn.MultiheadAttention``, for custom modules that opt in to the attention
+    contract by setting ``xai_attention = True`` (see docs/methods/attention.md), and for modules
+    recognised by their structure (:func:`computes_attention`)."""
+    return (
+        isinstance(module, nn.MultiheadAttention)
+        or bool(getattr(module, "xai_attention", False))
+        or computes_attention(module)
     )
+
+
+def declared_extra_tokens(module: nn.Module) -> int | None:
+    """How many leading non-patch tokens (class, distillation, registers) the model says it has
+    (timm's ``num_prefix_tokens``), or ``None``: token layouts then decide from the count, which
+    is ambiguous for tiny grids (1 class + 4 registers + 2x2 patches = 9 = 3x3 patches)."""
+    for m in module.modules():
+        count = getattr(m, "num_prefix_tokens", None)
+        if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
+            return count
+    return None
 
 
 def scores_of(output: Any) -> torch.Tensor:
@@ -70,9 +121,18 @@ class TorchAdapter(ModelAdapter):
 
     kind = "torch"
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, *, input_spec: InputSpec | None = None) -> None:
+        """:param input_spec: what the model takes (rank, channels), when its first
+            convolution does not say it or says it wrongly; fields left ``None`` go unchecked
+            (the dtype is always read from the parameters when not given).
+        """
         if not isinstance(module, nn.Module):
             raise ModelError(f"TorchAdapter needs an nn.Module; got {type(module).__name__}.")
+        if input_spec is not None and not isinstance(input_spec, InputSpec):
+            raise OptionError(
+                f"input_spec must be an xai_core.InputSpec, e.g. InputSpec(rank=4, channels=3); "
+                f"got {type(input_spec).__name__}."
+            )
         self.module = module
         tensors = [*module.parameters(), *module.buffers()]
         self.device = tensors[0].device if tensors else torch.device("cpu")
@@ -86,13 +146,15 @@ class TorchAdapter(ModelAdapter):
         if any(is_attention_module(m) for m in modules):
             caps.add(Capability.ATTENTION)
         self.capabilities = frozenset(caps)
-        first_conv = next((m for m in modules if isinstance(m, _CONV)), None)
         floating = next((t.dtype for t in tensors if t.is_floating_point()), None)
-        if first_conv is not None:
-            rank = {nn.Conv1d: 3, nn.Conv2d: 4, nn.Conv3d: 5}[type(first_conv)]
-            self.input_spec = InputSpec(rank, first_conv.in_channels, dtype=floating)
+        if input_spec is not None:
+            self.input_spec = replace(input_spec, dtype=input_spec.dtype or floating)
         else:
-            self.input_spec = InputSpec(dtype=floating)
+            # The first convolution registered is, in nearly every model, the one reading the
+            # input; when it is not, the user states the truth with `input_spec=`.
+            first_conv = next((c for c in map(conv_input, modules) if c is not None), None)
+            rank, channels = first_conv or (None, None)
+            self.input_spec = InputSpec(rank, channels, dtype=floating)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return scores_of(self.module(inputs))
@@ -146,12 +208,16 @@ class TorchAdapter(ModelAdapter):
     def default_layer(self, inputs: torch.Tensor) -> str:
         """The layer gradient-weighted maps (Grad-CAM) explain when the user names none.
 
-        A CNN: the last module, in execution order, whose output is still a spatial feature map.
         A transformer: the module whose output the last self-attention reads as its query, i.e.
-        the patch tokens entering it; after the last attention only the class token reaches the
-        head, and the last spatial output would be the patch embedding. Found by running one
-        sample with forward hooks (then removed), cached per model and input shape, and logged
-        so users see which layer was chosen.
+        the tokens entering it (class/register tokens are dropped later); after the last
+        attention only the class token reaches the head, and the last spatial output would be
+        the patch embedding. Otherwise (CNNs, windowed and hierarchical transformers): the last
+        module, in execution order, whose output is still a feature map of the input
+        (:func:`xai_core.ops.feature_layout`: channels-first, channels-last or a token grid).
+        Never a module inside an attention module (projections, q/k norms, softmax or dropout
+        of the weights, relative position biases), never an output that does not change with
+        the input. Found by running two different samples with forward hooks (then removed),
+        cached per model and input shape, and logged so users see which layer was chosen.
         """
         key = tuple(inputs.shape[1:])
         cached = _default_layer_cache.setdefault(self.module, {})
@@ -159,45 +225,72 @@ class TorchAdapter(ModelAdapter):
             layers = self.named_layers()
             candidates = {name: m for name, m in layers.items() if not isinstance(m, _POOLING)}
             attention = {name: m for name, m in layers.items() if is_attention_module(m)}
+            # Two samples that differ: an output equal for both does not depend on the input.
+            probe = inputs[:1].detach()
+            probe = torch.cat([probe, probe.flip(-1) + 1])
             with (
                 torch.no_grad(),
                 self.session(),
                 capture(candidates, detach=True, strict=False) as seen,
                 capture(attention, inputs=True) as queries,
             ):
-                self.forward(inputs[:1])
-            chosen, attention = self._tokens_entering(seen.order, queries.arguments, inputs)
+                self.forward(probe)
+            outputs = [
+                (name, out)
+                for name, out in seen.order
+                if out.ndim >= 3
+                and out.shape[0] == 2
+                and not any(name.startswith(a + ".") for a in attention)
+                and not torch.equal(out[0], out[1])
+            ]
+            extra = declared_extra_tokens(self.module)
+            chosen, attention_name = self._tokens_entering(
+                outputs, queries.arguments, inputs, extra
+            )
             if chosen is None:
-                # Hooks fire when a module *finishes*: the last spatial output is the deepest.
+                # Hooks fire when a module *finishes*: the last feature map is the deepest.
                 spatial = [
-                    name
-                    for name, out in seen.order
-                    if out.ndim == inputs.ndim and out.shape[2:].numel() > 1
+                    name for name, out in outputs if self._is_feature_map(out, inputs, extra)
                 ]
                 if not spatial:
                     raise LayerNotFoundError(
-                        "No layer of this model outputs a spatial feature map for this input; "
-                        "pass the layer to explain explicitly (option `layer`)."
+                        "No layer of this model outputs a feature map of the input (channels "
+                        "first or last, or tokens tiling it) that depends on the input; pass "
+                        "the layer to explain explicitly (option `layer`)."
                     )
-                why = "the last with a spatial output"
+                why = "the last feature map of the input"
                 chosen = spatial[-1]
             else:
-                why = f"the tokens entering the last self-attention, {attention!r}"
+                why = f"the tokens entering the last self-attention, {attention_name!r}"
             cached[key] = chosen
             log.info("xai-core chose layer %r (%s)", chosen, why)
         return cached[key]
+
+    @staticmethod
+    def _is_feature_map(output: torch.Tensor, inputs: torch.Tensor, extra: int | None) -> bool:
+        from xai_core.errors import CapabilityError
+        from xai_core.ops import feature_layout
+
+        if output.ndim not in (inputs.ndim, 3):
+            return False
+        try:
+            layout = feature_layout(output.shape, inputs.shape[2:], extra)
+        except CapabilityError:
+            return False
+        return math.prod(layout.grid) > 1
 
     @staticmethod
     def _tokens_entering(
         outputs: list[tuple[str, torch.Tensor]],
         calls: list[tuple[str, tuple[torch.Tensor, ...]]],
         inputs: torch.Tensor,
+        extra: int | None = None,
     ) -> tuple[str | None, str | None]:
         """The module whose recorded output is the query of the last *self*-attention call
         (query equal to key, or a single input: a transformer encoder block), and its name; or
         ``(None, None)``: no self-attention, a query computed by no module (a functional norm),
-        or tokens that do not tile the input as patches. Cross-attention (learned object
-        queries reading image tokens, as in DETR) is not a patch grid and is skipped."""
+        or tokens that do not tile the input as patches (windows). Cross-attention (learned
+        object queries reading image tokens, as in DETR) is not a patch grid and is skipped."""
         from xai_core.errors import CapabilityError
         from xai_core.ops import token_layout
 
@@ -210,15 +303,15 @@ class TorchAdapter(ModelAdapter):
             if not self_attention:
                 continue
             query = args[0]
-            if query.ndim != 3 or query.shape[0] != 1:  # batch-first tokens of the probe
+            if query.ndim != 3 or query.shape[0] != 2:  # batch-first tokens of the probe
                 return None, None
             try:
-                token_layout(query.shape[1], inputs.shape[2:], None)
+                _, grid = token_layout(query.shape[1], inputs.shape[2:], extra)
             except CapabilityError:
                 return None, None
+            if math.prod(grid) < 2:  # one cell (LeViT's last stage on a small input): no map
+                return None, None
             for name, out in reversed(outputs):
-                if name == attention or name.startswith(attention + "."):
-                    continue
                 if out.shape == query.shape and torch.equal(out, query):
                     return name, attention
             return None, None

@@ -223,7 +223,11 @@ def test_token_layout_rule() -> None:
     assert token_layout(196, (224, 224), None) == (False, (14, 14))
     assert token_layout(393, (224, 448), None) == (True, (14, 28))
     assert token_layout(50, (224, 224), True) == (True, (7, 7))  # ViT-B/32
-    for tokens, class_token in [(198, None), (197, False)]:
+    # Extra leading tokens: DeiT's class + distillation, class + 4 registers (DINOv2-reg).
+    assert token_layout(198, (224, 224), None) == (2, (14, 14))
+    assert token_layout(201, (224, 224), True) == (5, (14, 14))
+    assert token_layout(201, (224, 224), 5) == (5, (14, 14))
+    for tokens, class_token in [(197, False), (196 + 20, None), (198, 1)]:
         with pytest.raises(CapabilityError, match="patch grid"):
             token_layout(tokens, (224, 224), class_token)
 

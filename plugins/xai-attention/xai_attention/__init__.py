@@ -24,7 +24,7 @@ from torch import nn
 import xai_core
 from xai_core import Attribution, Capability, Tags, Targets
 from xai_core.adapters.base import ModelAdapter
-from xai_core.adapters.torch import TorchAdapter, is_attention_module
+from xai_core.adapters.torch import TorchAdapter, declared_extra_tokens, is_attention_module
 from xai_core.capture import capture_attention
 from xai_core.errors import CapabilityError, LayerNotFoundError, OptionError, did_you_mean
 from xai_core.ops import target_gradients, token_layout
@@ -55,6 +55,35 @@ def attention_modules(module: nn.Module) -> dict[str, nn.Module]:
     return {name or "<model>": m for name, m in found.items()}
 
 
+def windowed_attention(module: nn.Module) -> str | None:
+    """The name of a module that splits the tokens into windows before attending (Swin's
+    shifted windows: ``window_size`` and ``shift_size``; MaxViT's ``partition_size``), or
+    ``None``. Decided by structure, before anything runs."""
+    for name, m in module.named_modules():
+        if (hasattr(m, "window_size") and hasattr(m, "shift_size")) or hasattr(
+            m, "partition_size"
+        ):
+            return name or "<model>"
+    return None
+
+
+def not_applicable(model: ModelAdapter) -> str | None:
+    """Why attention maps cannot be drawn for ``model``, or ``None`` (``unsupported_reason``)."""
+    if not isinstance(model, TorchAdapter):
+        kind = model.kind
+        return f"attention maps read the attention modules of a PyTorch model, not a {kind} model"
+    windowed = windowed_attention(model.module)
+    if windowed is not None:
+        return (
+            f"the model attends within windows ({windowed!r} splits the tokens into windows, as "
+            f"Swin and MaxViT do): each attention matrix covers one window, there is no class "
+            f"token and no T x T matrix over the whole image to roll out or show; use gradcam "
+            f"(its default layer lays the stage's tokens out on the image grid) or a "
+            f"perturbation method"
+        )
+    return None
+
+
 def attention_forward(
     model: ModelAdapter, inputs: torch.Tensor, *, grad: bool
 ) -> tuple[torch.Tensor, list[Call]]:
@@ -77,6 +106,14 @@ def attention_forward(
             "weights to show."
         )
     for name, weights in seen.order:
+        windows = weights.shape[0] // inputs.shape[0] if weights.ndim == 4 else 1
+        if windows > 1 and weights.shape[0] == windows * inputs.shape[0]:
+            raise CapabilityError(
+                f"Attention layer {name!r} attends within {weights.shape[0] // inputs.shape[0]} "
+                f"windows per image (weights {tuple(weights.shape)} for N={inputs.shape[0]}): "
+                f"windowed attention has no T x T matrix over the image to show or roll out; use "
+                f"gradcam or a perturbation method."
+            )
         if (
             weights.ndim != 4
             or weights.shape[0] != inputs.shape[0]
@@ -87,6 +124,13 @@ def attention_forward(
                 f"maps need self-attention weights (N={inputs.shape[0]}, heads, T, T)."
             )
     return scores, list(seen.order)
+
+
+def extra_tokens(model: ModelAdapter, class_token: bool | int | None) -> bool | int | None:
+    """The user's ``class_token``, else the count of extra tokens the model declares."""
+    if class_token is None and isinstance(model, TorchAdapter):
+        return declared_extra_tokens(model.module)
+    return class_token
 
 
 def pick_layer(calls: list[Call], layer: int | str) -> Call:
@@ -123,11 +167,12 @@ def same_tokens(calls: list[Call]) -> int:
 # -- tokens to an image grid -----------------------------------------------------------------------
 
 
-def token_map(relevance: torch.Tensor, class_token: bool, grid: tuple[int, ...]) -> torch.Tensor:
-    """``(..., T, T)`` token-to-token relevance -> ``(..., *grid)`` over the patches: the class
-    token's row, or for mean-pooled models (no class token) the mean of all rows."""
-    if class_token:
-        return relevance[..., 0, 1:].unflatten(-1, grid)
+def token_map(relevance: torch.Tensor, extra: int, grid: tuple[int, ...]) -> torch.Tensor:
+    """``(..., T, T)`` token-to-token relevance -> ``(..., *grid)`` over the patches (the last
+    tokens, after ``extra`` class/distillation/register tokens): the class token's row, or for
+    mean-pooled models (no extra token) the mean of all rows."""
+    if extra:
+        return relevance[..., 0, extra:].unflatten(-1, grid)
     return relevance.mean(dim=-2).unflatten(-1, grid)
 
 
@@ -218,6 +263,10 @@ class RawAttention:
     name = "attention"
     tags = Tags("local", "model-specific", requires={Capability.ATTENTION})
 
+    @classmethod
+    def unsupported_reason(cls, model: ModelAdapter) -> str | None:
+        return not_applicable(model)
+
     def explain(
         self,
         model: ModelAdapter,
@@ -226,12 +275,14 @@ class RawAttention:
         *,
         layer: int | str = -1,
         head: int | Literal["mean", "max", "min"] = "mean",
-        class_token: bool | None = None,
+        class_token: bool | int | None = None,
     ) -> Attribution:
         """:param layer: which attention call, by index in forward order (default: the last), or
             an attention module's name (its last call).
         :param head: a head index, or ``"mean"``, ``"max"`` or ``"min"`` over heads.
-        :param class_token: token 0 is a class token; ``None`` decides from the token count.
+        :param class_token: token 0 is a class token (``True``; more extra tokens such as
+            registers may follow it) or a patch (``False``), or an ``int``: the number of leading
+            non-patch tokens; ``None`` decides from the token count.
         """
         check_head(head, allow_index=True)
         if isinstance(layer, bool) or not isinstance(layer, int | str):
@@ -239,15 +290,17 @@ class RawAttention:
         scores, calls = attention_forward(model, inputs, grad=False)
         resolved = targets.resolve(scores)
         name, weights = pick_layer(calls, layer)
-        has_cls, grid = token_layout(weights.shape[-1], inputs.shape[2:], class_token)
-        maps = token_map(fuse_heads(weights, head), has_cls, grid)
+        tokens = weights.shape[-1]
+        extra, grid = token_layout(tokens, inputs.shape[2:], extra_tokens(model, class_token))
+        maps = token_map(fuse_heads(weights, head), extra, grid)
         return Attribution(
             maps=per_target(maps, resolved.count),
             scores=scores.detach(),
             layers=[name],
             details={
                 "head": head,
-                "class_token": has_cls,
+                "class_token": bool(extra),
+                "extra_tokens": extra,
                 "grid": grid,
                 "heads": weights.shape[1],
                 "attention_layers": [n for n, _ in calls],
@@ -262,6 +315,10 @@ class AttentionRollout:
     name = "rollout"
     tags = Tags("local", "model-specific", requires={Capability.ATTENTION})
 
+    @classmethod
+    def unsupported_reason(cls, model: ModelAdapter) -> str | None:
+        return not_applicable(model)
+
     def explain(
         self,
         model: ModelAdapter,
@@ -270,12 +327,14 @@ class AttentionRollout:
         *,
         head_fusion: Literal["mean", "max", "min"] = "mean",
         discard_ratio: Annotated[float, Range(0, 1, max_inclusive=False)] = 0.0,
-        class_token: bool | None = None,
+        class_token: bool | int | None = None,
     ) -> Attribution:
         """:param head_fusion: ``"mean"`` (the paper), ``"max"`` or ``"min"`` over heads.
         :param discard_ratio: fraction in [0, 1) of each layer's smallest fused weights set to
             zero before the identity is added (a noise filter from jacobgil/vit-explain).
-        :param class_token: token 0 is a class token; ``None`` decides from the token count.
+        :param class_token: token 0 is a class token (``True``; more extra tokens such as
+            registers may follow it) or a patch (``False``), or an ``int``: the number of leading
+            non-patch tokens; ``None`` decides from the token count.
         """
         check_head(head_fusion, allow_index=False)
         if not 0.0 <= discard_ratio < 1.0:
@@ -283,13 +342,13 @@ class AttentionRollout:
         scores, calls = attention_forward(model, inputs, grad=False)
         resolved = targets.resolve(scores)
         tokens = same_tokens(calls)
-        has_cls, grid = token_layout(tokens, inputs.shape[2:], class_token)
+        extra, grid = token_layout(tokens, inputs.shape[2:], extra_tokens(model, class_token))
         eye = torch.eye(tokens, dtype=calls[0][1].dtype, device=calls[0][1].device)
         tilde = []
         for _, weights in calls:
             a = 0.5 * discard_lowest(fuse_heads(weights, head_fusion), discard_ratio) + 0.5 * eye
             tilde.append(a / a.sum(dim=-1, keepdim=True))  # rows renormalised
-        maps = token_map(chain(tilde), has_cls, grid)
+        maps = token_map(chain(tilde), extra, grid)
         names = [n for n, _ in calls]
         return Attribution(
             maps=per_target(maps, resolved.count),
@@ -298,7 +357,8 @@ class AttentionRollout:
             details={
                 "head_fusion": head_fusion,
                 "discard_ratio": discard_ratio,
-                "class_token": has_cls,
+                "class_token": bool(extra),
+                "extra_tokens": extra,
                 "grid": grid,
                 "attention_layers": names,
                 "target_independent": True,
@@ -312,19 +372,25 @@ class GradAttentionRollout:
     name = "grad_rollout"
     tags = Tags("local", "model-specific", requires={Capability.ATTENTION, Capability.GRADIENTS})
 
+    @classmethod
+    def unsupported_reason(cls, model: ModelAdapter) -> str | None:
+        return not_applicable(model)
+
     def explain(
         self,
         model: ModelAdapter,
         inputs: torch.Tensor,
         targets: Targets,
         *,
-        class_token: bool | None = None,
+        class_token: bool | int | None = None,
     ) -> Attribution:
-        """:param class_token: token 0 is a class token; ``None`` decides from the token count."""
+        """:param class_token: token 0 is a class token (``True``; more extra tokens such as
+            registers may follow it) or a patch (``False``), or an ``int``: the number of leading
+            non-patch tokens; ``None`` decides from the token count."""
         scores, calls = attention_forward(model, inputs, grad=True)
         chosen = targets.resolve(scores).select(scores)  # (N, K) target logits
         tokens = same_tokens(calls)
-        has_cls, grid = token_layout(tokens, inputs.shape[2:], class_token)
+        extra, grid = token_layout(tokens, inputs.shape[2:], extra_tokens(model, class_token))
         names = [n for n, _ in calls]
         eye = torch.eye(tokens, dtype=calls[0][1].dtype, device=calls[0][1].device)
         per_target = []  # one backward per target through the retained graph, reduced at once
@@ -339,14 +405,15 @@ class GradAttentionRollout:
                 grad = grad.reshape(weights.shape)  # (N, heads, T, T)
                 a_bar = (grad * weights.detach()).clamp(min=0).mean(dim=1)
                 steps.append(eye + a_bar)  # R <- R + Abar R, the paper's update
-            per_target.append(token_map(chain(steps), has_cls, grid))  # (N, *grid)
+            per_target.append(token_map(chain(steps), extra, grid))  # (N, *grid)
         maps = torch.stack(per_target, dim=1)  # (N, K, *grid)
         return Attribution(
             maps=maps.contiguous(),
             scores=scores.detach(),
             layers=[span(names)],
             details={
-                "class_token": has_cls,
+                "class_token": bool(extra),
+                "extra_tokens": extra,
                 "grid": grid,
                 "attention_layers": names,
                 "target_independent": False,

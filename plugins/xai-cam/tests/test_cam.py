@@ -233,6 +233,52 @@ def test_efficientnet_and_mobilenet_v3(images):
         xai_core.explain(torchvision.models.mobilenet_v3_small(weights=None), images, method="cam")
 
 
+class LayerNorm2d(nn.LayerNorm):
+    """timm's channels-first layer norm: an nn.LayerNorm subclass on (N, C, H, W)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class NormedHead(Net):
+    """ConvNeXt's head: global pooling, a layer norm over the channels, then the classifier
+    (Hugging Face norms the pooled vector, timm the 1x1 map before flattening)."""
+
+    def __init__(self, style: str) -> None:
+        super().__init__()
+        self.style = style
+        self.norm = LayerNorm2d(5) if style == "timm" else nn.LayerNorm(5)
+        with torch.no_grad():
+            self.norm.weight.uniform_(0.5, 2.0)
+            self.norm.bias.uniform_(-1.0, 1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.body(x)
+        if self.style == "timm":
+            return self.fc(self.norm(F.adaptive_avg_pool2d(a, 1)).flatten(1))
+        return self.fc(self.norm(a.mean((2, 3))))
+
+
+@pytest.mark.parametrize("style", ["timm", "hf"])
+def test_layer_norm_between_pooling_and_head(style):
+    """CAM stays exact: the map's spatial mean is the logit minus a per-class constant,
+    b_c + W[c] . beta (see the module docstring)."""
+    model, x = NormedHead(style), batch(2, (5, 6))
+    exp = xai_core.explain(model, x, method="cam", targets="all")
+    assert exp.layers == ["body"] and exp.details == {"head": "fc", "relu": False, "norm": "norm"}
+    with torch.no_grad():
+        constant = model.fc.bias + model.fc.weight @ model.norm.bias
+        expected = model(x) - constant
+    torch.testing.assert_close(exp.raw[0].mean((2, 3)), expected)
+
+
+def test_norm_over_other_than_the_channels_is_refused():
+    model = NormedHead("hf")
+    model.norm = nn.Sequential(nn.LayerNorm(5), nn.Linear(5, 5))  # a hidden layer after the norm
+    with pytest.raises(CapabilityError, match="method='gradcam'"):
+        xai_core.explain(model, batch(2, (5, 6)), method="cam")
+
+
 # -- models without a GAP + linear head, options, errors -----------------------------------
 
 

@@ -16,6 +16,13 @@ scores; ``A`` is the output of the last module before it whose spatial mean is t
 input. When it is the mean of ``ReLU(A)`` instead (DenseNet's ``F.relu(features, inplace=True)``
 before pooling), the map uses ``ReLU(A)``, the tensor that really is pooled. Both conditions are
 checked again on every batch explained, so a map is never computed on the wrong tensor.
+
+A layer norm over the channels between pooling and head (ConvNeXt, in timm and Hugging Face:
+``y = W LN(z) + b``) keeps CAM exact: with ``mu``, ``sigma`` the mean and deviation of ``z`` over
+its channels (one number per sample) and ``gamma``, ``beta`` the norm's affine parameters,
+``y_c = sum_k W[c,k] gamma_k (z_k - mu) / sigma + const``, so the map is
+``sum_k W[c,k] gamma_k (A^k(i,j) - mu) / sigma``, whose spatial mean is again ``y_c`` minus a
+constant. Any other layer between (an MLP, a convolution) is refused.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import logging
 import weakref
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import xai_core
@@ -43,8 +51,9 @@ USE_GRADCAM = (
     "Grad-CAM works at any convolutional layer of any network: use method='gradcam'."
 )
 
-# (feature layer, head) per model, input shape and requested head, so the probe runs once.
-_found: weakref.WeakKeyDictionary[nn.Module, dict[tuple[object, ...], tuple[str, str]]] = (
+Found = tuple[str, str, str | None]  # feature layer, head, layer norm between them (or None)
+# (feature layer, head, norm) per model, input shape and requested head: the probe runs once.
+_found: weakref.WeakKeyDictionary[nn.Module, dict[tuple[object, ...], Found]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -68,24 +77,44 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool((a - b).abs().max() <= tolerance)
 
 
-def pooled_relu(features: torch.Tensor, z: torch.Tensor) -> bool | None:
-    """How ``z`` ``(N, C)`` comes from ``features`` ``(N, C, *spatial)`` by global averaging:
-    ``False`` for the mean of ``features``, ``True`` for the mean of ``ReLU(features)``,
-    ``None`` for neither."""
+def channel_norm(module: nn.Module | None, channels: int) -> nn.Module | None:
+    """``module`` if it is a layer norm over exactly ``channels`` features (``nn.LayerNorm``
+    and its subclasses such as timm's ``LayerNorm2d``, or anything with the same attributes)."""
+    shape = getattr(module, "normalized_shape", None)
+    if module is None or shape is None or tuple(shape) != (channels,):
+        return None
+    return module if isinstance(getattr(module, "eps", None), float) else None
+
+
+def normalize(z: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
+    """``LN(z)`` for ``z`` ``(N, C)`` with ``norm``'s epsilon and affine parameters."""
+    if norm is None:
+        return z
+    weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
+    return F.layer_norm(z, z.shape[1:], weight, bias, norm.eps)
+
+
+def pooled_relu(
+    features: torch.Tensor, z: torch.Tensor, norm: nn.Module | None = None
+) -> bool | None:
+    """How ``z`` ``(N, C)`` comes from ``features`` ``(N, C, *spatial)`` by global averaging
+    (then ``norm``, if given): ``False`` for the mean of ``features``, ``True`` for the mean of
+    ``ReLU(features)``, ``None`` for neither."""
     if features.ndim < 3 or features.shape[:2] != z.shape or features.shape[2:].numel() < 2:
         return None  # a 1x1 map would "match" trivially: it is the pooled vector itself
     spatial = tuple(range(2, features.ndim))
-    if _close(features.mean(spatial), z):
+    if _close(normalize(features.mean(spatial), norm), z):
         return False
-    if _close(features.clamp(min=0).mean(spatial), z):
+    if _close(normalize(features.clamp(min=0).mean(spatial), norm), z):
         return True
     return None
 
 
 def find_head(
     model: TorchAdapter, inputs: torch.Tensor, head: tuple[str, nn.Module] | None = None
-) -> tuple[str, str]:
-    """Names of the layer whose output is globally averaged and of the linear head after it.
+) -> Found:
+    """Names of the layer whose output is globally averaged, of the linear head after it, and
+    of a layer norm between them (``None`` when there is none).
 
     Probes one sample with a hook on every module (all removed afterwards); cached per model,
     input shape and ``head`` (given, or the last ``nn.Linear`` called whose output is the
@@ -95,13 +124,11 @@ def find_head(
     found = _found.setdefault(model.module, {})
     if key not in found:
         found[key] = _probe(model, inputs[:1], head)
-        log.info("CAM chose layer %r (fed into global average pooling) and head %r", *found[key])
+        log.info("CAM chose layer %r (globally pooled), head %r, norm %r", *found[key])
     return found[key]
 
 
-def _probe(
-    model: TorchAdapter, x: torch.Tensor, head: tuple[str, nn.Module] | None
-) -> tuple[str, str]:
+def _probe(model: TorchAdapter, x: torch.Tensor, head: tuple[str, nn.Module] | None) -> Found:
     layers = model.named_layers()
     linear = dict([head]) if head else {n: m for n, m in layers.items() if isinstance(m, nn.Linear)}
     with (
@@ -123,7 +150,17 @@ def _probe(
     before_head = max(i for i, (n, _) in enumerate(seen.order) if n == name)
     for layer, out in reversed(seen.order[:before_head]):
         if pooled_relu(out, z) is not None:
-            return layer, name
+            return layer, name, None
+    # A layer norm whose output is the head's input, and a layer whose pooled output it norms.
+    for at in range(before_head - 1, -1, -1):
+        norm_name, normed = seen.order[at]
+        norm = channel_norm(layers.get(norm_name), z.shape[1])
+        if norm is None or not _close(normed.flatten(1), z):
+            continue
+        for layer, out in reversed(seen.order[:at]):
+            if pooled_relu(out, z, norm) is not None:
+                return layer, name, norm_name
+        break
     raise CapabilityError(
         f"The input of the classifier {name!r} is not the spatial average of any layer's output "
         f"(a hidden layer, attention pooling or flattening comes between). {USE_GRADCAM}"
@@ -182,12 +219,12 @@ class CAM:
                 f"The head must be an nn.Linear; {chosen_head[0]!r} is a "
                 f"{type(chosen_head[1]).__name__}."
             )
-        if chosen_layer is None or chosen_head is None:
-            found_layer, found_head = find_head(model, inputs, chosen_head)
-            named = model.named_layers()
-            chosen_layer = chosen_layer or (found_layer, named[found_layer])
-            chosen_head = chosen_head or (found_head, named[found_head])
+        named = model.named_layers()
+        found_layer, found_head, norm_name = find_head(model, inputs, chosen_head)
+        chosen_layer = chosen_layer or (found_layer, named[found_layer])
+        chosen_head = chosen_head or (found_head, named[found_head])
         (layer_name, layer_module), (head_name, head_module) = chosen_layer, chosen_head
+        norm = None if norm_name is None else named[norm_name]
 
         with (
             torch.no_grad(),
@@ -203,21 +240,30 @@ class CAM:
             raise CapabilityError(
                 f"The output of {head_name!r} is not the model's output. {USE_GRADCAM}"
             )
-        relu = pooled_relu(features, z)
+        relu = pooled_relu(features, z, norm)
         if relu is None:
+            normed = f"normed by {norm_name!r}, " if norm is not None else ""
             raise CapabilityError(
                 f"The input of {head_name!r} is not the spatial average of the output of "
-                f"{layer_name!r} {tuple(features.shape)} nor of its ReLU. {USE_GRADCAM}"
+                f"{layer_name!r} {tuple(features.shape)} nor of its ReLU ({normed}or not). "
+                f"{USE_GRADCAM}"
             )
         if relu:
             features = features.clamp(min=0)
         weights = head_module.weight[indices]  # (N, K, C): the classifier row of each target
+        if norm is not None:  # see the module docstring: W gamma (A - mu) / sigma
+            pooled = features.mean(tuple(range(2, features.ndim)))
+            var, mu = torch.var_mean(pooled, dim=1, unbiased=False)
+            if getattr(norm, "weight", None) is not None:
+                weights = weights * norm.weight
+            weights = weights / (var + norm.eps).sqrt()[:, None, None]
+            features = features - mu.view(-1, *[1] * (features.ndim - 1))
         cam = torch.einsum("nkc,nc...->nk...", weights, features)
         return Attribution(
             maps=[cam],
             scores=scores,
             layers=[layer_name],
-            details={"head": head_name, "relu": relu},
+            details={"head": head_name, "relu": relu, **({"norm": norm_name} if norm else {})},
         )
 
 

@@ -27,10 +27,10 @@ from torch import nn
 
 import xai_core
 from xai_core import Attribution, Capability, Tags, Targets
-from xai_core.adapters.torch import TorchAdapter
+from xai_core.adapters.torch import TorchAdapter, declared_extra_tokens
 from xai_core.capture import capture
 from xai_core.errors import CapabilityError, LayerTypeError, OptionError
-from xai_core.ops import target_gradients, token_layout
+from xai_core.ops import Layout, as_feature_map, feature_layout, target_gradients
 
 __version__ = "0.1.0"
 
@@ -51,36 +51,23 @@ def channel_weights(variant: str, acts: torch.Tensor, grads: torch.Tensor) -> to
     return (alpha * grads.clamp(min=0)).sum(dim=spatial)
 
 
-TokenGrid = tuple[bool, tuple[int, ...]] | None  # (class token?, patch grid), None: a feature map
-
-
-def feature_grid(
-    name: str, output: torch.Tensor, inputs: torch.Tensor, class_token: bool | None
-) -> TokenGrid:
-    """How a layer's output becomes a feature map ``(N, C, *spatial)``: as it is (``None``), or
-    for tokens ``(N, T, C)`` of a batch-first transformer, the patch grid they tile."""
-    if output.ndim == inputs.ndim:
-        return None
-    if output.ndim == 3 and output.shape[0] == inputs.shape[0]:
-        try:
-            return token_layout(output.shape[1], inputs.shape[2:], class_token)
-        except CapabilityError as error:
-            message = f"Layer {name!r} outputs tokens {tuple(output.shape)}: {error}"
-            raise LayerTypeError(message) from error
-    raise LayerTypeError(
-        f"Layer {name!r} outputs shape {tuple(output.shape)}, neither a feature map "
-        f"(N, C, *spatial) like the inputs {tuple(inputs.shape)} nor tokens (N, T, C); choose a "
-        f"convolutional layer, or a transformer block's."
-    )
-
-
-def as_feature_map(tokens: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
-    """``(N, T, C)`` patch tokens -> ``(N, C, *grid)`` (the class token dropped); a feature map
-    passes through."""
-    if grid is None:
-        return tokens
-    has_cls, shape = grid
-    return tokens[:, int(has_cls) :].transpose(1, 2).unflatten(2, shape)
+def feature_layout_of(
+    name: str, output: torch.Tensor, inputs: torch.Tensor, class_token: bool | int | None
+) -> Layout:
+    """How a layer's output becomes a feature map ``(N, C, *spatial)``: as it is, channels-last
+    moved first, or tokens ``(N, T, C)`` of a batch-first transformer laid out on their patch
+    grid (:func:`xai_core.ops.feature_layout`)."""
+    if output.ndim not in (inputs.ndim, 3) or output.shape[0] != inputs.shape[0]:
+        raise LayerTypeError(
+            f"Layer {name!r} outputs shape {tuple(output.shape)}, neither a feature map "
+            f"(N, C, *spatial) like the inputs {tuple(inputs.shape)} nor tokens (N, T, C); choose "
+            f"a convolutional layer, or a transformer block's."
+        )
+    try:
+        return feature_layout(output.shape, inputs.shape[2:], class_token)
+    except CapabilityError as error:
+        message = f"Layer {name!r} outputs tokens {tuple(output.shape)}: {error}"
+        raise LayerTypeError(message) from error
 
 
 def _not_on_path(layer: str) -> OptionError:
@@ -106,7 +93,7 @@ class GradCAM:
         layers: Sequence[str | nn.Module] | None = None,
         variant: Literal["gradcam", "guided", "gradcam++"] = "gradcam",
         relu: bool = True,
-        class_token: bool | None = None,
+        class_token: bool | int | None = None,
     ) -> Attribution:
         """:param layer: one layer (name or module); default: the last with a spatial output,
             or on a transformer the tokens entering the last attention (after it only the class
@@ -114,7 +101,8 @@ class GradCAM:
         :param layers: several layers, explained from the same forward and backward pass.
         :param variant: ``"gradcam"``, ``"guided"`` or ``"gradcam++"``.
         :param relu: apply the final ReLU (``False`` keeps negative evidence visible).
-        :param class_token: for token layers, token 0 is a class token (dropped); ``None``
+        :param class_token: for token layers, token 0 is a class token (dropped, with any
+            register/distillation tokens after it), or an ``int`` count of them; ``None``
             decides from the token count.
         """
         if variant not in VARIANTS:
@@ -131,9 +119,11 @@ class GradCAM:
             scores = model.forward(x)
         chosen = targets.resolve(scores).select(scores)  # (N, K)
         acts = [seen.last(name) for name in hooked]  # a layer used twice: its last call
+        if class_token is None:
+            class_token = declared_extra_tokens(model.module)
         grids = []
         for name, a in zip(hooked, acts, strict=True):
-            grids.append(feature_grid(name, a, inputs, class_token))
+            grids.append(feature_layout_of(name, a, inputs, class_token))
             if not a.requires_grad:  # it does not depend on the input at all
                 raise _not_on_path(name)
         features = [as_feature_map(a.detach(), g) for a, g in zip(acts, grids, strict=True)]
@@ -158,7 +148,11 @@ class GradCAM:
                 "variant": variant,
                 "calls": calls,
                 "multi_layer": layers is not None,
-                "token_layers": {n: g for n, g in zip(hooked, grids, strict=True) if g},
+                "token_layers": {
+                    n: (g.extra, g.grid) for n, g in zip(hooked, grids, strict=True)
+                    if g.kind == "tokens"
+                },
+                "layouts": {n: g.kind for n, g in zip(hooked, grids, strict=True)},
             },
         )
 
