@@ -241,7 +241,7 @@ def _wrap(
         plugin=info.distribution or info.plugin,
         version=info.version,
         seconds=seconds,
-        options=dict(options),
+        options={k: v for k, v in options.items() if k != "progress"},  # a callback, not a setting
         model=adapter.describe(),
         details=result.details,
         regions=request.resolved.region,

@@ -113,6 +113,12 @@ class Deletion:
     direction = Direction.LOWER
     needs: frozenset[Need] = frozenset()
 
+    @staticmethod
+    def work(shape: tuple[int, ...], options: dict) -> tuple[int, int]:
+        """(images forwarded, re-explanations) for a batch of ``shape``: the cost estimate."""
+        pixels = math.prod(shape[2:])
+        return shape[0] * (min(int(options.get("steps", 100)), pixels) + 1), 0
+
     def compute(
         self,
         context: MetricContext,
@@ -139,6 +145,12 @@ class Insertion:
     name = "insertion"
     direction = Direction.HIGHER
     needs: frozenset[Need] = frozenset()
+
+    @staticmethod
+    def work(shape: tuple[int, ...], options: dict) -> tuple[int, int]:
+        """(images forwarded, re-explanations) for a batch of ``shape``: the cost estimate."""
+        pixels = math.prod(shape[2:])
+        return shape[0] * (min(int(options.get("steps", 100)), pixels) + 1), 0
 
     def compute(
         self,

@@ -31,6 +31,7 @@ from xai_core.adapters.torch import TorchAdapter
 from xai_core.capture import capture
 from xai_core.errors import CapabilityError, ModelError, OptionError
 from xai_core.metrics import Direction, MetricContext, MetricResult, Need
+from xai_core.progress import ProgressFn
 from xai_metrics.common import choice, finite_float, integer, single_maps, spearman, ssim
 
 AUGMENTATIONS = ("hflip", "rotate", "intensity")
@@ -87,6 +88,13 @@ class Randomization:
     direction = Direction.LOWER
     needs = frozenset({Need.TORCH_MODEL})
 
+    @staticmethod
+    def work(shape: tuple[int, ...], options: dict) -> tuple[int, int]:
+        """(images forwarded, re-explanations) for a batch of ``shape``: the cost estimate
+        (``stages=None``, every layer, is counted as 20)."""
+        stages = options.get("stages", 10)
+        return shape[0], 20 if stages is None else int(stages)
+
     def compute(
         self,
         context: MetricContext,
@@ -94,11 +102,14 @@ class Randomization:
         stages: int | None = 10,
         seed: int = 0,
         absolute: bool = False,
+        progress: ProgressFn | None = None,
     ) -> MetricResult:
         """:param stages: at most this many cascade points, evenly spaced from the output layer
             alone to every layer (each point re-explains the batch); ``None``: every layer.
         :param seed: seed of the re-initialisation (the caller's random state is left as it was).
         :param absolute: compare absolute values of the maps (Adebayo et al. show both).
+        :param progress: ``progress(done, total, "randomised stages")`` after each cascade
+            point (:mod:`xai_core.progress`); supplied by the caller, e.g. ``compare()``.
         """
         if stages is not None:
             stages = integer(stages, "stages")
@@ -126,6 +137,8 @@ class Randomization:
                 maps = shown(single_maps(context, context.rerun(model=randomised).maps))
                 rho.append(spearman(original, maps.flatten(1)))
                 sim.append(ssim(original.view_as(maps), maps))
+                if progress is not None:
+                    progress(len(rho), len(points), "randomised stages")
         rho_t, sim_t = torch.stack(rho), torch.stack(sim)  # (stages, N)
         return MetricResult(
             rho_t.mean(dim=0),
@@ -197,6 +210,12 @@ class Stability:
     name = "stability"
     direction = Direction.HIGHER
     needs: frozenset[Need] = frozenset()
+
+    @staticmethod
+    def work(shape: tuple[int, ...], options: dict) -> tuple[int, int]:
+        """(images forwarded, re-explanations) for a batch of ``shape``: the cost estimate."""
+        augmentations = options.get("augmentations", AUGMENTATIONS)
+        return 0, 1 if isinstance(augmentations, str) else len(augmentations)
 
     def compute(
         self,
