@@ -52,6 +52,7 @@ from xai_core.api import run_explainer
 from xai_core.datasets import ClassMaps, DataStream, Progress, batch_targets
 from xai_core.errors import CapabilityError, InputError, OptionError, did_you_mean
 from xai_core.explanation import normalize
+from xai_core.progress import accepts_progress, within
 from xai_core.registry import get_registry
 from xai_core.tags import Scope
 
@@ -344,7 +345,9 @@ def audit(
     :param min_images: classes with fewer images are not audited (listed as skipped).
     :param mask_margin: pixels by which masks are widened (maps are smoother than lesions);
         default 5% of the image's larger side.
-    :param progress: ``progress(images_done, images_total_or_None)`` after each batch.
+    :param progress: ``progress(images_done, images_total_or_None, what)`` after each batch
+        (:mod:`xai_core.progress`), and within a batch when the method reports its own work
+        (occlusion's perturbed inputs).
     """
     _check_settings(group_by, reference, min_share, min_lift, min_fraction, min_images, mask_margin)
     registry = get_registry()
@@ -386,7 +389,11 @@ def audit(
         if reference == "masks" and batch.masks is None:
             raise OptionError("reference='masks' needs masks: pass masks=... or (x, y, masks).")
         targets = batch_targets(batch, group_by)
-        exp = run_explainer(info, adapter, batch.inputs, targets, options)
+        run_options = options
+        if progress is not None and accepts_progress(info.cls) and "progress" not in options:
+            inner = within(progress, done, total, method, span=len(batch))
+            run_options = {**options, "progress": inner}
+        exp = run_explainer(info, adapter, batch.inputs, targets, run_options)
         if len(exp.raw) > 1 or exp.full.shape[1] != 1:
             raise OptionError("The audit explains one class and one layer per image.")
         raw = exp.full[:, 0, 0]  # (B, H, W) on the input grid
@@ -398,7 +405,7 @@ def audit(
         without += _accumulate(sums, batch, raw, classes, min_lift, margin)
         done += len(batch)
         if progress is not None:
-            progress(done, total)
+            progress(done, total, f"{method}: images")
     if sums is None:
         raise InputError("The dataset is empty: no batch came out of it.")
     result = _find_flags(sums, names, reference, min_share, min_lift, min_fraction, min_images)

@@ -25,10 +25,12 @@ import torch.nn.functional as F
 from xai_core.api import check_masks, check_options, run_explainer
 from xai_core.errors import CapabilityError, InputError, OptionError, XaiError
 from xai_core.io.inputs import MaskFolder
+from xai_core.progress import ProgressFn
 from xai_core.registry import get_registry
 from xai_core.tags import Scope
 
-Progress = Callable[[int, int | None], None]  # (images done, images in all or None if unknown)
+# progress(images done, images in all or None if unknown, what): xai_core.progress
+Progress = ProgressFn
 Transform = Callable[[torch.Tensor], torch.Tensor]
 PathLike = str | os.PathLike
 
@@ -396,7 +398,8 @@ def explain_dataset(
     :param group_by: which class each image counts for: ``"label"``, ``"prediction"`` (the top
         class), ``"all"`` (every class, for every image), or ``"auto"`` (labels when the data
         has them, else the prediction).
-    :param progress: called as ``progress(images_done, images_total_or_None)`` after each batch.
+    :param progress: ``progress(images_done, images_total_or_None, what)`` after each batch
+        (:mod:`xai_core.progress`).
     :param options: the global method's options, e.g. ``local="gradcam"`` for ``aggregate``.
     """
     registry = get_registry()
@@ -427,7 +430,7 @@ def explain_dataset(
         summary = part if summary is None else summary + part
         done += len(batch)
         if progress is not None:
-            progress(done, total)
+            progress(done, total, f"{method}: images")
     if summary is None:
         raise InputError("The dataset is empty: no batch came out of it.")
     return summary

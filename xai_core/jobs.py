@@ -46,11 +46,12 @@ from xai_core.io.outputs import (
     request_key,
 )
 from xai_core.io.preprocess import Preprocess
+from xai_core.progress import ProgressFn, accepts_progress, within
 from xai_core.report import HtmlReport, overlay, to_png
 from xai_core.report.html import input_section
 from xai_core.types import ExplainerInfo
 
-Progress = Callable[[str, int, int], None]  # (message, done, total)
+Progress = ProgressFn  # progress(done, total, what): xai_core.progress
 
 
 @dataclass
@@ -248,9 +249,10 @@ def explain_files(
     out.mkdir(parents=True, exist_ok=True)
     ledger = RunLedger(out)
     summary = JobSummary()
+    runs_progress = accepts_progress(info.cls) and "progress" not in options
     for index, item in enumerate(items):
         if progress:
-            progress(item.key, index, len(items))
+            progress(index, len(items), item.key)
         job_key = f"{item.key}--{method}"  # the same folder can hold several methods' runs
         if ledger.done(job_key, request_id):
             summary.skipped.append(item.key)
@@ -260,8 +262,10 @@ def explain_files(
         ledger.forget(job_key, remove_outputs=True)
         try:
             loaded = read_item(item, window=window)
+            inner = within(progress, index, len(items), f"{method} of {item.key}")
+            run_options = {**options, "progress": inner} if runs_progress and inner else options
             record, outputs = _explain_one(
-                adapter, item, loaded, out, method, preprocess, targets, options, class_names,
+                adapter, item, loaded, out, method, preprocess, targets, run_options, class_names,
                 device,
             )
         except RUN_ERRORS:
@@ -275,7 +279,7 @@ def explain_files(
         ledger.mark_done(job_key, record, outputs=outputs, request=request_id)
         summary.done.append(item.key)
     if progress:
-        progress("report", len(items), len(items))
+        progress(len(items), len(items), "report")
     summary.report = _write_folder_report(out, ledger, summary)
     return summary
 
@@ -339,7 +343,8 @@ def _explain_one(
     png = overlay(display[middle], heat[middle]) if middle is not None else overlay(display, heat)
     atomic_write_bytes(folder / f"overlay_{method}.png", to_png(png))
     names = _names(exp.targets, class_names)
-    caption = f"{method}; target: {names[0] if names else exp.targets[0].tolist()}"
+    shown = names[0] if names else [str(t) for t in exp.targets[0].tolist()]
+    caption = f"{method}; target: {', '.join(shown)}"  # plain text: "name", "a, b"
     fragment = input_section(item.key, display, {method: heat}, caption=caption)
     atomic_write_text(folder / f"report_{method}.html", fragment)
     scores = exp.scores.detach().cpu()
@@ -354,7 +359,7 @@ def _explain_one(
         "scores": scores.tolist(),
         "layers": exp.layers,
         "seconds": time.perf_counter() - start,
-        "options": {k: repr(v) for k, v in options.items()},
+        "options": {k: repr(v) for k, v in options.items() if k != "progress"},
         "maps_shape": list(maps.shape),
     }
     atomic_write_text(folder / f"result_{method}.json", json.dumps(record, indent=2))
@@ -433,8 +438,13 @@ def compare_files(
     device: torch.device | str | None = None,
     window: tuple[float, float] | None = None,
     progress: Progress | None = None,
+    budget: float | None = None,
+    notice: Callable[[str], None] | None = None,
 ) -> CompareSummary:
-    """Compare methods on all readable inputs as one batch; write tables and an HTML report."""
+    """Compare methods on all readable inputs as one batch; write tables and an HTML report.
+
+    ``progress``, ``budget`` and ``notice`` (the cost estimate, before the work) are those of
+    :func:`xai_core.compare`."""
     from xai_core.report import comparison_csv, comparison_json, comparison_markdown
 
     out = Path(out).absolute()  # once: every path below is absolute
@@ -465,10 +475,6 @@ def compare_files(
         None if masks is None else MaskFolder(masks, items).read(keys, x, required=True).to(device)
     )
 
-    def step(message: str) -> None:
-        if progress:
-            progress(message, 0, 0)
-
     result = xai_core.compare(
         adapter,
         x,
@@ -478,7 +484,9 @@ def compare_files(
         masks=mask_tensor,
         options=options,
         metric_options=metric_options,
-        progress=step,
+        progress=progress,
+        budget=budget,
+        notice=notice,
     )
     summary.comparison = result
     summary.table_markdown = comparison_markdown(result)

@@ -4,6 +4,8 @@ Every long job (explaining files, ``compare()``, ``audit()``, occlusion's pertur
 randomisation metric's cascade) reports through a callable of this type:
 
 * ``done``: units of real work finished so far (inputs, images, perturbed inputs, stages...);
+  a float between two units while a sub-task of the next one reports its own counts
+  (:func:`within`), so that a bar moves and an ETA exists even for one long input;
 * ``total``: units in all, or ``None`` while unknown;
 * ``what``: a short plain-text description of the work, e.g. ``"occlusion of img1.png"``.
 
@@ -17,21 +19,24 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-ProgressFn = Callable[[int, int | None, str], None]
+ProgressFn = Callable[[float, int | None, str], None]
 
 
 def within(
-    progress: ProgressFn | None, done: int, total: int | None, what: str
+    progress: ProgressFn | None, done: float, total: int | None, what: str, span: float = 1
 ) -> ProgressFn | None:
     """A callback for the sub-task ``what`` of step ``done`` of ``total``: it reports the outer
-    counts, with the sub-task's own counts in the description
-    (``"randomization of occlusion: perturbed inputs 120/675"``)."""
+    counts, advanced by the sub-task's share done, with the sub-task's own counts in the
+    description (``"randomization of occlusion: perturbed inputs 120/675"``). The sub-task is
+    ``span`` outer units (a batch of images: its size)."""
     if progress is None:
         return None
 
-    def inner(sub_done: int, sub_total: int | None, detail: str) -> None:
-        counts = f"{sub_done}/{'?' if sub_total is None else sub_total}"
-        progress(done, total, f"{what}: {detail} {counts}" if detail else f"{what}: {counts}")
+    def inner(sub_done: float, sub_total: int | None, detail: str) -> None:
+        share = min(max(sub_done / sub_total, 0.0), 1.0) if sub_total else 0.0
+        counts = f"{sub_done:g}/{'?' if sub_total is None else sub_total}"
+        text = f"{what}: {detail} {counts}" if detail else f"{what}: {counts}"
+        progress(done + share * span, total, text)
 
     return inner
 
