@@ -316,13 +316,14 @@ def compare(
     errors: dict[tuple[str, str], str] = {}
     nan = torch.full((inputs.shape[0],), math.nan, dtype=torch.float64)
     steps = step + len(explanations) * len(metric_classes)  # without the skipped methods
-    current: dict[str, Any] = {"progress": None}  # the running metric's callback, for reruns
+    current: dict[str, Any] = {"progress": None}  # the running metric's step, for reruns
     for method, exp in explanations.items():
         info = registry.get_explainer(method)
         opts = options.get(method, {})
 
         def rerun(inputs=inputs, model=adapter, targets=spec, _info=info, _opts=opts):
-            run_opts = _with_progress(_info.cls, dict(_opts), current["progress"])
+            tracker = current["progress"]
+            run_opts = _with_progress(_info.cls, dict(_opts), tracker and tracker.rerun)
             return run_explainer(_info, registry.adapt(model), inputs, targets, run_opts)
 
         context = MetricContext(
@@ -339,8 +340,8 @@ def compare(
             label = f"{metric} of {method}"
             if progress:
                 progress(step, steps, label)
-            current["progress"] = within(progress, step, steps, label)
-            run_opts = _with_progress(cls, metric_opts.get(metric, {}), current["progress"])
+            current["progress"] = tracker = _MetricStep(progress, step, steps, label)
+            run_opts = _with_progress(cls, metric_opts.get(metric, {}), tracker.own)
             step += 1
             try:
                 result = cls().compute(context, **run_opts)
@@ -430,6 +431,34 @@ def _with_progress(cls: type, opts: dict[str, Any], callback: Progress | None) -
     if callback is None or "progress" in opts or not accepts_progress(cls):
         return opts
     return {**opts, "progress": callback}
+
+
+class _MetricStep:
+    """Progress of one (method, metric) step: the metric's own counts (randomisation's stages)
+    and, inside the current one, the counts of the method it re-runs (occlusion's perturbed
+    inputs), so that the step advances monotonically while either reports."""
+
+    def __init__(self, progress: Progress | None, step: int, steps: int, label: str) -> None:
+        self.progress, self.step, self.steps, self.label = progress, step, steps, label
+        self.sub: tuple[float, int | None, str] = (0, None, "")
+        self.own = None if progress is None else self._own
+        self.rerun = None if progress is None else self._rerun
+
+    def _own(self, done: float, total: int | None, detail: str) -> None:
+        self.sub = (done, total, detail)
+        self._rerun(0, None, "")
+
+    def _rerun(self, done: float, total: int | None, detail: str) -> None:
+        assert self.progress is not None
+        share = done / total if total else 0.0
+        sub_done, sub_total, sub_detail = self.sub
+        text = self.label
+        if sub_total:
+            text += f": {sub_detail} {sub_done:g}/{sub_total}"
+            share = (sub_done + share) / sub_total
+        if total:
+            text += f"{',' if sub_total else ':'} {detail} {done:g}/{total}"
+        self.progress(self.step + min(max(share, 0.0), 1.0), self.steps, text)
 
 
 @dataclass

@@ -127,6 +127,8 @@ class Randomization:
         points = cascade_points(len(order), stages)
         rho, sim = [], []
         device = context.inputs.device
+        if progress is not None:
+            progress(0, len(points), "randomised stages")
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             done = 0
@@ -225,12 +227,15 @@ class Stability:
         angle: float = 10.0,
         brightness: float = 0.1,
         contrast: float = 1.1,
+        progress: ProgressFn | None = None,
     ) -> MetricResult:
         """:param augmentations: any of ``hflip`` (last axis), ``rotate`` (in the plane of the
             last two axes) and ``intensity`` (brightness and contrast).
         :param angle: rotation in degrees.
         :param brightness: shift in standard deviations of each sample.
         :param contrast: factor about each sample's mean.
+        :param progress: ``progress(done, total, "augmentations")`` before each re-explanation
+            and at the end (:mod:`xai_core.progress`); supplied by the caller.
         """
         if isinstance(augmentations, str):
             augmentations = [augmentations]
@@ -244,7 +249,9 @@ class Stability:
 
         details: dict[str, dict[str, object]] = {}
         rho = []
-        for name in names:
+        for done, name in enumerate(names):
+            if progress is not None:
+                progress(done, len(names), "augmentations")
             x, back, valid = augmentation(name, context.inputs, angle, brightness, contrast)
             maps = back(single_maps(context, context.rerun(inputs=x).maps))
             r = spearman(original[:, valid], maps[:, valid])
@@ -257,4 +264,6 @@ class Stability:
                 "ssim_per_sample": s.cpu(),
                 "valid_fraction": float(valid.float().mean()),
             }
+        if progress is not None:
+            progress(len(names), len(names), "augmentations")
         return MetricResult(torch.stack(rho).mean(dim=0), details)
