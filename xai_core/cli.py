@@ -26,7 +26,15 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from xai_core.errors import UnknownMethodError, XaiError
+from xai_core.errors import (
+    CapabilityError,
+    ChannelMismatchError,
+    InputRankError,
+    SpatialSizeError,
+    UnknownLayerError,
+    UnknownMethodError,
+    XaiError,
+)
 from xai_core.registry import get_registry
 
 app = typer.Typer(
@@ -451,7 +459,13 @@ def _print_summary(summary, out: Path) -> None:
         f"{len(summary.failed)} failed; report: {_plain(summary.report)}"
     )
     for key, error in summary.failed.items():
+        exc = summary.errors.get(key)
+        message, hint = _advice(exc) if isinstance(exc, XaiError) else (None, None)
+        if message is not None:
+            error = f"{type(exc).__name__}: {message}"
         console.print(f"[red]failed[/red] {_plain(key)}: {_plain(error)}")
+        if hint:
+            console.print(f"  hint: {_plain(hint)}")
 
 
 @app.command("compare")
@@ -552,6 +566,25 @@ def compare_command(
         )
     _print_summary(summary, out)
     raise typer.Exit(summary.exit_code)
+
+
+@app.command("layers")
+def layers_command(
+    model: ModelArg,
+    arch: ArchOpt = None,
+    num_classes: ClassesOpt = None,
+) -> None:
+    """List a PyTorch model's layers: the names --layer and -O layer=NAME take, with their types."""
+    from xai_core.io.models import load_model
+
+    net, _ = load_model(model, arch=arch, num_classes=num_classes)
+    if not isinstance(net, torch.nn.Module):
+        raise CapabilityError(
+            "Only PyTorch models have named layers (an ONNX model does not): use a method "
+            "that needs no layer, such as occlusion."
+        )
+    lines = [f"{name}\t{type(module).__name__}" for name, module in net.named_modules() if name]
+    _print_text("\n".join(lines))
 
 
 @app.command("demo")
@@ -675,6 +708,36 @@ _HINTS = {
 }
 
 
+def _advice(exc: XaiError) -> tuple[str, str | None]:
+    """A typed error's message and hint in command-line terms: errors whose advice differs by
+    interface carry ``facts`` (what is wrong) apart from their Python advice, and the hint names
+    the flag that fixes it."""
+    message = getattr(exc, "facts", None) or str(exc)
+    details = getattr(exc, "details", {})
+    if isinstance(exc, ChannelMismatchError):
+        return message, (
+            f"pass --channels {details.get('expected')} (grey is repeated to RGB, RGB turned "
+            f"grey by luminance)."
+        )
+    if isinstance(exc, SpatialSizeError):
+        size = ",".join(str(s) for s in details.get("expected", ()))
+        return message, f"pass --size {size} to resize the inputs to the model's size."
+    if isinstance(exc, InputRankError):
+        if details.get("got") == 5 and details.get("expected") == 4:
+            return message, (
+                "the input is a volume (multi-frame DICOM, DICOM series or NIfTI) and the model "
+                "is 2D: pass --slice-axis 0 (or 1, 2) to `xai explain` to explain it slice by "
+                "slice."
+            )
+        return message, "this model takes volumes: pass a DICOM series, multi-frame DICOM or NIfTI."
+    if isinstance(exc, UnknownLayerError):
+        return message, (
+            "pass a layer of the model with --layer NAME (or -O layer=NAME); "
+            "`xai layers MODEL` lists them."
+        )
+    return message, next((h for cls, h in _HINTS.items() if isinstance(exc, cls)), None)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run ``xai``; known errors become one or two lines on stderr and an exit code:
     2 for a mistake in the request (typed xai-core errors, bad paths, usage), 1 when some inputs
@@ -708,9 +771,11 @@ def _run(argv: list[str] | None) -> int:
     except (XaiError, OSError) as exc:
         if _debug_on():
             traceback.print_exc()
-        what = "" if isinstance(exc, XaiError) else f"{type(exc).__name__}: "
-        err.print(f"error: {what}{_plain(exc, newlines=True)}")
-        hint = next((h for cls, h in _HINTS.items() if isinstance(exc, cls)), None)
+        if isinstance(exc, XaiError):
+            message, hint = _advice(exc)
+        else:
+            message, hint = f"{type(exc).__name__}: {exc}", None
+        err.print(f"error: {_plain(message, newlines=True)}")
         if hint:
             err.print(f"hint: {hint}")
         return 2

@@ -62,6 +62,8 @@ class JobSummary:
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     report: Path | None = None
+    # the exception of each failed input, for advice in the caller's terms (CLI flags)
+    errors: dict[str, BaseException] = field(default_factory=dict, repr=False)
 
     @property
     def exit_code(self) -> int:
@@ -272,6 +274,7 @@ def explain_files(
             raise  # the same for every input: stop once, with the typed error
         except Exception as exc:  # any failure of one input must not end the batch
             summary.failed[item.key] = f"{type(exc).__name__}: {exc}"
+            summary.errors[item.key] = exc
             ledger.mark_failed(job_key, exc)
             _remove_partial(out / item.key, method)
             continue
@@ -461,6 +464,7 @@ def compare_files(
             tensors[item.key] = preprocess.to_tensor(loaded[item.key])
         except Exception as exc:  # any failure of one input must not end the batch
             summary.failed[item.key] = f"{type(exc).__name__}: {exc}"
+            summary.errors[item.key] = exc
     if not tensors:
         raise xai_core.errors.InputError("None of the inputs could be read; nothing to compare.")
     shapes = {tuple(t.shape[1:]) for t in tensors.values()}

@@ -13,7 +13,12 @@ from torch import nn
 
 from xai_core.adapters.base import InputSpec, ModelAdapter
 from xai_core.capture import capture, preserved_state
-from xai_core.errors import LayerNotFoundError, LayerTypeError, ModelError
+from xai_core.errors import (
+    LayerNotFoundError,
+    LayerTypeError,
+    ModelError,
+    UnknownLayerError,
+)
 from xai_core.tags import Capability
 
 log = logging.getLogger("xai_core")
@@ -126,9 +131,9 @@ class TorchAdapter(ModelAdapter):
                 if item not in layers:
                     from xai_core.errors import did_you_mean
 
-                    raise LayerNotFoundError(
-                        f"The model has no layer named {item!r}.{did_you_mean(item, layers)} "
-                        f"List them with dict(model.named_modules()).keys()."
+                    raise UnknownLayerError(
+                        f"The model has no layer named {item!r}.{did_you_mean(item, layers)}",
+                        "List them with dict(model.named_modules()).keys().",
                     )
                 resolved[item] = layers[item]
             elif isinstance(item, nn.Module):
