@@ -28,6 +28,7 @@ from xai_core.errors import (
 )
 from xai_core.explanation import Explanation
 from xai_core.options import check_option_values
+from xai_core.progress import settable
 from xai_core.registry import explainer_options, get_registry
 from xai_core.tags import Capability
 from xai_core.targets import Targets, TargetSpec
@@ -157,7 +158,7 @@ def check_options(info: ExplainerInfo, options: dict[str, Any]) -> None:
         if name not in accepted:
             raise UnknownOptionError(
                 f"The method {info.name!r} has no option {name!r}.{did_you_mean(name, accepted)} "
-                f"Its options are: {', '.join(accepted) or 'none'}."
+                f"Its options are: {', '.join(settable(accepted)) or 'none'}."
             )
     check_option_values(info.name, info.cls, options)
 

@@ -23,7 +23,7 @@ from xai_core.contract import check_metric_result
 from xai_core.errors import OptionError, UnknownOptionError, XaiError, did_you_mean
 from xai_core.explanation import Explanation
 from xai_core.metrics import Direction, MetricContext, Need, metric_options
-from xai_core.progress import ProgressFn, accepts_progress, within
+from xai_core.progress import ProgressFn, accepts_progress, settable, within
 from xai_core.registry import get_registry
 from xai_core.tags import Scope
 from xai_core.targets import Region, Targets, TargetSpec
@@ -255,7 +255,7 @@ def compare(
             if key not in accepted:
                 raise UnknownOptionError(
                     f"The metric {name!r} has no option {key!r}.{did_you_mean(key, accepted)} "
-                    f"Its options are: {', '.join(accepted) or 'none'}."
+                    f"Its options are: {', '.join(settable(accepted)) or 'none'}."
                 )
 
     for name in chosen:  # every method's options (names, types, ranges) before any forward pass

@@ -50,3 +50,8 @@ def accepts_progress(cls: type) -> bool:
         return False
     parameter = inspect.signature(function).parameters.get("progress")
     return parameter is not None and parameter.kind is inspect.Parameter.KEYWORD_ONLY
+
+
+def settable(options) -> list[str]:
+    """Option names a user sets, for listings: ``progress`` is supplied by the caller."""
+    return [name for name in options if name != "progress"]
