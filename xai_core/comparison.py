@@ -470,7 +470,7 @@ class Probe:
 
 
 def measure_probe(adapter: Any, inputs: torch.Tensor, targets: torch.Tensor) -> Probe:
-    """Time one forward pass (the faster of two: the first warms up) and one forward+backward
+    """Time one forward pass (the fastest of three: the first warms up) and one forward+backward
     pass of the batch. Gradients go to a copy of the inputs only: the model's ``.grad`` are
     left as they were."""
 
@@ -482,14 +482,15 @@ def measure_probe(adapter: Any, inputs: torch.Tensor, targets: torch.Tensor) -> 
         return time.perf_counter() - start
 
     with torch.no_grad(), adapter.session():
-        forward = min(timed(lambda: adapter.forward(inputs)) for _ in range(2))
+        forward = min(timed(lambda: adapter.forward(inputs)) for _ in range(3))
     backward = 3 * forward  # a backward pass costs about two forward passes
     if isinstance(getattr(adapter, "module", None), torch.nn.Module):
 
         def forward_backward() -> None:
             x = inputs.detach().clone().requires_grad_(True)
             out = adapter.forward(x)
-            picked = out.reshape(out.shape[0], out.shape[1], -1)[torch.arange(len(x)), targets]
+            rows = torch.arange(len(x), device=out.device)
+            picked = out.reshape(out.shape[0], out.shape[1], -1)[rows, targets.to(out.device)]
             torch.autograd.grad(picked.float().sum(), x)
 
         try:
