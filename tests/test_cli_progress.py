@@ -161,3 +161,13 @@ def test_plugins_listing_off_a_terminal_keeps_one_line_per_plugin(tmp_path):
     assert [line.split("\t")[0] for line in lines[1:]] == [row["name"] for row in rows]
     assert all(len(line.split("\t")) == 8 for line in lines)
     assert ESC not in listed.stdout
+
+
+def test_python_callers_keep_python_advice():
+    from xai_core.errors import ChannelMismatchError, InputError
+
+    with pytest.raises(ChannelMismatchError) as caught:
+        xai_core.explain(small_cnn(), torch.rand(1, 1, 8, 8), method="gradcam")
+    assert isinstance(caught.value, InputError)  # callers catching InputError still do
+    assert "inputs.expand(-1, 3, ...)" in str(caught.value)
+    assert "expand" not in caught.value.facts and caught.value.details["expected"] == 3
