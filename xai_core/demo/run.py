@@ -139,7 +139,7 @@ def run_demo(
             masks=masks,
             options=options or {},
             metric_options=_metric_options(metrics),
-            progress=lambda m: say(f"{title}: {m}"),
+            progress=lambda done, total, what: say(f"{title}: {what}"),
         )
         studies.append(Study(title, note, result, display, truth, classes))
 
