@@ -16,15 +16,19 @@ from xai_core.adapters.base import InputSpec, ModelAdapter
 from xai_core.contract import check_attribution
 from xai_core.errors import (
     CapabilityError,
+    ChannelMismatchError,
     DeviceError,
     InputError,
+    InputRankError,
     InputTypeError,
     OptionTypeError,
+    SpatialSizeError,
     UnknownOptionError,
     did_you_mean,
 )
 from xai_core.explanation import Explanation
 from xai_core.options import check_option_values
+from xai_core.progress import settable
 from xai_core.registry import explainer_options, get_registry
 from xai_core.tags import Capability
 from xai_core.targets import Targets, TargetSpec
@@ -72,20 +76,27 @@ def validate_inputs(inputs: Any, adapter: ModelAdapter) -> None:
             if spec.rank == 5
             else f"{spec.rank}-D"
         )
-        raise InputError(f"This model takes {want} inputs; got shape {tuple(inputs.shape)}.")
+        raise InputRankError(
+            f"This model takes {want} inputs; got shape {tuple(inputs.shape)}.",
+            expected=spec.rank,
+            got=inputs.ndim,
+        )
     if inputs.shape[0] == 0:
         raise InputError("The batch is empty (N = 0); pass at least one sample.")
     if any(s == 0 for s in inputs.shape[1:]):
         raise InputError(f"inputs have an empty dimension: shape {tuple(inputs.shape)}.")
     if spec.channels is not None and inputs.shape[1] != spec.channels:
         hint = (
-            " For a grayscale image and an RGB model use inputs.expand(-1, 3, ...)."
+            "For a grayscale image and an RGB model use inputs.expand(-1, 3, ...)."
             if inputs.shape[1] == 1 and spec.channels == 3
             else ""
         )
-        raise InputError(
+        raise ChannelMismatchError(
             f"This model takes {spec.channels} input channels; got {inputs.shape[1]} "
-            f"(shape {tuple(inputs.shape)}, channels are dimension 1).{hint}"
+            f"(shape {tuple(inputs.shape)}, channels are dimension 1).",
+            hint,
+            expected=spec.channels,
+            got=int(inputs.shape[1]),
         )
     if spec.spatial is not None:
         fixed = tuple(spec.spatial)
@@ -93,8 +104,11 @@ def validate_inputs(inputs: Any, adapter: ModelAdapter) -> None:
         if len(fixed) == len(got) and any(
             f is not None and f != g for f, g in zip(fixed, got, strict=True)
         ):
-            raise InputError(
-                f"This model was exported for spatial size {fixed}; got {got}. Resize the inputs."
+            raise SpatialSizeError(
+                f"This model was exported for spatial size {fixed}; got {got}.",
+                "Resize the inputs.",
+                expected=fixed,
+                got=got,
             )
     if spec.dtype is not None and inputs.dtype != spec.dtype:
         raise InputTypeError(
@@ -144,7 +158,7 @@ def check_options(info: ExplainerInfo, options: dict[str, Any]) -> None:
         if name not in accepted:
             raise UnknownOptionError(
                 f"The method {info.name!r} has no option {name!r}.{did_you_mean(name, accepted)} "
-                f"Its options are: {', '.join(accepted) or 'none'}."
+                f"Its options are: {', '.join(settable(accepted)) or 'none'}."
             )
     check_option_values(info.name, info.cls, options)
 
@@ -244,7 +258,7 @@ def _wrap(
         plugin=info.distribution or info.plugin,
         version=info.version,
         seconds=seconds,
-        options=dict(options),
+        options={k: v for k, v in options.items() if k != "progress"},  # a callback, not a setting
         model=adapter.describe(),
         details=result.details,
         regions=request.resolved.region,

@@ -419,7 +419,9 @@ def audit(
     :param min_images: classes with fewer images are not audited (listed as skipped).
     :param mask_margin: pixels by which masks are widened (maps are smoother than lesions);
         default 5% of the image's larger side.
-    :param progress: ``progress(images_done, images_total_or_None)`` after each batch.
+    :param progress: ``progress(images_done, images_total_or_None, what)`` after each batch
+        (:mod:`xai_core.progress`), and within a batch when the method reports its own work
+        (occlusion's perturbed inputs).
     :param engine: where the batches are explained: an executor's name (``"local"``, this
         process, the default; plugins add others) or an executor (:mod:`xai_core.executors`).
     """
@@ -453,7 +455,9 @@ def audit(
     step = _AuditStep(
         info, adapter, options, group_by, reference, class_names, min_lift, mask_margin
     )
-    merged = run(engine, step, stream, total=stream.total, progress=progress)
+    merged = run(
+        engine, step, stream, total=stream.total, progress=progress, what=f"{method}: images"
+    )
     if merged is None:
         raise InputError("The dataset is empty: no batch came out of it.")
     sums, done, without = merged.value, merged.images, merged.value.without

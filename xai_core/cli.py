@@ -7,6 +7,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 from typing import Annotated, Any
@@ -15,10 +16,25 @@ import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
-from xai_core.errors import UnknownMethodError, XaiError
+from xai_core.errors import (
+    CapabilityError,
+    ChannelMismatchError,
+    InputRankError,
+    SpatialSizeError,
+    UnknownLayerError,
+    UnknownMethodError,
+    XaiError,
+)
 from xai_core.registry import get_registry
 
 app = typer.Typer(
@@ -69,6 +85,8 @@ def plugins(
     columns = ("name", "kind", "scope", "dependence", "requires", "plugin", "version", "status")
     for column in columns:
         table.add_column(column, no_wrap=column in ("name", "dependence", "plugin"))
+    plain = not sys.stdout.isatty()  # a log or a pipe: one line per plugin, tab-separated
+    lines = ["\t".join(columns)]
     for row in rows:
         status = row["status"]
         if status != "ok":
@@ -88,7 +106,18 @@ def plugins(
             str(row.get("version") or ""),
         )  # named by third-party plugins: printed as written, never as markup
         table.add_row(*(_plain(cell) for cell in cells), status)
-    Console().print(table)
+        if plain:
+            text = row["status"] if row["status"] == "ok" else f"{row['status']}: "
+            if row["status"] != "ok":
+                text += str(row.get("error", ""))
+            elif row.get("note"):
+                text += f": {row['note']}"
+            cells = (*cells, text)
+            lines.append("\t".join(_UNPRINTABLE.sub(" ", str(cell)) for cell in cells))
+    if plain:
+        print("\n".join(lines))
+    else:
+        Console().print(table)
     if not rows:
         typer.echo("No explanation methods are installed; see README.md for the install command.")
 
@@ -244,14 +273,69 @@ def _setup(model_spec, arch, num_classes, size, mean, std, channels, slice_axis,
     return model, info, preprocess, dev
 
 
-def _progress_bar():
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        transient=False,
-    )
+class _Reporter:
+    """The CLI's ``progress(done, total, what)`` (:mod:`xai_core.progress`): a rich bar with the
+    time left on a terminal; elsewhere (a log, CI, a pipe) a plain line on stderr every
+    ``interval`` seconds or 10 % of the work, whichever comes first, without escape codes."""
+
+    def __init__(self, title: str, *, interval: float = 5.0) -> None:
+        self.title, self.interval = title, interval
+        self.tty = sys.stderr.isatty()
+        self.start = self.last = time.monotonic()
+        self.last_tenth = -1
+        self.bar: Progress | None = None
+
+    def __enter__(self) -> _Reporter:
+        if self.tty:
+            self.bar = Progress(
+                TextColumn("[progress.description]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("left"),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=False,
+            )
+            self.bar.__enter__()
+            self.task = self.bar.add_task(_plain(self.title), total=None)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def __call__(self, done: float, total: int | None, what: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done, total=total, description=_plain(what))
+            return
+        now = time.monotonic()
+        tenth = int(done * 10 / total) if total else -1
+        if now - self.last < self.interval and tenth <= self.last_tenth:
+            return
+        self.last, self.last_tenth = now, max(tenth, self.last_tenth)
+        elapsed = now - self.start
+        counts = f"{int(done)}/{'?' if total is None else total}"
+        if total:
+            counts += f" ({int(100 * done / total)}%)"
+        eta = ""
+        if total and 0 < done < total:
+            eta = f", about {_seconds(elapsed / done * (total - done))} left"
+        line = f"{self.title}: {counts} {what}; {_seconds(elapsed)} elapsed{eta}"
+        print(_UNPRINTABLE.sub("?", line), file=sys.stderr, flush=True)
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.0f} s" if value < 90 else f"{value / 60:.1f} min"
+
+
+def _caller_options(options: dict[str, Any], flag: str) -> None:
+    """Callables (``progress``) are supplied by the command itself: refuse them as settings."""
+    if "progress" in options:
+        raise typer.BadParameter(
+            f"progress is drawn by xai itself (a bar on a terminal, lines on stderr otherwise); "
+            f"it cannot be set with {flag}."
+        )
 
 
 @app.command("explain")
@@ -292,6 +376,7 @@ def explain_command(
     from xai_core.jobs import check_method, explain_files, model_identity
 
     options = _key_values(option, "--option")
+    _caller_options(options, "-O")
     if layer:
         options["layers" if len(layer) > 1 else "layer"] = layer if len(layer) > 1 else layer[0]
     out = out.absolute()  # resolved once: nothing below depends on the working directory
@@ -300,8 +385,7 @@ def explain_command(
     )
     items = _find_inputs(inputs, out)
     check_method(xai_core.adapt(net), method, options)  # a whole-run mistake: once, up front
-    with _progress_bar() as bar:
-        task = bar.add_task(_plain(method), total=len(items))
+    with _Reporter(method) as report:
         summary = explain_files(
             net,
             items,
@@ -314,9 +398,7 @@ def explain_command(
             class_names=info.get("class_names"),
             device=dev,
             window=_floats(window, "--window"),
-            progress=lambda msg, done, total: bar.update(
-                task, completed=done, description=_plain(msg)
-            ),
+            progress=report,
         )
     _print_summary(summary, out)
     raise typer.Exit(summary.exit_code)
@@ -354,6 +436,22 @@ def _plain(text: Any, *, newlines: bool = False) -> str:
     return escape(_UNPRINTABLE.sub(show, str(text)))
 
 
+def _print_text(text: str) -> None:
+    """Plain text (a Markdown table, a summary) to stdout as it is: on a terminal through rich,
+    elsewhere written without wrapping, so a table keeps one row per line at any width."""
+    if sys.stdout.isatty():
+        Console(highlight=False, soft_wrap=True).print(_plain(text, newlines=True))
+    else:
+        safe = _UNPRINTABLE.sub(lambda m: m.group() if m.group() in "\n\t" else "?", text)
+        print(safe, end="" if safe.endswith("\n") else "\n", flush=True)
+
+
+def _table_console() -> Console:
+    """A console for rich tables: the terminal's width, or, when stdout is not a terminal,
+    wide enough that no cell is wrapped (a table takes only the width it needs)."""
+    return Console() if sys.stdout.isatty() else Console(width=10_000, no_color=True)
+
+
 def _print_summary(summary, out: Path) -> None:
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     console.print(
@@ -361,7 +459,13 @@ def _print_summary(summary, out: Path) -> None:
         f"{len(summary.failed)} failed; report: {_plain(summary.report)}"
     )
     for key, error in summary.failed.items():
+        exc = summary.errors.get(key)
+        message, hint = _advice(exc) if isinstance(exc, XaiError) else (None, None)
+        if message is not None:
+            error = f"{type(exc).__name__}: {message}"
         console.print(f"[red]failed[/red] {_plain(key)}: {_plain(error)}")
+        if hint:
+            console.print(f"  hint: {_plain(hint)}")
 
 
 @app.command("compare")
@@ -408,17 +512,34 @@ def compare_command(
     channels: ChannelsOpt = None,
     window: WindowOpt = None,
     device: DeviceOpt = None,
+    budget: Annotated[
+        float,
+        typer.Option(
+            help="Seconds the comparison should take: over it (estimated from a timed forward "
+            "and backward pass), options you did not set are made cheaper, and listed. 0: no limit."
+        ),
+    ] = 120.0,
 ) -> None:
-    """Run several methods on the inputs and score them with metrics: tables and an HTML report."""
+    """Run several methods on the inputs and score them with metrics: tables and an HTML report.
+
+    The cost is estimated before the work starts (printed on stderr) and kept within --budget.
+    """
     from xai_core.jobs import compare_files
+
+    method_options = _nested(option, "--option")
+    metric_opts = _nested(metric_option, "--metric-option")
+    for opts in method_options.values():
+        _caller_options(opts, "-O")
+    for opts in metric_opts.values():
+        _caller_options(opts, "--metric-option")
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
 
     out = out.absolute()  # resolved once: nothing below depends on the working directory
     net, info, preprocess, dev = _setup(
         model, arch, num_classes, size, mean, std, channels, None, device
     )
     items = _find_inputs(inputs, out)
-    with _progress_bar() as bar:
-        task = bar.add_task("compare", total=None)
+    with _Reporter("compare") as report:
         summary = compare_files(
             net,
             items,
@@ -428,16 +549,42 @@ def compare_command(
             methods=None if methods is None else [m.strip() for m in methods.split(",")],
             metrics=None if metrics is None else [m.strip() for m in metrics.split(",")],
             masks=masks,
-            options=_nested(option, "--option"),
-            metric_options=_nested(metric_option, "--metric-option"),
+            options=method_options,
+            metric_options=metric_opts,
             class_names=info.get("class_names"),
             device=dev,
             window=_floats(window, "--window"),
-            progress=lambda msg, done, total: bar.update(task, description=_plain(msg)),
+            progress=report,
+            budget=budget if budget > 0 else None,
+            notice=lambda text: err.print(_plain(text)),
         )
-    Console(highlight=False).print(_plain(summary.table_markdown, newlines=True))
+    _print_text(summary.table_markdown)
+    if summary.comparison is not None and summary.comparison.economies:
+        err.print(
+            "economies (to fit --budget; set these options to override): "
+            + _plain(", ".join(summary.comparison.economies))
+        )
     _print_summary(summary, out)
     raise typer.Exit(summary.exit_code)
+
+
+@app.command("layers")
+def layers_command(
+    model: ModelArg,
+    arch: ArchOpt = None,
+    num_classes: ClassesOpt = None,
+) -> None:
+    """List a PyTorch model's layers: the names --layer and -O layer=NAME take, with their types."""
+    from xai_core.io.models import load_model
+
+    net, _ = load_model(model, arch=arch, num_classes=num_classes)
+    if not isinstance(net, torch.nn.Module):
+        raise CapabilityError(
+            "Only PyTorch models have named layers (an ONNX model does not): use a method "
+            "that needs no layer, such as occlusion."
+        )
+    lines = [f"{name}\t{type(module).__name__}" for name, module in net.named_modules() if name]
+    _print_text("\n".join(lines))
 
 
 @app.command("demo")
@@ -451,10 +598,10 @@ def demo_command(
     from xai_core.demo.run import run_demo
 
     out = out.absolute()
-    with _progress_bar() as bar:
-        task = bar.add_task("demo", total=None)
-        result = run_demo(out, progress=lambda msg: bar.update(task, description=_plain(msg)))
-    Console().print(result.summary_table())
+    with _Reporter("demo") as report:
+        steps = iter(range(1_000_000))  # the demo says what it does, not how much is left
+        result = run_demo(out, progress=lambda msg: report(next(steps), None, msg))
+    _table_console().print(result.summary_table())
     Console(stderr=True, highlight=False).print(f"report: {_plain(result.report)}")
 
 
@@ -518,26 +665,27 @@ def audit_command(
         masks=masks,
         window=_floats(window, "--window"),
     )
-    with _progress_bar() as bar:
-        task = bar.add_task(f"audit ({method})", total=stream.total)
+    options = _key_values(option, "--option")
+    _caller_options(options, "-O")
+    with _Reporter(f"audit ({method})") as report:
         result = audit(
             net,
             stream,
             method=method,
-            options=_key_values(option, "--option"),
+            options=options,
             class_names=info.get("class_names"),
             reference=reference,
             min_share=min_share,
             min_lift=min_lift,
             min_fraction=min_fraction,
-            progress=lambda done, total: bar.update(task, completed=done),
+            progress=report,
         )
-    report = result.write(out)
-    Console(highlight=False).print(_plain(result.summary(), newlines=True))
+    written = result.write(out)
+    _print_text(result.summary())
     errors = Console(stderr=True, highlight=False, soft_wrap=True)
     for key, error in result.failed.items():
         errors.print(f"[red]failed[/red] {_plain(key)}: {_plain(error)}")
-    errors.print(f"report: {_plain(report)}")
+    errors.print(f"report: {_plain(written)}")
     raise typer.Exit(1 if fail_on_flags and result.flags else 0)
 
 
@@ -558,6 +706,36 @@ _ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "C
 _HINTS = {
     UnknownMethodError: "`xai plugins` lists the installed methods and what each needs.",
 }
+
+
+def _advice(exc: XaiError) -> tuple[str, str | None]:
+    """A typed error's message and hint in command-line terms: errors whose advice differs by
+    interface carry ``facts`` (what is wrong) apart from their Python advice, and the hint names
+    the flag that fixes it."""
+    message = getattr(exc, "facts", None) or str(exc)
+    details = getattr(exc, "details", {})
+    if isinstance(exc, ChannelMismatchError):
+        return message, (
+            f"pass --channels {details.get('expected')} (grey is repeated to RGB, RGB turned "
+            f"grey by luminance)."
+        )
+    if isinstance(exc, SpatialSizeError):
+        size = ",".join(str(s) for s in details.get("expected", ()))
+        return message, f"pass --size {size} to resize the inputs to the model's size."
+    if isinstance(exc, InputRankError):
+        if details.get("got") == 5 and details.get("expected") == 4:
+            return message, (
+                "the input is a volume (multi-frame DICOM, DICOM series or NIfTI) and the model "
+                "is 2D: pass --slice-axis 0 (or 1, 2) to `xai explain` to explain it slice by "
+                "slice."
+            )
+        return message, "this model takes volumes: pass a DICOM series, multi-frame DICOM or NIfTI."
+    if isinstance(exc, UnknownLayerError):
+        return message, (
+            "pass a layer of the model with --layer NAME (or -O layer=NAME); "
+            "`xai layers MODEL` lists them."
+        )
+    return message, next((h for cls, h in _HINTS.items() if isinstance(exc, cls)), None)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -593,9 +771,11 @@ def _run(argv: list[str] | None) -> int:
     except (XaiError, OSError) as exc:
         if _debug_on():
             traceback.print_exc()
-        what = "" if isinstance(exc, XaiError) else f"{type(exc).__name__}: "
-        err.print(f"error: {what}{_plain(exc, newlines=True)}")
-        hint = next((h for cls, h in _HINTS.items() if isinstance(exc, cls)), None)
+        if isinstance(exc, XaiError):
+            message, hint = _advice(exc)
+        else:
+            message, hint = f"{type(exc).__name__}: {exc}", None
+        err.print(f"error: {_plain(message, newlines=True)}")
         if hint:
             err.print(f"hint: {hint}")
         return 2

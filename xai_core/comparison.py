@@ -36,6 +36,7 @@ from xai_core.metrics import (
     metric_options,
     metric_range,
 )
+from xai_core.progress import ProgressFn, accepts_progress, settable, within
 from xai_core.registry import get_registry
 from xai_core.tags import Scope
 from xai_core.targets import Region, Targets, TargetSpec
@@ -43,7 +44,7 @@ from xai_core.targets import Region, Targets, TargetSpec
 if TYPE_CHECKING:
     from xai_core.verdict import Verdict
 
-Progress = Callable[[str], None]
+Progress = ProgressFn  # the one protocol: progress(done, total, what)
 
 
 @dataclass
@@ -102,6 +103,10 @@ class Comparison:
         declared = self.ranges.get(metric)
         values = statistics.defined(self.values[(method, metric)])
         return declared if statistics.within(values, declared) else None
+
+    # what was predicted before the work, and the options changed to fit the time budget
+    estimate: dict[str, Any] = field(default_factory=dict)
+    economies: list[str] = field(default_factory=list)
 
     def aggregate(self, method: str, metric: str) -> Aggregate:
         """Mean, 95% interval and n of the defined values (see :func:`statistics.interval`)."""
@@ -257,6 +262,8 @@ class Comparison:
             },
             "skipped_methods": self.skipped_methods,
             "skipped_metrics": self.skipped_metrics,
+            "estimate": self.estimate,
+            "economies": self.economies,
         }
 
 
@@ -331,6 +338,8 @@ def compare(
     metric_options: dict[str, dict[str, Any]] | None = None,
     chunk_size: int = 64,
     progress: Progress | None = None,
+    budget: float | None = None,
+    notice: Callable[[str], None] | None = None,
 ) -> Comparison:
     """Explain ``inputs`` with several methods and score each explanation with several metrics.
 
@@ -342,7 +351,16 @@ def compare(
     :param options: method name -> that method's options, e.g. ``{"occlusion": {"window": 16}}``.
     :param metric_options: metric name -> that metric's options.
     :param chunk_size: rows per forward pass in the perturbation metrics.
-    :param progress: called with a short message before each method and metric.
+    :param progress: ``progress(done, total, what)`` (:mod:`xai_core.progress`): steps are
+        each method's explanation and each (method, metric); explainers and metrics taking a
+        ``progress`` option report their own work (occlusion's perturbations, randomisation's
+        stages) in ``what``.
+    :param budget: seconds the comparison should take. Before any work, one forward and one
+        forward+backward pass of the batch are timed and the cost of every method and metric
+        estimated (:func:`estimate_cost`); over budget, options the caller did not set are made
+        cheaper, one economy at a time (:data:`ECONOMIES`), and listed in ``economies``.
+        ``None``: no economy, the estimate is still made.
+    :param notice: called with the estimate (and economies), in words, before the work starts.
     """
     registry = get_registry()
     adapter = registry.adapt(model)
@@ -367,7 +385,7 @@ def compare(
             if key not in accepted:
                 raise UnknownOptionError(
                     f"The metric {name!r} has no option {key!r}.{did_you_mean(key, accepted)} "
-                    f"Its options are: {', '.join(accepted) or 'none'}."
+                    f"Its options are: {', '.join(settable(accepted)) or 'none'}."
                 )
 
     for name in chosen:  # every method's options (names, types, ranges) before any forward pass
@@ -387,18 +405,40 @@ def compare(
     if isinstance(targets, Region):  # segmentation: keep the user's mask or box with the classes
         spec = Region(class_targets, mask=targets.mask, box=targets.box)
 
+    probe = measure_probe(adapter, inputs, class_targets)
+    estimate = estimate_cost(
+        registry, tuple(inputs.shape), chosen, metric_classes, options, metric_opts, probe
+    )
+    economies: list[str] = []
+    if budget is not None:
+        options, metric_opts, economies, estimate = economise(
+            registry,
+            tuple(inputs.shape),
+            chosen,
+            metric_classes,
+            options,
+            metric_opts,
+            probe,
+            budget,
+        )
+    if notice:
+        notice(describe_estimate(estimate, budget, economies))
+
     explanations: dict[str, Explanation] = {}
     costs: dict[str, Cost] = {}
+    steps, step = len(chosen) * (1 + len(metric_classes)), 0
     for name in chosen:
         info = registry.get_explainer(name)
         opts = options.get(name, {})
         if progress:
-            progress(f"explaining with {name}")
+            progress(step, steps, f"explaining with {name}")
+        run_opts = _with_progress(info.cls, opts, within(progress, step, steps, name))
+        step += 1
         try:
             check_options(info, opts)
             with measure_peak(adapter.device) as peak:
                 start = time.perf_counter()
-                exp = run_explainer(info, adapter, inputs, spec, opts)
+                exp = run_explainer(info, adapter, inputs, spec, run_opts)
                 seconds = time.perf_counter() - start
         except XaiError as exc:
             if isinstance(exc, UnknownOptionError | OptionError):
@@ -412,12 +452,16 @@ def compare(
     details: dict[tuple[str, str], dict[str, Any]] = {}
     errors: dict[tuple[str, str], str] = {}
     nan = torch.full((inputs.shape[0],), math.nan, dtype=torch.float64)
+    steps = step + len(explanations) * len(metric_classes)  # without the skipped methods
+    current: dict[str, Any] = {"progress": None}  # the running metric's step, for reruns
     for method, exp in explanations.items():
         info = registry.get_explainer(method)
         opts = options.get(method, {})
 
         def rerun(inputs=inputs, model=adapter, targets=spec, _info=info, _opts=opts):
-            return run_explainer(_info, registry.adapt(model), inputs, targets, dict(_opts))
+            tracker = current["progress"]
+            run_opts = _with_progress(_info.cls, dict(_opts), tracker and tracker.rerun)
+            return run_explainer(_info, registry.adapt(model), inputs, targets, run_opts)
 
         context = MetricContext(
             model=adapter,
@@ -430,10 +474,14 @@ def compare(
             measurements={"seconds": costs[method].seconds, "peak_bytes": costs[method].peak_bytes},
         )
         for metric, cls in metric_classes.items():
+            label = f"{metric} of {method}"
             if progress:
-                progress(f"{metric} of {method}")
+                progress(step, steps, label)
+            current["progress"] = tracker = _MetricStep(progress, step, steps, label)
+            run_opts = _with_progress(cls, metric_opts.get(metric, {}), tracker.own)
+            step += 1
             try:
-                result = cls().compute(context, **metric_opts.get(metric, {}))
+                result = cls().compute(context, **run_opts)
                 n, source = inputs.shape[0], registry.metric_source(metric)
                 values[(method, metric)] = check_metric_result(result, metric, source, n)
                 details[(method, metric)] = result.details
@@ -441,6 +489,8 @@ def compare(
                 values[(method, metric)] = nan.clone()
                 details[(method, metric)] = {}
                 errors[(method, metric)] = f"{type(exc).__name__}: {exc}"
+    if progress:
+        progress(steps, steps, "compared")
 
     return Comparison(
         methods=list(explanations),
@@ -456,6 +506,8 @@ def compare(
         errors=errors,
         ranges={m: metric_range(cls) for m, cls in metric_classes.items()},
         measured_once={m: metric_measured_once(cls) for m, cls in metric_classes.items()},
+        estimate=estimate,
+        economies=economies,
     )
 
 
@@ -503,3 +555,212 @@ def _choose_metrics(registry, adapter, metrics, masks):
         else:
             chosen[name] = cls
     return dict(sorted(chosen.items())), skipped
+
+
+# -- progress and cost ------------------------------------------------------------------------
+#
+# Plugins may say what their work costs, in forward passes of one image, through optional class
+# methods (a plugin without them is counted as one forward+backward pass of the batch):
+#   explainer: ``forward_images(shape, options) -> int``, images forwarded for a batch ``shape``;
+#   metric: ``work(shape, options) -> (images forwarded, re-explanations of the method)``.
+
+
+def _with_progress(cls: type, opts: dict[str, Any], callback: Progress | None) -> dict[str, Any]:
+    """``opts`` with ``progress`` added when the plugin takes one and the caller set none."""
+    if callback is None or "progress" in opts or not accepts_progress(cls):
+        return opts
+    return {**opts, "progress": callback}
+
+
+class _MetricStep:
+    """Progress of one (method, metric) step: the metric's own counts (randomisation's stages)
+    and, inside the current one, the counts of the method it re-runs (occlusion's perturbed
+    inputs), so that the step advances monotonically while either reports."""
+
+    def __init__(self, progress: Progress | None, step: int, steps: int, label: str) -> None:
+        self.progress, self.step, self.steps, self.label = progress, step, steps, label
+        self.sub: tuple[float, int | None, str] = (0, None, "")
+        self.own = None if progress is None else self._own
+        self.rerun = None if progress is None else self._rerun
+
+    def _own(self, done: float, total: int | None, detail: str) -> None:
+        self.sub = (done, total, detail)
+        self._rerun(0, None, "")
+
+    def _rerun(self, done: float, total: int | None, detail: str) -> None:
+        assert self.progress is not None
+        share = done / total if total else 0.0
+        sub_done, sub_total, sub_detail = self.sub
+        text = self.label
+        if sub_total:
+            text += f": {sub_detail} {sub_done:g}/{sub_total}"
+            share = (sub_done + share) / sub_total
+        if total:
+            text += f"{',' if sub_total else ':'} {detail} {done:g}/{total}"
+        self.progress(self.step + min(max(share, 0.0), 1.0), self.steps, text)
+
+
+@dataclass
+class Probe:
+    """Measured seconds of one pass of the whole batch, the unit of every estimate."""
+
+    forward: float
+    forward_backward: float
+
+
+def measure_probe(adapter: Any, inputs: torch.Tensor, targets: torch.Tensor) -> Probe:
+    """Time one forward pass (the fastest of three: the first warms up) and one forward+backward
+    pass of the batch. Gradients go to a copy of the inputs only: the model's ``.grad`` are
+    left as they were."""
+
+    def timed(run: Callable[[], Any]) -> float:
+        start = time.perf_counter()
+        run()
+        if inputs.device.type == "cuda":
+            torch.cuda.synchronize(inputs.device)
+        return time.perf_counter() - start
+
+    with torch.no_grad(), adapter.session():
+        forward = min(timed(lambda: adapter.forward(inputs)) for _ in range(3))
+    backward = 3 * forward  # a backward pass costs about two forward passes
+    if isinstance(getattr(adapter, "module", None), torch.nn.Module):
+
+        def forward_backward() -> None:
+            x = inputs.detach().clone().requires_grad_(True)
+            out = adapter.forward(x)
+            rows = torch.arange(len(x), device=out.device)
+            picked = out.reshape(out.shape[0], out.shape[1], -1)[rows, targets.to(out.device)]
+            torch.autograd.grad(picked.float().sum(), x)
+
+        try:
+            with adapter.session(), torch.inference_mode(False), torch.enable_grad():
+                backward = timed(forward_backward)
+        except Exception:  # not differentiable: keep the rule of thumb
+            pass
+    return Probe(forward, backward)
+
+
+def _explainer_work(registry, name: str, shape: tuple[int, ...], opts: dict[str, Any]):
+    """Images one explanation of the batch forwards, or ``None`` when the plugin does not say
+    (then it counts as one forward+backward pass of the batch)."""
+    hook = getattr(registry.get_explainer(name).cls, "forward_images", None)
+    return None if hook is None else int(hook(shape, opts))
+
+
+def estimate_cost(
+    registry: Any,
+    shape: tuple[int, ...],
+    methods: Sequence[str],
+    metric_classes: dict[str, type],
+    options: dict[str, dict[str, Any]],
+    metric_opts: dict[str, dict[str, Any]],
+    probe: Probe,
+) -> dict[str, Any]:
+    """Predicted forward passes (of one image) and seconds of every method and (method, metric),
+    from the measured ``probe``; an estimate, made before any work, to decide whether to go on."""
+    n = shape[0]
+    parts, images, seconds = [], 0, 0.0
+    for method in methods:
+        forwarded = _explainer_work(registry, method, shape, options.get(method, {}))
+        if forwarded is None:
+            forwarded, explain_s = n, probe.forward_backward
+        else:
+            explain_s = forwarded / n * probe.forward
+        parts.append({"what": method, "forward_images": forwarded, "seconds": explain_s})
+        for metric, cls in metric_classes.items():
+            hook = getattr(cls, "work", None)
+            fwd, reruns = hook(shape, metric_opts.get(metric, {})) if hook else (n, 0)
+            s = fwd / n * probe.forward + reruns * explain_s
+            parts.append(
+                {
+                    "what": f"{metric} of {method}",
+                    "forward_images": fwd + reruns * forwarded,
+                    "seconds": s,
+                }
+            )
+    for part in parts:
+        images += part["forward_images"]
+        seconds += part["seconds"]
+    return {
+        "probe": {"forward_s": probe.forward, "forward_backward_s": probe.forward_backward},
+        "forward_images": images,
+        "seconds": seconds,
+        "parts": parts,
+    }
+
+
+def _quarter_window(shape: tuple[int, ...]) -> list[int]:
+    return [max(1, math.ceil(s / 4)) for s in shape[2:]]
+
+
+# Economies, cheapest loss of information first: (plugin, option, value or f(shape), is a
+# method's option). Each applies only where the caller did not set that option.
+ECONOMIES: list[tuple[str, str, Any, bool]] = [
+    ("randomization", "stages", 3, False),  # 3 cascade points instead of 10: start, middle, all
+    ("deletion", "steps", 20, False),  # 21 points of the curve instead of 101
+    ("insertion", "steps", 20, False),
+    ("occlusion", "window", _quarter_window, True),  # 7x7 positions instead of 15x15 at 224 px
+    ("stability", "augmentations", ["hflip"], False),
+    ("randomization", "stages", 2, False),  # the output layer alone, then every layer
+]
+
+
+def economise(
+    registry: Any,
+    shape: tuple[int, ...],
+    methods: Sequence[str],
+    metric_classes: dict[str, type],
+    options: dict[str, dict[str, Any]],
+    metric_opts: dict[str, dict[str, Any]],
+    probe: Probe,
+    budget: float,
+) -> tuple[dict, dict, list[str], dict[str, Any]]:
+    """Options made cheaper, one economy of :data:`ECONOMIES` at a time, until the estimate
+    fits ``budget`` seconds; returns the new options, the economies in words and the estimate."""
+    options = {k: dict(v) for k, v in options.items()}
+    metric_opts = {k: dict(v) for k, v in metric_opts.items()}
+    user_set = {(k, o) for k, v in options.items() for o in v}
+    user_set |= {(k, o) for k, v in metric_opts.items() for o in v}
+    estimate = estimate_cost(registry, shape, methods, metric_classes, options, metric_opts, probe)
+    applied: dict[tuple[str, str], Any] = {}
+    for plugin, option, value, is_method in ECONOMIES:
+        if estimate["seconds"] <= budget:
+            break
+        present = plugin in methods if is_method else plugin in metric_classes
+        if not present or (plugin, option) in user_set:
+            continue
+        value = value(shape) if callable(value) else value
+        (options if is_method else metric_opts).setdefault(plugin, {})[option] = value
+        applied[(plugin, option)] = value
+        estimate = estimate_cost(
+            registry, shape, methods, metric_classes, options, metric_opts, probe
+        )
+    economies = [f"{plugin}.{option}={_show(value)}" for (plugin, option), value in applied.items()]
+    return options, metric_opts, economies, estimate
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def describe_estimate(estimate: dict[str, Any], budget: float | None, economies: list[str]) -> str:
+    """The estimate in words, for the user to decide before the work starts."""
+    probe = estimate["probe"]
+    text = (
+        f"estimate: about {estimate['forward_images']} forward passes of one image, "
+        f"~{_duration(estimate['seconds'])} (measured: {probe['forward_s']:.3f} s per forward "
+        f"and {probe['forward_backward_s']:.3f} s per forward+backward pass of the batch)"
+    )
+    if economies:
+        text += f"; to fit the budget of {_duration(budget or 0)}: {', '.join(economies)}"
+    elif budget is not None and estimate["seconds"] > budget:
+        text += f"; over the budget of {_duration(budget)} with no economy left"
+    return text
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min"

@@ -26,10 +26,12 @@ from xai_core.api import check_masks, check_options, run_explainer
 from xai_core.errors import CapabilityError, InputError, OptionError, XaiError
 from xai_core.executors import DEFAULT_ENGINE, Executor, Partial, run
 from xai_core.io.inputs import MaskFolder
+from xai_core.progress import ProgressFn
 from xai_core.registry import get_registry
 from xai_core.tags import Scope
 
-Progress = Callable[[int, int | None], None]  # (images done, images in all or None if unknown)
+# progress(images done, images in all or None if unknown, what): xai_core.progress
+Progress = ProgressFn
 Transform = Callable[[torch.Tensor], torch.Tensor]
 PathLike = str | os.PathLike
 
@@ -407,7 +409,8 @@ def explain_dataset(
     :param group_by: which class each image counts for: ``"label"``, ``"prediction"`` (the top
         class), ``"all"`` (every class, for every image), or ``"auto"`` (labels when the data
         has them, else the prediction).
-    :param progress: called as ``progress(images_done, images_total_or_None)`` after each batch.
+    :param progress: ``progress(images_done, images_total_or_None, what)`` after each batch
+        (:mod:`xai_core.progress`).
     :param engine: where the batches are explained: an executor's name (``"local"``, the
         default; plugins add others) or an executor (:mod:`xai_core.executors`).
     :param options: the global method's options, e.g. ``local="gradcam"`` for ``aggregate``.
@@ -430,7 +433,9 @@ def explain_dataset(
         data, batch_size=batch_size, device=adapter.device, preprocess=preprocess, labels=labels
     )
     step = _GlobalStep(info, adapter, group_by, options)
-    merged = run(engine, step, stream, total=stream.total, progress=progress)
+    merged = run(
+        engine, step, stream, total=stream.total, progress=progress, what=f"{method}: images"
+    )
     if merged is None:
         raise InputError("The dataset is empty: no batch came out of it.")
     return merged.value

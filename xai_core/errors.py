@@ -138,3 +138,48 @@ class NonFiniteScoresError(ModelError):
 
 class OptionTypeError(OptionError, TypeError):
     """An option (or an argument of ``explain``) is of the wrong type."""
+
+
+class InputMismatchError(InputError):
+    """Inputs that do not fit the model, fixed differently from Python and from the command
+    line. ``facts`` says what is wrong, ``python_hint`` what to do in Python; ``str()`` is both.
+    The command line prints ``facts`` with its own flag (``xai_core.cli`` maps each subclass to
+    one), so neither interface gives the other's advice. Subclasses carry what the hint needs."""
+
+    def __init__(self, facts: str, python_hint: str = "", **details: object) -> None:
+        super().__init__(f"{facts} {python_hint}".strip())
+        self.facts, self.python_hint, self.details = facts, python_hint, details
+
+    def __reduce__(self):
+        return (_rebuild_mismatch, (type(self), self.facts, self.python_hint, self.details))
+
+
+def _rebuild_mismatch(cls, facts, python_hint, details):
+    return cls(facts, python_hint, **details)
+
+
+class ChannelMismatchError(InputMismatchError):
+    """The inputs have another number of channels than the model takes (``details``:
+    ``expected``, ``got``)."""
+
+
+class SpatialSizeError(InputMismatchError):
+    """The model takes one fixed spatial size and the inputs have another (``details``:
+    ``expected``, ``got``)."""
+
+
+class InputRankError(InputMismatchError):
+    """2D inputs to a 3D model or volumes to a 2D model (``details``: ``expected`` and ``got``,
+    the number of dimensions of a batch: 4 or 5)."""
+
+
+class UnknownLayerError(LayerNotFoundError):
+    """A layer name the model does not have; ``facts`` and ``python_hint`` as in
+    :class:`InputMismatchError` (the command line says how to list the layers)."""
+
+    def __init__(self, facts: str, python_hint: str = "") -> None:
+        super().__init__(f"{facts} {python_hint}".strip())
+        self.facts, self.python_hint = facts, python_hint
+
+    def __reduce__(self):
+        return (type(self), (self.facts, self.python_hint))

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from xai_core.errors import OptionError
+from xai_core.progress import ProgressFn
 
 DEFAULT_ENGINE = "local"
 
@@ -98,10 +99,11 @@ def run(
     batches: Iterable[Any],
     *,
     total: int | None = None,
-    progress: Callable[[int, int | None], None] | None = None,
+    progress: ProgressFn | None = None,
+    what: str = "images",
 ) -> Partial | None:
     """Map ``step`` over ``batches`` with ``engine`` and reduce the parts; ``None`` if there
-    were no batches. ``progress(images_done, total)`` is called as each part comes back."""
+    were no batches. ``progress(images_done, total, what)`` is called as each part comes back."""
     executor = get_executor(engine)
 
     def counted() -> Iterator[Partial]:
@@ -114,7 +116,7 @@ def run(
                 )
             done += part.images
             if progress is not None:
-                progress(done, total)
+                progress(done, total, what)
             yield part
 
     return executor.reduce(counted())

@@ -46,6 +46,7 @@ from xai_core.io.outputs import (
     request_key,
 )
 from xai_core.io.preprocess import Preprocess
+from xai_core.progress import ProgressFn, accepts_progress, within
 from xai_core.report import HtmlReport
 from xai_core.report.html import input_section
 from xai_core.report.overlay import (
@@ -57,7 +58,7 @@ from xai_core.report.overlay import (
 )
 from xai_core.types import ExplainerInfo
 
-Progress = Callable[[str, int, int], None]  # (message, done, total)
+Progress = ProgressFn  # progress(done, total, what): xai_core.progress
 
 
 @dataclass
@@ -68,6 +69,8 @@ class JobSummary:
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     report: Path | None = None
+    # the exception of each failed input, for advice in the caller's terms (CLI flags)
+    errors: dict[str, BaseException] = field(default_factory=dict, repr=False)
 
     @property
     def exit_code(self) -> int:
@@ -112,9 +115,7 @@ def pick_device(spec: str | torch.device | None) -> torch.device:
     try:
         device = torch.device(spec)
     except (RuntimeError, ValueError, TypeError):
-        raise DeviceError(
-            f"Unknown device {str(spec)!r}; use cpu, cuda, cuda:N or mps."
-        ) from None
+        raise DeviceError(f"Unknown device {str(spec)!r}; use cpu, cuda, cuda:N or mps.") from None
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
@@ -243,9 +244,10 @@ def explain_files(
     out.mkdir(parents=True, exist_ok=True)
     ledger = RunLedger(out)
     summary = JobSummary()
+    runs_progress = accepts_progress(info.cls) and "progress" not in options
     for index, item in enumerate(items):
         if progress:
-            progress(item.key, index, len(items))
+            progress(index, len(items), item.key)
         job_key = f"{item.key}--{method}"  # the same folder can hold several methods' runs
         if ledger.done(job_key, request_id):
             summary.skipped.append(item.key)
@@ -255,14 +257,25 @@ def explain_files(
         ledger.forget(job_key, remove_outputs=True)
         try:
             loaded = read_item(item, window=window)
+            inner = within(progress, index, len(items), f"{method} of {item.key}")
+            run_options = {**options, "progress": inner} if runs_progress and inner else options
             record, outputs = _explain_one(
-                adapter, item, loaded, out, method, preprocess, targets, options, class_names,
+                adapter,
+                item,
+                loaded,
+                out,
+                method,
+                preprocess,
+                targets,
+                run_options,
+                class_names,
                 device,
             )
         except RUN_ERRORS:
             raise  # the same for every input: stop once, with the typed error
         except Exception as exc:  # any failure of one input must not end the batch
             summary.failed[item.key] = f"{type(exc).__name__}: {exc}"
+            summary.errors[item.key] = exc
             ledger.mark_failed(job_key, exc)
             _remove_partial(out / item.key, method)
             continue
@@ -270,7 +283,7 @@ def explain_files(
         ledger.mark_done(job_key, record, outputs=outputs, request=request_id)
         summary.done.append(item.key)
     if progress:
-        progress("report", len(items), len(items))
+        progress(len(items), len(items), "report")
     summary.report = _write_folder_report(out, ledger, summary)
     return summary
 
@@ -340,7 +353,8 @@ def _explain_one(
     lines = [item.key + ("" if middle is None else f", slice {middle + 1}/{scaled.shape[0]}")]
     png = figure_png(*shown, scale, method=method, lines=lines + fact_lines(facts))
     atomic_write_bytes(folder / f"overlay_{method}.png", png)
-    caption = f"{method}; target: {names[0] if names else exp.targets[0].tolist()}"
+    targets_shown = names[0] if names else [str(t) for t in exp.targets[0].tolist()]
+    caption = f"{method}; target: {', '.join(targets_shown)}"  # plain text: "name", "a, b"
     fragment = input_section(item.key, loaded.display, {method: heat}, caption=caption, facts=facts)
     atomic_write_text(folder / f"report_{method}.html", fragment)
     scores = exp.scores.detach().cpu()
@@ -355,11 +369,15 @@ def _explain_one(
         "scores": scores.tolist(),
         "layers": exp.layers,
         "seconds": time.perf_counter() - start,
-        "options": {k: repr(v) for k, v in options.items()},
+        "options": {k: repr(v) for k, v in options.items() if k != "progress"},
         "maps_shape": list(maps.shape),
         "decision": facts,
-        "colour_scale": {"signed": scale.signed, "low": scale.low, "high": scale.high,
-                         "label": scale.label(method)},
+        "colour_scale": {
+            "signed": scale.signed,
+            "low": scale.low,
+            "high": scale.high,
+            "label": scale.label(method),
+        },
     }
     atomic_write_text(folder / f"result_{method}.json", json.dumps(record, indent=2))
     return record, [folder / name for name in output_names(method)]
@@ -432,8 +450,13 @@ def compare_files(
     device: torch.device | str | None = None,
     window: tuple[float, float] | None = None,
     progress: Progress | None = None,
+    budget: float | None = None,
+    notice: Callable[[str], None] | None = None,
 ) -> CompareSummary:
-    """Compare methods on all readable inputs as one batch; write tables and an HTML report."""
+    """Compare methods on all readable inputs as one batch; write tables and an HTML report.
+
+    ``progress``, ``budget`` and ``notice`` (the cost estimate, before the work) are those of
+    :func:`xai_core.compare`."""
     from xai_core.report import comparison_csv, comparison_json, comparison_markdown
 
     out = Path(out).absolute()  # once: every path below is absolute
@@ -450,6 +473,7 @@ def compare_files(
             tensors[item.key] = preprocess.to_tensor(loaded[item.key])
         except Exception as exc:  # any failure of one input must not end the batch
             summary.failed[item.key] = f"{type(exc).__name__}: {exc}"
+            summary.errors[item.key] = exc
     if not tensors:
         raise xai_core.errors.InputError("None of the inputs could be read; nothing to compare.")
     shapes = {tuple(t.shape[1:]) for t in tensors.values()}
@@ -464,10 +488,6 @@ def compare_files(
         None if masks is None else MaskFolder(masks, items).read(keys, x, required=True).to(device)
     )
 
-    def step(message: str) -> None:
-        if progress:
-            progress(message, 0, 0)
-
     result = xai_core.compare(
         adapter,
         x,
@@ -477,7 +497,9 @@ def compare_files(
         masks=mask_tensor,
         options=options,
         metric_options=metric_options,
-        progress=step,
+        progress=progress,
+        budget=budget,
+        notice=notice,
     )
     summary.comparison = result
     summary.table_markdown = comparison_markdown(result)
@@ -491,8 +513,10 @@ def compare_files(
     names = tuple(class_names or ())
     for i, key in enumerate(keys):
         # Raw maps (signed ones keep their sign) on the model's grid; shown at the input's aspect.
-        heat = {m: e.full[i, 0, 0].detach().to("cpu", torch.float32).numpy()
-                for m, e in result.explanations.items()}
+        heat = {
+            m: e.full[i, 0, 0].detach().to("cpu", torch.float32).numpy()
+            for m, e in result.explanations.items()
+        }
         target = int(result.targets[i])
         scores = next(iter(result.explanations.values())).scores[i] if heat else None
         facts = decision_facts(None if scores is None else scores.cpu().numpy(), target, names)

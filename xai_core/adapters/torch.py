@@ -15,7 +15,13 @@ from torch import nn
 
 from xai_core.adapters.base import InputSpec, ModelAdapter
 from xai_core.capture import capture, preserved_state
-from xai_core.errors import LayerNotFoundError, LayerTypeError, ModelError, OptionError
+from xai_core.errors import (
+    LayerNotFoundError,
+    LayerTypeError,
+    ModelError,
+    OptionError,
+    UnknownLayerError,
+)
 from xai_core.tags import Capability
 
 log = logging.getLogger("xai_core")
@@ -48,6 +54,7 @@ def conv_input(module: nn.Module) -> tuple[int, int] | None:
     if isinstance(weight, nn.parameter.UninitializedParameter) or not 3 <= weight.ndim <= 5:
         return None
     return weight.ndim, channels  # a (N, C, *spatial) input has as many axes as the kernel
+
 
 # Default layers found by probing, per model and input shape, so the probe runs once.
 _default_layer_cache: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], str]] = (
@@ -123,8 +130,8 @@ class TorchAdapter(ModelAdapter):
 
     def __init__(self, module: nn.Module, *, input_spec: InputSpec | None = None) -> None:
         """:param input_spec: what the model takes (rank, channels), when its first
-            convolution does not say it or says it wrongly; fields left ``None`` go unchecked
-            (the dtype is always read from the parameters when not given).
+        convolution does not say it or says it wrongly; fields left ``None`` go unchecked
+        (the dtype is always read from the parameters when not given).
         """
         if not isinstance(module, nn.Module):
             raise ModelError(f"TorchAdapter needs an nn.Module; got {type(module).__name__}.")
@@ -188,9 +195,9 @@ class TorchAdapter(ModelAdapter):
                 if item not in layers:
                     from xai_core.errors import did_you_mean
 
-                    raise LayerNotFoundError(
-                        f"The model has no layer named {item!r}.{did_you_mean(item, layers)} "
-                        f"List them with dict(model.named_modules()).keys()."
+                    raise UnknownLayerError(
+                        f"The model has no layer named {item!r}.{did_you_mean(item, layers)}",
+                        "List them with dict(model.named_modules()).keys().",
                     )
                 resolved[item] = layers[item]
             elif isinstance(item, nn.Module):

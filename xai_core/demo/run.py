@@ -147,7 +147,7 @@ def run_demo(
             masks=masks,
             options=options or {},
             metric_options=_metric_options(metrics),
-            progress=lambda m: say(f"{title}: {m}"),
+            progress=lambda done, total, what: say(f"{title}: {what}"),
         )
         labels = None if labels is None else labels.numpy()
         studies.append(

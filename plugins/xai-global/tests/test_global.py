@@ -90,7 +90,7 @@ def test_streaming_a_dataloader_equals_one_big_batch(dataset) -> None:
         loader,
         method="aggregate",
         local="gradcam",
-        progress=lambda done, total: seen.append((done, total)),
+        progress=lambda done, total, what: seen.append((done, total)),
     )
     assert seen == [(4, 10), (8, 10), (10, 10)]
     assert torch.equal(streamed.counts, whole.counts)

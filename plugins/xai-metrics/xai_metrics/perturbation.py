@@ -114,6 +114,12 @@ class Deletion:
     needs: frozenset[Need] = frozenset()
     range = (0.0, 1.0)  # an area under a probability (kind="logit" leaves it: not clipped then)
 
+    @staticmethod
+    def work(shape: tuple[int, ...], options: dict) -> tuple[int, int]:
+        """(images forwarded, re-explanations) for a batch of ``shape``: the cost estimate."""
+        pixels = math.prod(shape[2:])
+        return shape[0] * (min(int(options.get("steps", 100)), pixels) + 1), 0
+
     def compute(
         self,
         context: MetricContext,
@@ -141,6 +147,12 @@ class Insertion:
     direction = Direction.HIGHER
     needs: frozenset[Need] = frozenset()
     range = (0.0, 1.0)  # as deletion
+
+    @staticmethod
+    def work(shape: tuple[int, ...], options: dict) -> tuple[int, int]:
+        """(images forwarded, re-explanations) for a batch of ``shape``: the cost estimate."""
+        pixels = math.prod(shape[2:])
+        return shape[0] * (min(int(options.get("steps", 100)), pixels) + 1), 0
 
     def compute(
         self,

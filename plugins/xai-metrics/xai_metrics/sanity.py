@@ -31,6 +31,7 @@ from xai_core.adapters.torch import TorchAdapter
 from xai_core.capture import capture
 from xai_core.errors import CapabilityError, ModelError, OptionError
 from xai_core.metrics import Direction, MetricContext, MetricResult, Need
+from xai_core.progress import ProgressFn
 from xai_metrics.common import choice, finite_float, integer, single_maps, spearman, ssim
 
 AUGMENTATIONS = ("hflip", "rotate", "intensity")
@@ -88,6 +89,13 @@ class Randomization:
     needs = frozenset({Need.TORCH_MODEL})
     range = (0.0, 1.0)  # a mean of |Spearman|
 
+    @staticmethod
+    def work(shape: tuple[int, ...], options: dict) -> tuple[int, int]:
+        """(images forwarded, re-explanations) for a batch of ``shape``: the cost estimate
+        (``stages=None``, every layer, is counted as 20)."""
+        stages = options.get("stages", 10)
+        return shape[0], 20 if stages is None else int(stages)
+
     def compute(
         self,
         context: MetricContext,
@@ -95,11 +103,14 @@ class Randomization:
         stages: int | None = 10,
         seed: int = 0,
         absolute: bool = False,
+        progress: ProgressFn | None = None,
     ) -> MetricResult:
         """:param stages: at most this many cascade points, evenly spaced from the output layer
             alone to every layer (each point re-explains the batch); ``None``: every layer.
         :param seed: seed of the re-initialisation (the caller's random state is left as it was).
         :param absolute: compare absolute values of the maps (Adebayo et al. show both).
+        :param progress: ``progress(done, total, "randomised stages")`` after each cascade
+            point (:mod:`xai_core.progress`); supplied by the caller, e.g. ``compare()``.
         """
         if stages is not None:
             stages = integer(stages, "stages")
@@ -117,6 +128,8 @@ class Randomization:
         points = cascade_points(len(order), stages)
         rho, sim = [], []
         device = context.inputs.device
+        if progress is not None:
+            progress(0, len(points), "randomised stages")
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             done = 0
@@ -127,6 +140,8 @@ class Randomization:
                 maps = shown(single_maps(context, context.rerun(model=randomised).maps))
                 rho.append(spearman(original, maps.flatten(1)))
                 sim.append(ssim(original.view_as(maps), maps))
+                if progress is not None:
+                    progress(len(rho), len(points), "randomised stages")
         rho_t, sim_t = torch.stack(rho), torch.stack(sim)  # (stages, N)
         # |rho|: a map that inverted (rho = -0.8) kept its structure as much as one that stayed
         # (rho = 0.8); only a map with no rank correlation left "changed with the model".
@@ -206,6 +221,12 @@ class Stability:
     needs: frozenset[Need] = frozenset()
     range = (-1.0, 1.0)  # a mean of rank correlations
 
+    @staticmethod
+    def work(shape: tuple[int, ...], options: dict) -> tuple[int, int]:
+        """(images forwarded, re-explanations) for a batch of ``shape``: the cost estimate."""
+        augmentations = options.get("augmentations", AUGMENTATIONS)
+        return 0, 1 if isinstance(augmentations, str) else len(augmentations)
+
     def compute(
         self,
         context: MetricContext,
@@ -214,12 +235,15 @@ class Stability:
         angle: float = 10.0,
         brightness: float = 0.1,
         contrast: float = 1.1,
+        progress: ProgressFn | None = None,
     ) -> MetricResult:
         """:param augmentations: any of ``hflip`` (last axis), ``rotate`` (in the plane of the
             last two axes) and ``intensity`` (brightness and contrast).
         :param angle: rotation in degrees.
         :param brightness: shift in standard deviations of each sample.
         :param contrast: factor about each sample's mean.
+        :param progress: ``progress(done, total, "augmentations")`` before each re-explanation
+            and at the end (:mod:`xai_core.progress`); supplied by the caller.
         """
         if isinstance(augmentations, str):
             augmentations = [augmentations]
@@ -233,7 +257,9 @@ class Stability:
 
         details: dict[str, dict[str, object]] = {}
         rho = []
-        for name in names:
+        for done, name in enumerate(names):
+            if progress is not None:
+                progress(done, len(names), "augmentations")
             x, back, valid = augmentation(name, context.inputs, angle, brightness, contrast)
             maps = back(single_maps(context, context.rerun(inputs=x).maps))
             r = spearman(original[:, valid], maps[:, valid])
@@ -246,4 +272,6 @@ class Stability:
                 "ssim_per_sample": s.cpu(),
                 "valid_fraction": float(valid.float().mean()),
             }
+        if progress is not None:
+            progress(len(names), len(names), "augmentations")
         return MetricResult(torch.stack(rho).mean(dim=0), details)

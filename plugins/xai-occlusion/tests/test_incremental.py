@@ -439,7 +439,7 @@ def test_progress_counts_perturbations():
         stride=6,
         chunk_size=5,
         incremental="exact",
-        progress=lambda done, total: calls.append((done, total)),
+        progress=lambda done, total, what: calls.append((done, total)),
     )
     assert calls == [(5, 18), (10, 18), (15, 18), (18, 18)]
 

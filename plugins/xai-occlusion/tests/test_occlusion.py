@@ -209,7 +209,7 @@ def test_progress_and_cost():
         window=3,
         stride=2,
         chunk_size=5,
-        progress=lambda done, total: calls.append((done, total)),
+        progress=lambda done, total, what: calls.append((done, total)),
     )
     total = 2 * 3 * 2  # window positions: 0, 2, 4 down, 0, 2 across; per sample
     assert calls == [(5, total), (10, total), (12, total)]

@@ -45,7 +45,7 @@ from xai_occlusion.incremental import (
 __version__ = "0.1.0"
 
 BASELINES = ("zero", "blur", "mean")
-Progress = Callable[[int, int], object]
+Progress = Callable[[int, int | None, str], object]  # xai_core.progress.ProgressFn
 
 
 def _per_axis(value: object, name: str, rank: int, kind: type = numbers.Integral) -> tuple:
@@ -142,6 +142,19 @@ class Occlusion:
     name = "occlusion"
     tags = Tags("local", "model-agnostic")  # needs only the forward capability
 
+    @staticmethod
+    def forward_images(shape: tuple[int, ...], options: Mapping[str, object]) -> int:
+        """Perturbed images a batch of ``shape`` forwards with ``options`` (plain occlusion;
+        incremental inference makes each cheaper): the cost estimate of ``xai compare``."""
+        size = shape[2:]
+        window = options.get("window") or [math.ceil(s / 8) for s in size]
+        window = list(window) if isinstance(window, Sequence) else [window] * len(size)
+        stride = options.get("stride") or [max(1, int(w) // 2) for w in window]
+        stride = list(stride) if isinstance(stride, Sequence) else [stride] * len(size)
+        axes = zip(size, window, stride, strict=False)
+        positions = [max(0, (s - int(w)) // int(t) + 1) for s, w, t in axes]
+        return shape[0] * (math.prod(positions) + 1)  # + the unperturbed batch
+
     def explain(
         self,
         model: ModelAdapter,
@@ -165,8 +178,8 @@ class Occlusion:
         :param sigma: the blur's standard deviation in pixels, one or one per axis.
         :param chunk_size: perturbed inputs per forward pass (bounds peak memory). Default:
             32, or 8 where full forward passes run on a CPU (see :func:`default_chunk_size`).
-        :param progress: ``progress(done, total)`` called after every chunk, counting
-            perturbed inputs.
+        :param progress: ``progress(done, total, "perturbed inputs")`` called after every
+            chunk, counting perturbed inputs (the protocol of :mod:`xai_core.progress`).
         :param incremental: ``"auto"`` (incremental inference on a traceable PyTorch CNN, exact;
             plain occlusion otherwise), ``"exact"``, ``"approximate"`` or ``False`` (plain
             occlusion). See :mod:`xai_occlusion.incremental`.
@@ -187,7 +200,9 @@ class Occlusion:
         if chunk_size is not None:
             (chunk_size,) = _per_axis(chunk_size, "chunk_size", 1)
         if progress is not None and not callable(progress):
-            raise OptionError(f"progress must be a callable(done, total); got {progress!r}.")
+            raise OptionError(
+                f"progress must be a callable(done, total, what); got {progress!r}."
+            )
         fill = baseline_fill(inputs, baseline, sigma)
         mode, settings = incremental_mode(incremental), approximation_settings(approximation)
 
@@ -219,7 +234,7 @@ class Occlusion:
                         outputs = model.forward(occluded)
                     deltas[start:stop] = reference[rows] - resolved.select(outputs, rows)
                     if progress is not None:
-                        progress(stop, total)
+                        progress(stop, total, "perturbed inputs")
             grid = deltas.view(n, *positions, resolved.count).movedim(-1, 1)  # (N, K, *positions)
             sums = along_axes(grid, boxes)
             counts = along_axes(torch.ones(positions, dtype=dtype, device=device), boxes)

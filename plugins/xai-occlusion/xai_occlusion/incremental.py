@@ -1312,7 +1312,7 @@ def adaptive_deltas(
     positions: tuple[int, ...],
     chunk: int,
     settings: Mapping[str, float],
-    progress: Callable[[int, int], object] | None = None,
+    progress: Callable[[int, int | None, str], object] | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Score drops ``(samples * windows, K)`` of every window from a coarse grid of windows
     (every ``settings["coarse"]``-th position per axis, and the last), interpolated
@@ -1346,7 +1346,7 @@ def adaptive_deltas(
             deltas[part] = evaluate(part)
             done += part.numel()
             if progress is not None:
-                progress(done, total)
+                progress(done, total, "perturbed inputs")
 
     sample = torch.arange(samples, device=device)[:, None]
     run((sample * windows + coarse_windows).reshape(-1))
