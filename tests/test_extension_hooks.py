@@ -220,7 +220,11 @@ def test_audit_with_a_plugin_executor_equals_the_local_engine(demo):
     local = audit(model, (x, y), **kwargs)
     seen = []
     threaded = audit(
-        model, (x, y), engine="chunked-threads", progress=lambda d, t: seen.append((d, t)), **kwargs
+        model,
+        (x, y),
+        engine="chunked-threads",
+        progress=lambda done, total, _what: seen.append((done, total)),
+        **kwargs,
     )
     assert seen == [(3, 10), (6, 10), (9, 10), (10, 10)]
     for name in ("mean", "std", "share", "unexplained", "mean_image"):
