@@ -144,7 +144,7 @@ def test_unresolvable_annotations_do_not_hide_the_others():
     [
         ("rollout", {"discard_ratio": "0.5"}, OptionTypeError, "'discard_ratio' .* a number"),
         ("rollout", {"discard_ratio": 1.0}, OptionError, r"in \[0, 1\)"),
-        ("attention", {"class_token": "yes"}, OptionTypeError, "'class_token' .* bool or int or None"),
+        ("attention", {"class_token": "yes"}, OptionTypeError, "'class_token' .* bool or int"),
         ("gradcam", {"relu": "no"}, OptionTypeError, "'relu' .* a bool"),
         ("gradcam", {"relu": 0}, OptionTypeError, "'relu' .* a bool"),
         ("gradcam", {"variant": "gradcm"}, OptionError, "Did you mean 'gradcam'"),
