@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 import xai_core
+from xai_core.report import HtmlReport
+from xai_core.report.tables import comparison_markdown
 
 from .files import write_nifti, write_png
 
@@ -98,6 +100,12 @@ def test_budget_makes_compare_cheaper_and_lists_the_economies():
     assert "deletion.steps=20" in cheap.economies
     assert cheap.to_dict()["economies"] == cheap.economies
     assert cheap.estimate["forward_images"] < full.estimate["forward_images"]
+    # the report and the Markdown say which settings were made coarser; without economies, nothing
+    report = HtmlReport(title="t")
+    report.add_comparison(cheap)
+    for text in (comparison_markdown(cheap), report.render()):
+        assert "Made cheaper to fit the time budget" in text and "deletion.steps=20" in text
+    assert "Made cheaper" not in comparison_markdown(full)
     # what the caller set is never changed
     mine = xai_core.compare(
         model, x, budget=0.0, options={"occlusion": {"window": 16}}, **kwargs

@@ -135,10 +135,12 @@ class HtmlReport:
     def add_comparison(self, result: Comparison) -> None:
         """The verdict, the metric tables (shared ranks, direction, 95% interval, n, methods not
         distinguishable) and measured costs."""
-        from xai_core.report.tables import COLUMNS, metric_rows
+        from xai_core.report.tables import COLUMNS, economies_text, metric_rows
         from xai_core.report.verdict import verdict_html
 
         self.parts.append(verdict_html(result))  # the verdict first: what to trust
+        if (economies := economies_text(result)) is not None:
+            self.add_note(economies)
         self.add_heading("Comparison")
         for metric in result.metrics:
             better = result.directions[metric].value

@@ -87,10 +87,24 @@ def verdict_markdown(result: Comparison) -> str:
     return "\n".join(lines)
 
 
+def economies_text(result: Comparison) -> str | None:
+    """The options ``compare()`` made cheaper to fit its time budget, in words (``None`` when it
+    changed none): a reader must know the numbers come from coarser settings."""
+    if not result.economies:
+        return None
+    return (
+        f"Made cheaper to fit the time budget: {', '.join(result.economies)}. Set these options "
+        f"yourself, or allow more time (`--budget SECONDS`; `--budget 0` sets no limit)."
+    )
+
+
 def comparison_markdown(result: Comparison) -> str:
-    """The verdict, then one table per metric: shared ranks, mean with its 95% interval, n, and
-    the methods each is not distinguishable from."""
+    """The verdict, the economies made to fit the time budget, then one table per metric:
+    shared ranks, mean with its 95% interval, n, and the methods each is not distinguishable
+    from."""
     lines: list[str] = [verdict_markdown(result)]
+    if (economies := economies_text(result)) is not None:
+        lines += [_md_escape(economies), ""]
     for metric in result.metrics:
         better = result.directions[metric].value
         lines += [
