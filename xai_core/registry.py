@@ -1031,9 +1031,8 @@ class Registry:
         found: list[tuple[str, str, PluginInfo, str]] = []
         for impl in self._plugin_impls("load_model"):
             if impl.plugin_name != CORE_PLUGIN:
-                doc = (inspect.getdoc(impl.function) or "").strip()
                 source = self._source(impl.plugin_name)
-                found.append((source.plugin, "loader", source, doc.splitlines()[0] if doc else ""))
+                found.append((source.plugin, "loader", source, _summary(impl.function)))
         for name, _, source in self.readers():
             found.append((name, "reader", source, "for files the core's readers do not claim"))
         table = self._cached("_executors", "register_executors", _check_executor, "executor")
@@ -1041,17 +1040,7 @@ class Registry:
             if len(entries) == 1:
                 found.append((name, "executor", entries[0].source, f"engine={name!r}"))
         return [
-            {
-                "name": name,
-                "kind": kind,
-                "scope": None,
-                "dependence": None,
-                "plugin": source.distribution or source.plugin,
-                "version": source.version,
-                "status": "ok",
-                "origin": _origin(source),
-                "note": note,
-            }
+            _ok_row(name, kind, source, note=note)
             for name, kind, source, note in found
             if source.plugin != CORE_PLUGIN
         ]
@@ -1098,38 +1087,35 @@ class Registry:
             )
         for impl in self._plugin_impls("adapt_model"):
             source = self._source(impl.plugin_name)
-            doc = inspect.getdoc(impl.function) or ""
-            summary = doc.strip().splitlines()[0] if doc.strip() else ""
-            rows.append(
-                {
-                    "name": source.plugin,
-                    "kind": "adapter",
-                    "scope": None,
-                    "dependence": None,
-                    "plugin": source.distribution or source.plugin,
-                    "version": source.version,
-                    "status": "ok",
-                    "origin": _origin(source),
-                    "summary": summary,
-                    "note": f"{summary} {_ADAPTER_NOTE}" if summary else _ADAPTER_NOTE,
-                }
-            )
+            summary = _summary(impl.function)
+            note = f"{summary} {_ADAPTER_NOTE}" if summary else _ADAPTER_NOTE
+            rows.append(_ok_row(source.plugin, "adapter", source, summary=summary, note=note))
         rows.extend(self._extension_rows())
         for name, source in sorted(self.commands.items()):
-            rows.append(
-                {
-                    "name": f"xai {name}",
-                    "kind": "command",
-                    "scope": None,
-                    "dependence": None,
-                    "plugin": source.distribution or source.plugin,
-                    "version": source.version,
-                    "status": "ok",
-                    "origin": _origin(source),
-                }
-            )
+            rows.append(_ok_row(f"xai {name}", "command", source))
         rows.extend(f.as_dict() for f in list(self.failures))
         return rows
+
+
+def _ok_row(name: str, kind: str, source: PluginInfo, **extra: Any) -> dict[str, Any]:
+    """An ``xai plugins`` row of a working adapter, loader, reader, executor or command."""
+    return {
+        "name": name,
+        "kind": kind,
+        "scope": None,  # only explainers have a scope and a dependence; keys kept for tools
+        "dependence": None,
+        "plugin": source.distribution or source.plugin,
+        "version": source.version,
+        "status": "ok",
+        "origin": _origin(source),
+        **extra,
+    }
+
+
+def _summary(function: Any) -> str:
+    """The first line of a hook implementation's docstring ("" without one)."""
+    doc = (inspect.getdoc(function) or "").strip()
+    return doc.splitlines()[0] if doc else ""
 
 
 def _source_of(ep: Any) -> PluginInfo:
