@@ -39,6 +39,10 @@ class PageCheck:
     colour_bar_labels: list[str] = field(default_factory=list)
     colour_bar_ticks: list[str] = field(default_factory=list)
     facts: list[str] = field(default_factory=list)
+    # The visible text of each verdict section, in page order, and whether the first one is
+    # above the first map (a reader sees what to trust before the pictures).
+    verdicts: list[str] = field(default_factory=list)
+    verdict_first: bool | None = None
 
 
 def check_report(html_file: Path, screenshot: Path) -> PageCheck:
@@ -68,6 +72,15 @@ def check_report(html_file: Path, screenshot: Path) -> PageCheck:
             result.colour_bar_labels = page.eval_on_selector_all(".cbar-label", visible)
             result.colour_bar_ticks = page.eval_on_selector_all(".cbar-ticks", visible)
             result.facts = page.eval_on_selector_all("p.facts", visible)
+            result.verdicts = page.eval_on_selector_all("section.verdict", visible)
+            result.verdict_first = page.evaluate(
+                """() => {
+                    const v = document.querySelector('section.verdict');
+                    const m = document.querySelector('img.overlay');
+                    if (!v || !m) return null;
+                    return v.getBoundingClientRect().top < m.getBoundingClientRect().top;
+                }"""
+            )
             if page.query_selector("input.slider"):
                 group = page.get_attribute("input.slider", "data-group")
                 selector = f'img[data-group="{group}"]'

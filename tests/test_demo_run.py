@@ -64,6 +64,10 @@ def test_demo_report_renders_in_chromium(demo, tmp_path):
     assert all("predicted:" in f and "target:" in f and "truth:" in f for f in page.facts)
     assert len(page.facts) == 6 + 6 + 6 + 4 + 6 + 6
     assert page.decoded["curve"] == 4 * 2  # deletion and insertion of the first four studies
+    # The verdicts are visible text, above the first picture: the overview and one per study.
+    assert page.verdict_first is True and len(page.verdicts) == 1 + 6
+    assert page.verdicts[0].startswith("Verdicts") and all("Best" in v for v in page.verdicts[:5])
+    assert all("mean rank" in v for v in page.verdicts[1:])
 
 
 def test_demo_writes_overlay_files(demo):
