@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -93,8 +94,9 @@ def test_sessions_on_different_models_run_in_parallel():
     assert done.is_set() and not holder.is_alive() and not worker.is_alive()
 
 
-def test_a_session_on_one_model_waits_for_the_other_threads_session():
-    model = tiny_cnn()
+@contextmanager
+def session_in_another_thread(model):
+    """Hold a session on ``model`` in a second thread until the block ends."""
     inside, release = threading.Event(), threading.Event()
 
     def hold() -> None:
@@ -104,11 +106,19 @@ def test_a_session_on_one_model_waits_for_the_other_threads_session():
 
     holder = threading.Thread(target=hold)
     holder.start()
-    assert inside.wait(timeout=30)
+    try:
+        assert inside.wait(timeout=30)
+        yield
+    finally:
+        release.set()
+        holder.join(timeout=30)
+
+
+def test_a_session_on_one_model_waits_for_the_other_threads_session():
+    model = tiny_cnn()
     lock = session_lock(model)
-    assert not lock.acquire(timeout=0.2)  # another thread's session is open on this model
-    release.set()
-    holder.join(timeout=30)
+    with session_in_another_thread(model):
+        assert not lock.acquire(timeout=0.2)  # another thread's session is open on this model
     assert lock.acquire(timeout=5)
     lock.release()
 
@@ -316,23 +326,10 @@ def test_a_model_built_under_inference_mode_gets_a_typed_error_from_gradient_met
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX-only")
 def test_a_process_forked_during_another_threads_session_can_explain_the_model():
     model = tiny_cnn()
-    inside, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with preserved_state(model):
-            inside.set()
-            release.wait(timeout=30)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    try:
-        assert inside.wait(timeout=30)
+    with session_in_another_thread(model):
         pid = os.fork()
         if pid == 0:  # the child: the holder thread does not exist here
             ok = session_lock(model).acquire(timeout=5)
             os._exit(0 if ok else 1)
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0, "the child inherited a lock held forever"
-    finally:
-        release.set()
-        holder.join(timeout=30)
