@@ -178,7 +178,7 @@ def engine_speed(model: torch.nn.Module, x: torch.Tensor, case: Case, chunk: int
     """Seconds per perturbation of the exact engine on chunks of ``chunk`` random windows."""
     from xai_occlusion import baseline_fill, incremental, window_boxes
 
-    from xai_core.adapters.torch import TorchAdapter
+    from xai_core.torch.adapter import TorchAdapter
 
     dims = zip(case.size, case.window, case.stride, strict=True)
     boxes = [window_boxes(*d, x.device) for d in dims]

@@ -4,7 +4,7 @@ Each architecture (timm, Hugging Face transformers, torchvision, and a few built
 build models: functional pooling, a dict output, channels-last, TorchScript, a ``Conv2d``
 subclass) is built with random weights and tiny sizes, and crossed with every local method.
 A pair is ``ok`` (finite maps of shape ``(N, *spatial)`` on the input grid), ``n/a`` (the method
-says, with a typed :class:`~xai_core.errors.CapabilityError` or through ``list_explainers``,
+says, with a typed :class:`~xai_core.core.errors.CapabilityError` or through ``list_explainers``,
 why it does not apply) or a failure (any other exception, or a bad map).
 
 ``python scripts/model_matrix.py`` rewrites ``docs/models.md``; ``tests/test_model_zoo.py``
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import xai_core
-from xai_core.errors import CapabilityError
+from xai_core.core.errors import CapabilityError
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "models.md"
 CLASSES = 5

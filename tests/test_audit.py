@@ -16,10 +16,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from typer.testing import CliRunner
 
 import xai_core
-from xai_core.audit import AuditResult, draw_boxes
-from xai_core.cli import build_app
+from xai_core.cli.app import build_app
+from xai_core.core.errors import InputError, OptionError
 from xai_core.demo import data, load_model
-from xai_core.errors import InputError, OptionError
+from xai_core.report.audit import audit_report, draw_boxes
+from xai_core.workflows.audit import AuditResult
 
 SIZE = 32
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
@@ -286,7 +287,7 @@ def test_the_report_shows_the_class_maps_with_the_boxes_drawn() -> None:
         class_names=["clear", "<marked>"],
     )
     assert isinstance(result, AuditResult)
-    page = result.report().render()
+    page = audit_report(result).render()
     assert page.count("<img") == 8  # four panels per class
     assert "&lt;marked&gt;" in page and "<marked>" not in page  # names are escaped
     assert str(box) in page

@@ -17,8 +17,8 @@ import torchvision
 from PIL import Image
 from typer.testing import CliRunner
 
-from xai_core.cli import build_app
-from xai_core.errors import CapabilityError
+from xai_core.cli.app import build_app
+from xai_core.core.errors import CapabilityError
 from xai_core.testing import tiny_cnn
 
 from .files import tiny_3d_cnn, write_dicom_series, write_nifti, write_png

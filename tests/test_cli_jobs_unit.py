@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import xai_core.jobs as jobs
-from xai_core.errors import DeviceError, TargetError, UnknownMethodError
+import xai_core.cli.jobs as jobs
+from xai_core.core.errors import DeviceError, TargetError, UnknownMethodError
 from xai_core.io.inputs import find_inputs
 from xai_core.io.preprocess import Preprocess
 from xai_core.testing import tiny_cnn
@@ -147,7 +147,7 @@ def test_compare_records_any_failure_of_one_input(inputs, tmp_path, monkeypatch)
 
 
 def test_unexpected_errors_are_short_with_the_traceback_in_a_file(monkeypatch, capsys):
-    from xai_core import cli
+    from xai_core.cli import app as cli
 
     def boom(self):
         raise RuntimeError("something broke")
@@ -189,7 +189,7 @@ def test_a_folder_holding_several_requests_of_one_method_says_so(inputs, tmp_pat
 def test_request_mistakes_are_one_clean_error_and_exit_code_2(
     args, expected, tmp_path, monkeypatch, capsys
 ):
-    from xai_core import cli
+    from xai_core.cli import app as cli
 
     monkeypatch.chdir(tmp_path)
     write_png(tmp_path / "a.png", seed=0, size=24)
@@ -203,7 +203,7 @@ def test_request_mistakes_are_one_clean_error_and_exit_code_2(
 
 
 def test_bare_xai_shows_the_help_and_no_error(capsys):
-    from xai_core import cli
+    from xai_core.cli import app as cli
 
     cli._run([])
     captured = capsys.readouterr()
@@ -228,7 +228,7 @@ def test_ledger_with_a_relative_root_and_request_keys(tmp_path, monkeypatch):
 
 
 def test_debug_flag_shows_the_traceback_of_a_known_error(tmp_path, monkeypatch, capsys):
-    from xai_core import cli
+    from xai_core.cli import app as cli
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv(cli.DEBUG_ENV, raising=False)

@@ -172,7 +172,7 @@ def test_plugins_listing_off_a_terminal_keeps_one_line_per_plugin(tmp_path):
 
 
 def test_python_callers_keep_python_advice():
-    from xai_core.errors import ChannelMismatchError, InputError
+    from xai_core.core.errors import ChannelMismatchError, InputError
 
     with pytest.raises(ChannelMismatchError) as caught:
         xai_core.explain(small_cnn(), torch.rand(1, 1, 8, 8), method="gradcam")

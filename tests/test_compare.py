@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import xai_core
-from xai_core.comparison import compare, mean_ci
-from xai_core.errors import InputError, OptionError, UnknownMethodError, UnknownOptionError
-from xai_core.metrics import Direction, MetricResult, Need
+from xai_core.core.errors import InputError, OptionError, UnknownMethodError, UnknownOptionError
+from xai_core.core.metrics import Direction, MetricResult, Need
+from xai_core.workflows.compare import compare, mean_ci
 
 
 class MaxValue:

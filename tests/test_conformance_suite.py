@@ -7,7 +7,7 @@ import torch
 
 import xai_core
 from xai_core import Attribution, Tags
-from xai_core.errors import ConformanceError
+from xai_core.core.errors import ConformanceError
 from xai_core.testing import check_explainer, explainer_checks
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import xai_core
+from xai_core.core.errors import ModelError
 from xai_core.demo import (
     CLASS_NAMES,
     data,
@@ -17,7 +18,6 @@ from xai_core.demo import (
     preprocess,
     weights_dir,
 )
-from xai_core.errors import ModelError
 
 # -- the generator ---------------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ import math
 import pytest
 from typer.testing import CliRunner
 
-from xai_core.cli import build_app
+from xai_core.cli.app import build_app
 
 from .browser import check_report
 

@@ -8,8 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import xai_core
-from xai_core.capture import hook_count
-from xai_core.errors import (
+from xai_core.core.errors import (
     DeviceError,
     InputError,
     InputTypeError,
@@ -19,6 +18,7 @@ from xai_core.errors import (
     XaiError,
 )
 from xai_core.testing import tiny_cnn
+from xai_core.torch.capture import hook_count
 
 MODEL = tiny_cnn()
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 import xai_core
-from xai_core.explanation import Explanation, normalize, upsample
+from xai_core.core.explanation import Explanation, normalize, upsample
 
 
 def make(raw, multi_target=False, multi_layer=False, shape=(2, 3, 8, 8)):

@@ -20,20 +20,20 @@ import pytest
 import torch
 
 import xai_core
-from xai_core.audit import _AuditStep, audit
-from xai_core.datasets import Batch, explain_dataset
-from xai_core.errors import (
+from xai_core.core.errors import (
     InputFileError,
     InputTooLargeError,
     ModelError,
     OptionError,
     UnknownMethodError,
 )
-from xai_core.executors import Partial
+from xai_core.core.executors import Partial
+from xai_core.core.registry import PluginWarning, Registry
 from xai_core.io import find_inputs, read_item
 from xai_core.io.models import load_model
-from xai_core.registry import PluginWarning, Registry
 from xai_core.testing import tiny_cnn
+from xai_core.workflows.audit import _AuditStep, audit
+from xai_core.workflows.datasets import Batch, explain_dataset
 
 from .conftest import build_copy, pip
 
@@ -294,9 +294,9 @@ def test_audit_partial_sums_add_up_to_the_whole(fresh_registry):
     assert torch.equal(a.value.off_hits.sums, merged.value.off_hits.sums)
     assert not torch.equal(before, a.value.maps.sums)
     no_masks = step(Batch(x[:2], y[:2]))
-    with pytest.raises(xai_core.errors.InputError, match="Masks were given for some batches"):
+    with pytest.raises(xai_core.core.errors.InputError, match="Masks were given for some batches"):
         _ = b + no_masks
-    with pytest.raises(xai_core.errors.InputError, match="Masks were given for some batches"):
+    with pytest.raises(xai_core.core.errors.InputError, match="Masks were given for some batches"):
         b += no_masks
 
 
@@ -320,7 +320,7 @@ def test_unknown_and_malformed_engines_are_typed_errors(fresh_registry):
     fresh_registry.register_plugin(Plugin(), "takeover", distribution="takeover", version="1")
     with pytest.warns(PluginWarning):
         engine = fresh_registry.get_executor("local")
-    assert type(engine).__module__ == "xai_core.executors"
+    assert type(engine).__module__ == "xai_core.core.executors"
     (failure,) = [f for f in fresh_registry.failures if f.plugin == "takeover"]
     assert "provided by the built-in xai-core" in failure.error
 
@@ -336,7 +336,7 @@ def test_partials_merge_with_plus():
 def test_onnx_adapter_pickles_and_gives_the_same_outputs(tmp_path):
     import onnxruntime as ort
 
-    from xai_core.adapters.onnx import OnnxAdapter
+    from xai_core.onnx.adapter import OnnxAdapter
 
     model, x = tiny_cnn(), torch.rand(2, 3, 16, 16)
     buffer = io.BytesIO()
@@ -354,7 +354,7 @@ def test_onnx_adapter_pickles_and_gives_the_same_outputs(tmp_path):
 
 
 def test_torch_adapter_pickles(cnn, images):
-    from xai_core.adapters.torch import TorchAdapter
+    from xai_core.torch.adapter import TorchAdapter
 
     adapter = TorchAdapter(cnn)
     copy = pickle.loads(pickle.dumps(adapter))

@@ -13,9 +13,10 @@ import typer
 from typer.testing import CliRunner
 
 import xai_core
-from xai_core import Tags, hookspecs
-from xai_core.metrics import Direction, MetricResult
-from xai_core.registry import PluginWarning
+from xai_core import Tags
+from xai_core.core import hookspecs
+from xai_core.core.metrics import Direction, MetricResult
+from xai_core.core.registry import PluginWarning
 
 DOCS = Path(__file__).parents[1] / "docs"
 HOOKS = sorted(
@@ -196,14 +197,14 @@ def test_hook_register_readers(fresh_registry, tmp_path):
     (item,) = find_inputs([tmp_path])
     assert item.kind == "flat"
     assert read_item(item).array.mean() == 0.5
-    from xai_core.errors import InputTooLargeError
+    from xai_core.core.errors import InputTooLargeError
 
     with pytest.raises(InputTooLargeError):
         read_item(item, max_input_bytes=8)
 
 
 def test_hook_register_executors(fresh_registry):
-    from xai_core.executors import Partial, run
+    from xai_core.core.executors import Partial, run
 
     class Twice:
         name = "twice"

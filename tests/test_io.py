@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from xai_core.errors import InputFileError, ModelError, OptionError, OutputFileError
+from xai_core.core.errors import InputFileError, ModelError, OptionError, OutputFileError
 from xai_core.io import (
     InputItem,
     InputKind,
@@ -743,7 +743,7 @@ def test_input_item_is_hashable_and_typed():
 
 
 def test_mask_folder_matches_inputs_by_stem_and_resizes(tmp_path):
-    from xai_core.errors import InputError
+    from xai_core.core.errors import InputError
     from xai_core.io.inputs import MaskFolder, file_stem
 
     images, masks = tmp_path / "images", tmp_path / "masks"

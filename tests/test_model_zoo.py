@@ -20,9 +20,9 @@ from torch import nn
 
 import xai_core
 from xai_core import InputSpec
-from xai_core.adapters.torch import TorchAdapter
-from xai_core.capture import hook_count
-from xai_core.errors import InputError, ModelError, OptionError
+from xai_core.core.errors import InputError, ModelError, OptionError
+from xai_core.torch.adapter import TorchAdapter
+from xai_core.torch.capture import hook_count
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("model_matrix", ROOT / "scripts" / "model_matrix.py")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from xai_core.errors import MissingDependencyError, ModelError
+from xai_core.core.errors import MissingDependencyError, ModelError
 from xai_core.io.models import load_model
 
 from .files import write_png

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import xai_core
-from xai_core.adapters.onnx import OnnxAdapter
-from xai_core.api import validate_inputs
-from xai_core.errors import CapabilityError, InputError, ModelError
+from xai_core.core.api import validate_inputs
+from xai_core.core.errors import CapabilityError, InputError, ModelError
+from xai_core.onnx.adapter import OnnxAdapter
 from xai_core.testing import tiny_cnn
 
 # The TorchScript exporter is deprecated but exports these tiny models in milliseconds.

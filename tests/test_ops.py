@@ -1,4 +1,4 @@
-"""xai_core.ops: the shared tensor operations, against references."""
+"""xai_core.torch.ops: the shared tensor operations, against references."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 from torch import nn
 
-from xai_core.ops import gaussian_blur, target_gradients
+from xai_core.torch.ops import gaussian_blur, target_gradients
 
 
 @pytest.mark.parametrize(

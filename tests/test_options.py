@@ -1,4 +1,4 @@
-"""Options are checked against their annotations before any work (xai_core/options.py)."""
+"""Options are checked against their annotations before any work (xai_core/core/options.py)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import torch
 from torch import nn
 
 import xai_core
-from xai_core.errors import OptionError, OptionTypeError, XaiError
-from xai_core.options import Range, check_option_values, option_hints
-from xai_core.tags import Tags
+from xai_core.core.errors import OptionError, OptionTypeError, XaiError
+from xai_core.core.options import Range, check_option_values, option_hints
+from xai_core.core.tags import Tags
 from xai_core.testing import tiny_cnn
 
 if TYPE_CHECKING:
-    from xai_core.adapters.onnx import OnnxAdapter  # never imported at run time
+    from xai_core.onnx.adapter import OnnxAdapter  # never imported at run time
 
 T = TypeVar("T")
 
@@ -179,7 +179,7 @@ def _builtin_options() -> list[tuple[str, str]]:
 
 def test_every_builtin_option_is_annotated_in_a_way_the_checker_understands():
     """The property below only means something if no built-in option is passed through."""
-    from xai_core.options import _UNKNOWN, _check
+    from xai_core.core.options import _UNKNOWN, _check
 
     for info in xai_core.list_explainers():
         for option, (hint, _) in option_hints(info.cls).items():

@@ -16,7 +16,7 @@ import pytest
 
 import xai_core
 from xai_core import Tags
-from xai_core.registry import PluginWarning, Registry
+from xai_core.core.registry import PluginWarning, Registry
 
 XAI = str(Path(sys.executable).with_name("xai"))
 HOSTILE = {
@@ -98,7 +98,7 @@ def test_a_real_ctrl_c_still_interrupts():
 
 
 def test_a_ctrl_c_while_loading_leaves_nothing_half_loaded(monkeypatch):
-    import xai_core.registry as module
+    import xai_core.core.registry as module
 
     class Interrupted:
         """An entry point during whose import the user hits Ctrl-C."""

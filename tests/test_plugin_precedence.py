@@ -15,10 +15,10 @@ import torch
 
 import xai_core
 from xai_core import Registry, Tags
-from xai_core.adapters.torch import TorchAdapter
-from xai_core.errors import ModelError, ModelTypeError
-from xai_core.metrics import Direction, MetricResult
-from xai_core.registry import BUILTIN_DISTRIBUTIONS, PluginWarning
+from xai_core.core.errors import ModelError, ModelTypeError
+from xai_core.core.metrics import Direction, MetricResult
+from xai_core.core.registry import BUILTIN_DISTRIBUTIONS, PluginWarning
+from xai_core.torch.adapter import TorchAdapter
 
 XAI = str(Path(sys.executable).with_name("xai"))
 ROOT = Path(__file__).parents[1]
@@ -96,7 +96,7 @@ def test_compare_lists_a_clashing_metric_as_skipped(monkeypatch, cnn, images):
     registry = Registry(entry_points_group=None)
     registry.register_plugin(One(), "one", distribution="xai-one", version="1")
     registry.register_plugin(Two(), "two", distribution="xai-two", version="2")
-    monkeypatch.setattr("xai_core.comparison.get_registry", lambda: registry)
+    monkeypatch.setattr("xai_core.workflows.compare.get_registry", lambda: registry)
     result = xai_core.compare(cnn, images)
     assert result.methods == ["flat"] and result.metrics == []
     assert "xai-one" in result.skipped_metrics["area"]

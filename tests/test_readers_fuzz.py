@@ -1,7 +1,7 @@
 """Fuzzing the readers: random values in the header fields that matter.
 
 For DICOM, NIfTI and PNG headers, each reader must either return a finite float32 array in
-[0, 1] of the documented shape, or raise an :class:`~xai_core.errors.XaiError` from one of its
+[0, 1] of the documented shape, or raise an :class:`~xai_core.core.errors.XaiError` from one of its
 checks (not the catch-all "unexpected error" of :func:`read_item`), and never hang: the limit
 on declared sizes keeps every decode small. Derandomized, so that CI is reproducible.
 """
@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from xai_core.errors import XaiError
+from xai_core.core.errors import XaiError
 from xai_core.io import InputItem, InputKind, find_inputs, read_item
 
 pytestmark = pytest.mark.filterwarnings("ignore")  # pydicom and Pillow warn on odd headers

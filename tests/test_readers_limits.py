@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from tests.files import write_dicom_series, write_png
-from xai_core.errors import InputFileError, InputTooLargeError, OptionError
+from xai_core.core.errors import InputFileError, InputTooLargeError, OptionError
 from xai_core.io import InputKind, find_inputs, read_item
 from xai_core.io.dicom import read_dicom_file
 from xai_core.io.inputs import read_image, read_nifti

@@ -24,7 +24,7 @@ from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 
 from tests.files import write_dicom_series
-from xai_core.errors import InputFileError
+from xai_core.core.errors import InputFileError
 from xai_core.io import InputKind, find_inputs, read_item
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on invalid values

@@ -16,14 +16,14 @@ import torch
 
 import xai_core
 from xai_core import Registry, Tags
-from xai_core.api import run_explainer
-from xai_core.errors import (
+from xai_core.core.api import run_explainer
+from xai_core.core.errors import (
     CapabilityError,
     ModelTypeError,
     PluginConflictError,
     UnknownMethodError,
 )
-from xai_core.registry import PluginWarning
+from xai_core.core.registry import PluginWarning
 
 from .conftest import build_copy, pip
 
@@ -219,7 +219,7 @@ def test_unknown_model_type_is_a_typed_error(fresh_registry, images):
 
 def _slow_entry_points(monkeypatch):
     """Widen the race: scanning entry points takes 50 ms, as on a large environment."""
-    import xai_core.registry as module
+    import xai_core.core.registry as module
 
     real = module.entry_points
 
@@ -259,7 +259,7 @@ def test_first_lookups_from_many_threads_all_succeed(monkeypatch):
 
 
 def test_get_registry_creates_one_registry_for_racing_threads(monkeypatch):
-    import xai_core.registry as module
+    import xai_core.core.registry as module
 
     real_init = module.Registry.__init__
 

@@ -13,8 +13,7 @@ import pytest
 import torch
 
 import xai_core
-from xai_core.comparison import compare
-from xai_core.metrics import Direction, MetricResult
+from xai_core.core.metrics import Direction, MetricResult
 from xai_core.report import (
     HtmlReport,
     comparison_csv,
@@ -29,6 +28,7 @@ from xai_core.report.overlay import (
     on_display_grid,
     scale_map,
 )
+from xai_core.workflows.compare import compare
 
 from .browser import check_report
 
@@ -184,9 +184,9 @@ def test_maps_are_shown_at_the_inputs_aspect(tmp_path):
     """A 2:1 radiograph explained at a square --size is shown 2:1, in the PNG and the HTML."""
     from PIL import Image
 
+    from xai_core.cli.jobs import explain_files
     from xai_core.io.inputs import find_inputs
     from xai_core.io.preprocess import Preprocess
-    from xai_core.jobs import explain_files
     from xai_core.testing import tiny_cnn
 
     wide = (np.random.default_rng(0).random((24, 48)) * 255).astype(np.uint8)
@@ -220,9 +220,9 @@ def test_maps_are_shown_at_the_inputs_aspect(tmp_path):
 def test_compare_report_shows_masks_decisions_and_curves_at_the_inputs_aspect(tmp_path):
     from PIL import Image
 
+    from xai_core.cli.jobs import compare_files
     from xai_core.io.inputs import find_inputs
     from xai_core.io.preprocess import Preprocess
-    from xai_core.jobs import compare_files
     from xai_core.testing import tiny_cnn
 
     (tmp_path / "in").mkdir()

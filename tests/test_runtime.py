@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 import xai_core
-from xai_core.capture import preserved_state, session_lock
+from xai_core.core.errors import NonFiniteScoresError, TargetError, TargetTypeError
 from xai_core.demo.models import DemoViT
-from xai_core.errors import NonFiniteScoresError, TargetError, TargetTypeError
 from xai_core.testing import tiny_cnn
+from xai_core.torch.capture import preserved_state, session_lock
 
 from .test_state import assert_same, snapshot
 
@@ -315,7 +315,7 @@ def test_a_model_built_under_inference_mode_gets_a_typed_error_from_gradient_met
         model = tiny_cnn() if kind == "cnn" else tiny_vit()
     x = batch(kind)
     before = [p.requires_grad for p in model.parameters()]
-    with pytest.raises(xai_core.errors.CapabilityError, match="inference_mode"):
+    with pytest.raises(xai_core.core.errors.CapabilityError, match="inference_mode"):
         xai_core.explain(model, x, method=gradient_method)
     assert [p.requires_grad for p in model.parameters()] == before
     for method in (other, "occlusion"):  # no gradients needed: they just work

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 import xai_core
-from xai_core.capture import capture, hook_count, preserved_state
-from xai_core.errors import TargetError
+from xai_core.core.errors import TargetError
 from xai_core.testing import tiny_cnn
+from xai_core.torch.capture import capture, hook_count, preserved_state
 
 
 def snapshot(model: nn.Module) -> dict:

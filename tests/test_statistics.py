@@ -10,13 +10,13 @@ import pytest
 import torch
 
 import xai_core
-from xai_core import statistics
-from xai_core.comparison import Comparison, Cost, compare
-from xai_core.errors import PluginError
-from xai_core.metrics import Direction, MetricResult, check_metric_class
+from xai_core.core.errors import PluginError
+from xai_core.core.metrics import Direction, MetricResult, check_metric_class
 from xai_core.report import comparison_json, comparison_markdown
 from xai_core.testing import tiny_cnn
-from xai_core.verdict import SANITY_THRESHOLD
+from xai_core.workflows import statistics
+from xai_core.workflows.compare import Comparison, Cost, compare
+from xai_core.workflows.verdict import SANITY_THRESHOLD
 
 nan = math.nan
 

@@ -9,7 +9,7 @@ from torch import nn
 
 import xai_core
 from xai_core import Region
-from xai_core.errors import CapabilityError, TargetError, TargetTypeError
+from xai_core.core.errors import CapabilityError, TargetError, TargetTypeError
 from xai_core.testing import tiny_cnn
 
 
@@ -339,7 +339,7 @@ def test_compare_keeps_the_region_of_a_region_target():
 
 
 def test_global_aggregate_keeps_the_region_of_a_region_target():
-    from xai_core.explanation import normalize
+    from xai_core.core.explanation import normalize
 
     model, x = unet(), batch(2, 3, 16, 16)
     with torch.no_grad():

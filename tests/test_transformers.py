@@ -17,9 +17,9 @@ from torch import nn
 
 import xai_core
 from xai_core import Capability
-from xai_core.adapters.torch import TorchAdapter
-from xai_core.capture import capture, capture_attention, explicit_attention, hook_count
-from xai_core.errors import CapabilityError
+from xai_core.core.errors import CapabilityError
+from xai_core.torch.adapter import TorchAdapter
+from xai_core.torch.capture import capture, capture_attention, explicit_attention, hook_count
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
@@ -141,7 +141,7 @@ def test_attention_methods_on_every_vit(vit) -> None:
     model.train()  # the user's mode: explanations run in eval mode and restore it
     before = _state(model)
     with torch.no_grad():
-        plain = xai_core.adapters.torch.scores_of(model.eval()(x))
+        plain = xai_core.torch.adapter.scores_of(model.eval()(x))
     model.train()
     for method in ATTENTION_METHODS:
         exp = xai_core.explain(model, x, method=method, targets=[[0, 3], [0, 3]])
@@ -341,13 +341,13 @@ def test_gradcam_default_layer_on_hierarchical_models(swins) -> None:
 
 def test_attention_that_cannot_be_reproduced_is_refused(monkeypatch) -> None:
     """The explicit computation must give the fused kernel's output, or no map is drawn."""
-    import xai_core.capture
+    import xai_core.torch.capture
 
     def off_by_a_little(*args, **kwargs):
         out, weights = explicit_attention(*args, **kwargs)
         return out + 1e-3, weights
 
-    monkeypatch.setattr(xai_core.capture, "explicit_attention", off_by_a_little)
+    monkeypatch.setattr(xai_core.torch.capture, "explicit_attention", off_by_a_little)
     model = _timm("vit_tiny_patch16_224", 32, **small)
     with pytest.raises(CapabilityError, match="differs from its explicit"):
         xai_core.explain(model, _images(32), method="rollout")

@@ -14,17 +14,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from xai_core.adapters.base import InputSpec, ModelAdapter
-from xai_core.api import explain
-from xai_core.audit import audit
-from xai_core.comparison import Comparison, compare
-from xai_core.errors import XaiError
-from xai_core.explanation import Explanation
-from xai_core.hookspecs import hookimpl
-from xai_core.registry import Registry, get_registry, reset_registry
-from xai_core.tags import Capability, Dependence, Scope, Tags
-from xai_core.targets import Region, ResolvedTargets, Targets
-from xai_core.types import Attribution, Explainer, ExplainerInfo
+from xai_core.core import errors
+from xai_core.core.adapters import InputSpec, ModelAdapter
+from xai_core.core.api import explain
+from xai_core.core.errors import XaiError
+from xai_core.core.explanation import Explanation
+from xai_core.core.hookspecs import hookimpl
+from xai_core.core.registry import Registry, get_registry, reset_registry
+from xai_core.core.tags import Capability, Dependence, Scope, Tags
+from xai_core.core.targets import Region, ResolvedTargets, Targets
+from xai_core.core.types import Attribution, Explainer, ExplainerInfo
+from xai_core.torch.adapter import TorchAdapter
+from xai_core.workflows.audit import audit
+from xai_core.workflows.compare import Comparison, compare
 
 __version__ = "0.1.0"
 
@@ -55,10 +57,12 @@ __all__ = [
     "Scope",
     "Tags",
     "Targets",
+    "TorchAdapter",
     "XaiError",
     "adapt",
     "audit",
     "compare",
+    "errors",
     "explain",
     "get_registry",
     "hookimpl",

@@ -30,14 +30,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from xai_core.adapters.base import ModelAdapter
-from xai_core.api import run_explainer
-from xai_core.capture import hook_count
-from xai_core.errors import ConformanceError, PluginContractError, PluginError, TargetError
-from xai_core.explanation import Explanation
-from xai_core.registry import Registry, _check_explainer_class
-from xai_core.tags import Capability
-from xai_core.types import ExplainerInfo
+from xai_core.core.adapters import ModelAdapter
+from xai_core.core.api import run_explainer
+from xai_core.core.errors import ConformanceError, PluginContractError, PluginError, TargetError
+from xai_core.core.explanation import Explanation
+from xai_core.core.registry import Registry, _check_explainer_class
+from xai_core.core.tags import Capability
+from xai_core.core.types import ExplainerInfo
+from xai_core.torch.capture import hook_count
 
 
 def tiny_cnn(dims: int = 2, channels: int = 3, classes: int = 4, seed: int = 0) -> nn.Module:

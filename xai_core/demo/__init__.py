@@ -25,10 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from xai_core.core.errors import ModelError, did_you_mean
 from xai_core.demo import data
 from xai_core.demo.data import CT_CLASSES, XRAY_CLASSES, preprocess
 from xai_core.demo.models import DemoCNN, DemoCNN3D, DemoViT
-from xai_core.errors import ModelError, did_you_mean
 
 MODELS: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
     "cnn": (DemoCNN, XRAY_CLASSES),

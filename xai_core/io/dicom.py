@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from xai_core.errors import InputFileError, InputTooLargeError, OptionError
+# pydicom is imported where a file is parsed: most runs read no DICOM (start-up time).
+from xai_core.core.errors import InputFileError, InputTooLargeError, OptionError
 from xai_core.io.limits import ENV_VAR, check_declared_size, format_bytes
 from xai_core.io.limits import max_input_bytes as max_input_bytes_of
 
@@ -163,7 +164,7 @@ def _transfer_syntax(path: Path) -> str:
 def _inflate(f: Any, cap: int, keep: bool = True) -> tuple[bytearray, int]:
     """(the first ``cap`` inflated bytes if ``keep``, total inflated size up to ``cap + 1``):
     inflates in chunks, so memory stays at ``cap`` (or a chunk) whatever the file expands to."""
-    import zlib
+    import zlib  # only for deflated transfer syntaxes
 
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     kept, total = bytearray(), 0

@@ -17,7 +17,7 @@ returned as (D, H, W) = (inferior -> superior, anterior -> posterior, patient's 
 the layout of an axial DICOM series, so a scan reads the same from either format. Voxel
 spacing follows in ``meta["spacing"]`` in the same (D, H, W) order.
 
-A file that cannot be read raises :class:`~xai_core.errors.InputFileError` naming the file and
+A file that cannot be read raises :class:`~xai_core.core.errors.InputFileError` naming the file and
 the reason, so that a batch job can report it and go on with the next input. Sizes are checked
 from the header before decoding (:mod:`xai_core.io.limits`); odd but usable tags are read and
 noted in ``meta["notes"]``. See docs/inputs.md.
@@ -35,8 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
-from xai_core.errors import InputFileError, InputTooLargeError, XaiError
+from xai_core.core.errors import InputError, InputFileError, InputTooLargeError, XaiError
+from xai_core.core.registry import get_registry
 from xai_core.io import dicom
 from xai_core.io.dicom import describe_exception, to_uint8
 from xai_core.io.limits import check_declared_size
@@ -112,8 +115,6 @@ def classify(path: Path) -> InputKind | str | None:
     extension by the DICOM preamble; then the readers of plugins (``register_readers``), whose
     kinds are their names.
     """
-    from xai_core.registry import get_registry
-
     found = get_registry().reader_for(Path(path))
     if found is None:
         return None
@@ -268,11 +269,10 @@ def read_item(
 
     ``max_input_bytes`` limits the decoded size each file may declare, checked from its header
     before decoding (default: ``XAI_CORE_MAX_INPUT_BYTES`` or 512 MiB; see
-    :mod:`xai_core.io.limits`). Every failure is an :class:`~xai_core.errors.XaiError`: an
+    :mod:`xai_core.io.limits`). Every failure is an :class:`~xai_core.core.errors.XaiError`: an
     unreadable, malformed or too large file an :class:`InputFileError` naming it.
     """
-    from xai_core.io.readers import ReadOptions
-    from xai_core.registry import get_registry
+    from xai_core.io.readers import ReadOptions  # readers.py imports this module
 
     limit = max_input_bytes_of(max_input_bytes)  # a bad setting fails here, not as the file's
     try:
@@ -281,7 +281,9 @@ def read_item(
             loaded = LoadedInput(**read)
         else:  # the reader registered under the item's kind: the core's or a plugin's
             options = ReadOptions(max_input_bytes=limit, window=window)
-            loaded = get_registry().read(str(item.kind), item.paths[0], options)
+            loaded = get_registry().read(
+                str(item.kind), item.paths[0], options, returns=LoadedInput
+            )
     except XaiError:
         raise
     except Exception as exc:  # a case no check foresaw: still the file's error, not a crash
@@ -298,7 +300,7 @@ def read_image(path: Path, *, max_input_bytes: int | None = None) -> LoadedInput
     The size is checked from the header (width x height x channels, lazily opened) before
     decoding; see ``max_input_bytes`` in :func:`read_item`.
     """
-    from PIL import Image, ImageOps
+    from PIL import Image, ImageOps  # decoders load when a file of theirs is read
 
     limit = max_input_bytes_of(max_input_bytes)
     try:
@@ -361,7 +363,7 @@ def read_nifti(path: Path, *, max_input_bytes: int | None = None) -> LoadedInput
     The dims and data type in the header are checked against the limit (``max_input_bytes``,
     see :func:`read_item`) before any voxel is read; a zero-length dimension is an error.
     """
-    import nibabel as nib
+    import nibabel as nib  # as PIL above
 
     limit = max_input_bytes_of(max_input_bytes)
     try:
@@ -460,12 +462,7 @@ class MaskFolder:
     def read(self, keys: Sequence[str], x: Any, *, required: bool = False) -> Any:
         """One boolean mask per row of ``x`` (the inputs ``keys``), on its spatial grid: nonzero
         pixels of any channel, resized by nearest neighbour. An input without a mask file has an
-        empty mask, or with ``required=True`` raises :class:`~xai_core.errors.InputError`."""
-        import torch
-        import torch.nn.functional as F
-
-        from xai_core.errors import InputError
-
+        empty mask, or with ``required=True`` raises :class:`~xai_core.core.errors.InputError`."""
         spatial = tuple(x.shape[2:])
         masks = torch.zeros((x.shape[0], *spatial), dtype=torch.bool)
         for row, key in enumerate(keys):

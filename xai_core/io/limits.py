@@ -24,7 +24,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from xai_core.errors import InputTooLargeError, OptionError
+from xai_core.core.errors import InputTooLargeError, OptionError
 
 DEFAULT_MAX_INPUT_BYTES = 512 * 1024**2
 ENV_VAR = "XAI_CORE_MAX_INPUT_BYTES"

@@ -42,8 +42,9 @@ from typing import Any
 
 import torch
 
-from xai_core.errors import MissingDependencyError, ModelError, did_you_mean
-from xai_core.io.preprocess import read_sidecar
+from xai_core.core.errors import MissingDependencyError, ModelError, did_you_mean
+from xai_core.core.registry import get_registry
+from xai_core.io.preprocess import Preprocess, read_sidecar
 
 DEMO_PREFIX = "demo:"
 TIMM_PREFIX = "timm:"
@@ -68,8 +69,6 @@ def load_model(
     This goes through the ``load_model`` hook: the core's loaders (:data:`BUILTIN_LOADERS`)
     first, then plugins for specs none of them claims (docs/writing-a-plugin.md).
     """
-    from xai_core.registry import get_registry
-
     return get_registry().load_model(spec, arch=arch, num_classes=num_classes)
 
 
@@ -236,7 +235,7 @@ def _load_torchvision(
 
 def _torchvision_builder(arch: str) -> Any:
     try:
-        import torchvision
+        import torchvision  # an optional dependency (the `vision` extra)
     except ImportError as exc:
         raise ModelError("--arch needs torchvision: pip install 'xai-core[vision]'.") from exc
     names = torchvision.models.list_models()
@@ -515,8 +514,6 @@ def _hf_preprocess(path: Path) -> dict[str, Any]:
             if value is not None:
                 settings[key] = value
     try:
-        from xai_core.io.preprocess import Preprocess
-
         Preprocess(**settings)  # check the values now, with the file's name in the message
     except Exception as exc:
         raise ModelError(f"Invalid preprocessing in {path}: {exc}") from exc

@@ -31,7 +31,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from xai_core.errors import OptionError, OutputFileError
+from xai_core.core.errors import OptionError, OutputFileError
 
 TEMP_SUFFIX = ".xai-tmp"
 LEDGER_FOLDER = ".xai-run"

@@ -22,7 +22,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from xai_core.errors import InputError, ModelError, OptionError, UnknownOptionError, did_you_mean
+from xai_core.core.errors import (
+    InputError,
+    ModelError,
+    OptionError,
+    UnknownOptionError,
+    did_you_mean,
+)
 
 SIDECAR_NAME = "xai.json"
 SIDECAR_KEYS = ("size", "mean", "std", "channels", "slice_axis", "class_names")

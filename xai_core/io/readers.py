@@ -13,16 +13,21 @@ reader must check from the header before decoding, and the DICOM window.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
+from xai_core.io import dicom
+from xai_core.io.inputs import (
+    DICOM_SUFFIXES,
+    IMAGE_SUFFIXES,
+    NIFTI_SUFFIXES,
+    LoadedInput,
+    read_image,
+    read_nifti,
+)
 from xai_core.io.limits import check_declared_size
-
-if TYPE_CHECKING:
-    from collections.abc import Sequence
-
-    from xai_core.io.inputs import LoadedInput
 
 
 @dataclass(frozen=True)
@@ -37,7 +42,7 @@ class ReadOptions:
     def check_size(
         self, path: Path, shape: Sequence[int], itemsize: int = 4, what: str = ""
     ) -> None:
-        """Raise :class:`~xai_core.errors.InputTooLargeError` if ``shape`` of ``itemsize``-byte
+        """Raise :class:`~xai_core.core.errors.InputTooLargeError` if ``shape`` of ``itemsize``-byte
         values is over the limit: call it with the header's shape before decoding."""
         check_declared_size(path, shape, itemsize, self.max_input_bytes, what)
 
@@ -66,13 +71,11 @@ class NiftiReader:
 
     @staticmethod
     def claims(path: Path) -> bool:
-        from xai_core.io.inputs import NIFTI_SUFFIXES
 
         return path.name.lower().endswith(NIFTI_SUFFIXES)
 
     @staticmethod
     def read(path: Path, options: ReadOptions) -> LoadedInput:
-        from xai_core.io.inputs import read_nifti
 
         return read_nifti(path, max_input_bytes=options.max_input_bytes)
 
@@ -84,13 +87,11 @@ class ImageReader:
 
     @staticmethod
     def claims(path: Path) -> bool:
-        from xai_core.io.inputs import IMAGE_SUFFIXES
 
         return path.suffix.lower() in IMAGE_SUFFIXES
 
     @staticmethod
     def read(path: Path, options: ReadOptions) -> LoadedInput:
-        from xai_core.io.inputs import read_image
 
         return read_image(path, max_input_bytes=options.max_input_bytes)
 
@@ -102,8 +103,6 @@ class DicomReader:
 
     @staticmethod
     def claims(path: Path) -> bool:
-        from xai_core.io import dicom
-        from xai_core.io.inputs import DICOM_SUFFIXES
 
         suffix = path.suffix.lower()
         if suffix in DICOM_SUFFIXES:
@@ -115,7 +114,6 @@ class DicomReader:
 
     @staticmethod
     def read(path: Path, options: ReadOptions) -> LoadedInput:
-        from xai_core.io import dicom
         from xai_core.io.inputs import LoadedInput
 
         read = dicom.read_dicom_file(path, options.window, max_input_bytes=options.max_input_bytes)

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+# matplotlib is imported where a plot is drawn (start-up time, as in overlay.py).
+from xai_core.io.outputs import atomic_write_text
 from xai_core.report.overlay import (
     MapScale,
     as_rgb,
@@ -30,10 +32,10 @@ from xai_core.report.overlay import (
     scale_map,
     to_png,
 )
-from xai_core.report.tables import ARROW
+from xai_core.report.tables import ARROW, COLUMNS, economies_text, metric_rows
 
 if TYPE_CHECKING:
-    from xai_core.comparison import Comparison
+    from xai_core.workflows.compare import Comparison
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:2rem;color:#1d1d1f;background:#fafafa}
@@ -135,8 +137,7 @@ class HtmlReport:
     def add_comparison(self, result: Comparison) -> None:
         """The verdict, the metric tables (shared ranks, direction, 95% interval, n, methods not
         distinguishable) and measured costs."""
-        from xai_core.report.tables import COLUMNS, economies_text, metric_rows
-        from xai_core.report.verdict import verdict_html
+        from xai_core.report.verdict import verdict_html  # verdict.py imports this module
 
         self.parts.append(verdict_html(result))  # the verdict first: what to trust
         if (economies := economies_text(result)) is not None:
@@ -178,8 +179,6 @@ class HtmlReport:
         )
 
     def write(self, path: str | Path) -> Path:
-        from xai_core.io.outputs import atomic_write_text
-
         atomic_write_text(Path(path), self.render())
         return Path(path)
 

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# matplotlib, scikit-image and PIL are imported by the functions that draw: together they take
+# most of a second to import, and most calls (and `xai --help`) never draw.
+
 DEFAULT_COLORMAP = "inferno"  # perceptually uniform, readable in grayscale print, not rainbow
 DIVERGING_COLORMAP = "RdBu_r"  # blue below 0, red above, white-ish at 0
 DEAD_ZONE = 0.05  # |value| under this share of the map's largest |value| leaves the image as is

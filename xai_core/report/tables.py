@@ -13,7 +13,7 @@ import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from xai_core.comparison import Comparison
+    from xai_core.workflows.compare import Comparison
 
 ARROW = {"higher": "↑ higher is better", "lower": "↓ lower is better"}
 

@@ -8,7 +8,7 @@ from xai_core.report.html import esc
 from xai_core.report.tables import _fmt
 
 if TYPE_CHECKING:
-    from xai_core.comparison import Comparison
+    from xai_core.workflows.compare import Comparison
 
 CSS = (
     ".verdict{background:#fff;border:2px solid #1d1d1f;padding:.5rem 1rem;margin:1rem 0}"

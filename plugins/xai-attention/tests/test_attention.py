@@ -17,8 +17,8 @@ from torch import nn
 from xai_attention import AttentionRollout, GradAttentionRollout, RawAttention, token_layout
 
 import xai_core
-from xai_core.capture import capture_attention, hook_count, record_attention
-from xai_core.errors import CapabilityError, OptionError, TargetError
+from xai_core.core.errors import CapabilityError, OptionError, TargetError
+from xai_core.torch.capture import capture_attention, hook_count, record_attention
 
 KINDS = ("custom", "mha")
 METHODS = ("attention", "rollout", "grad_rollout")

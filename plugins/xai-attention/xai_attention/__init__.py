@@ -23,12 +23,12 @@ from torch import nn
 
 import xai_core
 from xai_core import Attribution, Capability, Tags, Targets
-from xai_core.adapters.base import ModelAdapter
-from xai_core.adapters.torch import TorchAdapter, declared_extra_tokens, is_attention_module
-from xai_core.capture import capture_attention
-from xai_core.errors import CapabilityError, LayerNotFoundError, OptionError, did_you_mean
-from xai_core.ops import target_gradients, token_layout
-from xai_core.options import Range
+from xai_core.core.adapters import ModelAdapter
+from xai_core.core.errors import CapabilityError, LayerNotFoundError, OptionError, did_you_mean
+from xai_core.core.options import Range
+from xai_core.torch.adapter import TorchAdapter, declared_extra_tokens
+from xai_core.torch.capture import capture_attention, is_attention_module
+from xai_core.torch.ops import target_gradients, token_layout
 
 __version__ = "0.1.0"
 

@@ -15,8 +15,8 @@ from torch import nn
 from xai_cam import CAM
 
 import xai_core
-from xai_core.capture import hook_count
-from xai_core.errors import CapabilityError, OptionError, TargetError, TargetTypeError
+from xai_core.core.errors import CapabilityError, OptionError, TargetError, TargetTypeError
+from xai_core.torch.capture import hook_count
 
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 X = torch.tensor([[[[1.0, -2.0], [3.0, 2.0]]]])  # (1, 1, 2, 2)

@@ -36,11 +36,11 @@ from torch import nn
 
 import xai_core
 from xai_core import Attribution, Capability, Tags, Targets
-from xai_core.adapters.base import ModelAdapter
-from xai_core.adapters.torch import TorchAdapter
-from xai_core.capture import capture
-from xai_core.errors import CapabilityError, OptionError, TargetTypeError
-from xai_core.targets import check_finite_scores
+from xai_core.core.adapters import ModelAdapter
+from xai_core.core.errors import CapabilityError, OptionError, TargetTypeError
+from xai_core.core.targets import check_finite_scores
+from xai_core.torch.adapter import TorchAdapter
+from xai_core.torch.capture import capture
 
 __version__ = "0.1.0"
 

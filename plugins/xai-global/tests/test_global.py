@@ -9,9 +9,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from xai_global import Aggregate, GlobalOcclusion
 
 import xai_core
-from xai_core.datasets import ClassMaps, explain_dataset
-from xai_core.errors import CapabilityError, OptionError, TargetError, UnknownOptionError
+from xai_core.core.errors import CapabilityError, OptionError, TargetError, UnknownOptionError
 from xai_core.testing import check_explainer, tiny_cnn
+from xai_core.workflows.datasets import ClassMaps, explain_dataset
 
 CLASSES = 4
 

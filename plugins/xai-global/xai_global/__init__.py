@@ -13,9 +13,10 @@ How a global method fits the :class:`~xai_core.Explainer` protocol: ``explain(mo
 targets, *, options)`` takes one batch like any explainer and returns the per-sample maps it
 aggregates, so ``xai_core.explain`` works and the core's conformance suite applies to those maps
 unchanged; the global result, the batch's per-class statistics, is a
-:class:`~xai_core.datasets.ClassMaps` in ``details["global"]``. Statistics add exactly with
+:class:`~xai_core.workflows.datasets.ClassMaps`
+in ``details["global"]``. Statistics add exactly with
 ``+``, so a dataset larger than memory is explained batch by batch and summed:
-:func:`xai_core.datasets.explain_dataset` does that over a tensor, a folder of files or a
+:func:`xai_core.workflows.datasets.explain_dataset` does that over a tensor, a folder of files or a
 DataLoader. Each sample's map counts for the class it explains: ``targets=labels`` groups images
 by label, ``None`` by the model's prediction, ``"all"`` counts every image for every class.
 """
@@ -29,13 +30,13 @@ import torch
 
 import xai_core
 from xai_core import Attribution, Region, Scope, Tags, Targets
-from xai_core.adapters.base import ModelAdapter
-from xai_core.api import check_options, run_explainer
-from xai_core.datasets import ClassMaps, explain_dataset
-from xai_core.errors import CapabilityError, OptionError, TargetError
-from xai_core.explanation import normalize
-from xai_core.ops import BlurSigma
-from xai_core.options import PositiveInt
+from xai_core.core.adapters import ModelAdapter
+from xai_core.core.api import check_options, run_explainer
+from xai_core.core.errors import CapabilityError, OptionError, TargetError
+from xai_core.core.explanation import normalize
+from xai_core.core.options import PositiveInt
+from xai_core.torch.ops import BlurSigma
+from xai_core.workflows.datasets import ClassMaps, explain_dataset
 
 __version__ = "0.1.0"
 __all__ = ["Aggregate", "ClassMaps", "GlobalOcclusion", "explain_dataset", "per_class"]

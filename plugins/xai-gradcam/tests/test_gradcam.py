@@ -12,8 +12,8 @@ from torch import nn
 from xai_gradcam import GradCAM
 
 import xai_core
-from xai_core.capture import hook_count
-from xai_core.errors import LayerTypeError, OptionError, TargetError
+from xai_core.core.errors import LayerTypeError, OptionError, TargetError
+from xai_core.torch.capture import hook_count
 
 VARIANTS = ("gradcam", "guided", "gradcam++")
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]

@@ -13,7 +13,7 @@ assumption (``Y = exp(S)``), which turns the higher derivatives into powers of t
 the form of the authors' code and of the common libraries, so maps are comparable.
 
 Several layers share one forward pass; several targets share it too, each with one backward pass
-through the retained graph (:func:`xai_core.ops.target_gradients` says why not one vmapped
+through the retained graph (:func:`xai_core.torch.ops.target_gradients` says why not one vmapped
 backward).
 """
 
@@ -27,10 +27,10 @@ from torch import nn
 
 import xai_core
 from xai_core import Attribution, Capability, Tags, Targets
-from xai_core.adapters.torch import TorchAdapter, declared_extra_tokens
-from xai_core.capture import capture
-from xai_core.errors import CapabilityError, LayerTypeError, OptionError
-from xai_core.ops import Layout, as_feature_map, feature_layout, target_gradients
+from xai_core.core.errors import CapabilityError, LayerTypeError, OptionError
+from xai_core.torch.adapter import TorchAdapter, declared_extra_tokens
+from xai_core.torch.capture import capture
+from xai_core.torch.ops import Layout, as_feature_map, feature_layout, target_gradients
 
 __version__ = "0.1.0"
 
@@ -56,7 +56,7 @@ def feature_layout_of(
 ) -> Layout:
     """How a layer's output becomes a feature map ``(N, C, *spatial)``: as it is, channels-last
     moved first, or tokens ``(N, T, C)`` of a batch-first transformer laid out on their patch
-    grid (:func:`xai_core.ops.feature_layout`)."""
+    grid (:func:`xai_core.torch.ops.feature_layout`)."""
     if output.ndim not in (inputs.ndim, 3) or output.shape[0] != inputs.shape[0]:
         raise LayerTypeError(
             f"Layer {name!r} outputs shape {tuple(output.shape)}, neither a feature map "

@@ -33,10 +33,10 @@ from xai_metrics.sanity import cascade_order, cascade_points, rotate
 
 import xai_core
 from xai_core import Attribution, Tags
-from xai_core.errors import InputError, OptionError, UnknownOptionError
-from xai_core.explanation import Explanation
-from xai_core.metrics import Direction, MetricContext, MetricResult, check_metric_class
-from xai_core.ops import gaussian_blur
+from xai_core.core.errors import InputError, OptionError, UnknownOptionError
+from xai_core.core.explanation import Explanation
+from xai_core.core.metrics import Direction, MetricContext, MetricResult, check_metric_class
+from xai_core.torch.ops import gaussian_blur
 
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 NAMES = {

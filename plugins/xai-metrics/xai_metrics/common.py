@@ -8,10 +8,12 @@ import numbers
 from collections.abc import Sequence
 
 import numpy as np
+
+# scipy and scikit-image are imported by the one metric helper that uses them (start-up time).
 import torch
 
-from xai_core.errors import InputError, OptionError, did_you_mean
-from xai_core.metrics import MetricContext
+from xai_core.core.errors import InputError, OptionError, did_you_mean
+from xai_core.core.metrics import MetricContext
 
 KINDS = ("auto", "softmax", "sigmoid", "logit")
 

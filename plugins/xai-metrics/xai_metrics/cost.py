@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from xai_core.metrics import Direction, MetricContext, MetricResult, Need
+from xai_core.core.metrics import Direction, MetricContext, MetricResult, Need
 
 
 class Cost:

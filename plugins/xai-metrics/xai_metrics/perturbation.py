@@ -25,10 +25,10 @@ import numbers
 
 import torch
 
-from xai_core.errors import OptionError
-from xai_core.explanation import normalize
-from xai_core.metrics import Direction, MetricContext, MetricResult, Need
-from xai_core.ops import gaussian_blur
+from xai_core.core.errors import OptionError
+from xai_core.core.explanation import normalize
+from xai_core.core.metrics import Direction, MetricContext, MetricResult, Need
+from xai_core.torch.ops import gaussian_blur
 from xai_metrics.common import (
     exact_float,
     finite_float,

@@ -21,8 +21,8 @@ import math
 
 import torch
 
-from xai_core.errors import InputError
-from xai_core.metrics import Direction, MetricContext, MetricResult, Need
+from xai_core.core.errors import InputError
+from xai_core.core.metrics import Direction, MetricContext, MetricResult, Need
 from xai_metrics.common import exact_float, finite_float, integer, per_class, single_maps
 
 

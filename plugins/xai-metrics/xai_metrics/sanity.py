@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xai_core.adapters.torch import TorchAdapter
-from xai_core.capture import capture
-from xai_core.errors import CapabilityError, ModelError, OptionError
-from xai_core.metrics import Direction, MetricContext, MetricResult, Need
-from xai_core.progress import ProgressFn
+from xai_core.core.errors import CapabilityError, ModelError, OptionError
+from xai_core.core.metrics import Direction, MetricContext, MetricResult, Need
+from xai_core.core.progress import ProgressFn
+from xai_core.torch.adapter import TorchAdapter
+from xai_core.torch.capture import capture
 from xai_metrics.common import choice, finite_float, integer, single_maps, spearman, ssim
 
 AUGMENTATIONS = ("hflip", "rotate", "intensity")
@@ -110,7 +110,7 @@ class Randomization:
         :param seed: seed of the re-initialisation (the caller's random state is left as it was).
         :param absolute: compare absolute values of the maps (Adebayo et al. show both).
         :param progress: ``progress(done, total, "randomised stages")`` after each cascade
-            point (:mod:`xai_core.progress`); supplied by the caller, e.g. ``compare()``.
+            point (:mod:`xai_core.core.progress`); supplied by the caller, e.g. ``compare()``.
         """
         if stages is not None:
             stages = integer(stages, "stages")
@@ -243,7 +243,7 @@ class Stability:
         :param brightness: shift in standard deviations of each sample.
         :param contrast: factor about each sample's mean.
         :param progress: ``progress(done, total, "augmentations")`` before each re-explanation
-            and at the end (:mod:`xai_core.progress`); supplied by the caller.
+            and at the end (:mod:`xai_core.core.progress`); supplied by the caller.
         """
         if isinstance(augmentations, str):
             augmentations = [augmentations]

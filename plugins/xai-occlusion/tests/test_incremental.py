@@ -16,7 +16,7 @@ from torch import nn
 from xai_occlusion import Occlusion, incremental
 
 import xai_core
-from xai_core.errors import OptionError
+from xai_core.core.errors import OptionError
 from xai_core.testing import explainer_checks
 
 
@@ -566,7 +566,7 @@ def test_non_finite_scores_are_refused_before_planning(mode, value):
     """NaN scores made the tolerance of the traced-graph check NaN ('atol must be >= 0')."""
     from xai_occlusion import window_boxes
 
-    from xai_core.errors import NonFiniteScoresError
+    from xai_core.core.errors import NonFiniteScoresError
     from xai_core.testing import tiny_cnn
 
     x = image(1, 3, (8, 8))

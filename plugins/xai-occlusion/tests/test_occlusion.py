@@ -13,7 +13,7 @@ from torch import nn
 from xai_occlusion import Occlusion, default_chunk_size
 
 import xai_core
-from xai_core.errors import OptionError, UnknownOptionError
+from xai_core.core.errors import OptionError, UnknownOptionError
 from xai_core.testing import explainer_checks
 
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]

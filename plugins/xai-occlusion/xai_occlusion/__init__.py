@@ -31,10 +31,10 @@ import torch
 
 import xai_core
 from xai_core import Attribution, Tags, Targets
-from xai_core.adapters.base import ModelAdapter
-from xai_core.errors import OptionError, did_you_mean
-from xai_core.ops import BlurSigma, gaussian_blur
-from xai_core.options import PositiveInt
+from xai_core.core.adapters import ModelAdapter
+from xai_core.core.errors import OptionError, did_you_mean
+from xai_core.core.options import PositiveInt
+from xai_core.torch.ops import BlurSigma, gaussian_blur
 from xai_occlusion.incremental import (
     adaptive_deltas,
     approximation_settings,
@@ -45,7 +45,7 @@ from xai_occlusion.incremental import (
 __version__ = "0.1.0"
 
 BASELINES = ("zero", "blur", "mean")
-Progress = Callable[[int, int | None, str], object]  # xai_core.progress.ProgressFn
+Progress = Callable[[int, int | None, str], object]  # xai_core.core.progress.ProgressFn
 
 
 def _per_axis(value: object, name: str, rank: int, kind: type = numbers.Integral) -> tuple:
@@ -179,7 +179,7 @@ class Occlusion:
         :param chunk_size: perturbed inputs per forward pass (bounds peak memory). Default:
             32, or 8 where full forward passes run on a CPU (see :func:`default_chunk_size`).
         :param progress: ``progress(done, total, "perturbed inputs")`` called after every
-            chunk, counting perturbed inputs (the protocol of :mod:`xai_core.progress`).
+            chunk, counting perturbed inputs (the protocol of :mod:`xai_core.core.progress`).
         :param incremental: ``"auto"`` (incremental inference on a traceable PyTorch CNN, exact;
             plain occlusion otherwise), ``"exact"``, ``"approximate"`` or ``False`` (plain
             occlusion). See :mod:`xai_occlusion.incremental`.

@@ -55,9 +55,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from xai_core.adapters.torch import scores_of
-from xai_core.errors import OptionError, did_you_mean
-from xai_core.targets import check_finite_scores
+from xai_core.core.errors import OptionError, did_you_mean
+from xai_core.core.targets import check_finite_scores
+from xai_core.torch.adapter import scores_of
 
 log = logging.getLogger("xai_core")
 
@@ -1189,7 +1189,7 @@ class Drops:
 
     engine: Engine
     reference: torch.Tensor  # (N, K) unoccluded target scores
-    resolved: Any  # xai_core.targets.ResolvedTargets
+    resolved: Any  # xai_core.core.targets.ResolvedTargets
     windows: int
 
     @property

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import xai_core
-from xai_core.errors import InputFileError, ModelError
+from xai_core.core.errors import InputFileError, ModelError
 from xai_core.io.inputs import LoadedInput
 
 PREFIX = "toy:"

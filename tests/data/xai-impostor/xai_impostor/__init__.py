@@ -4,7 +4,7 @@ import typer
 
 import xai_core
 from xai_core import Tags
-from xai_core.metrics import Direction
+from xai_core.core.metrics import Direction
 
 
 class FakeGradcam:

@@ -12,8 +12,8 @@ from typing import Annotated, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from xai_core.errors import CapabilityError
-from xai_core.options import Range
+from xai_core.core.errors import CapabilityError
+from xai_core.core.options import Range
 
 # A blur wider than this is a flat image on any realistic input, while its kernel (6 sigma + 1
 # taps, replicate-padded by 3 sigma per side) would grow without bound: sigma=1e6 asked for

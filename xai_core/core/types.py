@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
-from xai_core.adapters.base import ModelAdapter
-from xai_core.tags import Tags
-from xai_core.targets import Targets
+from xai_core.core.adapters import ModelAdapter
+from xai_core.core.tags import Tags
+from xai_core.core.targets import Targets
 
 
 @dataclass
@@ -86,8 +87,6 @@ class ExplainerInfo:
     @classmethod
     def from_class(cls, explainer: type, source: PluginInfo | None = None) -> ExplainerInfo:
         """Describe an explainer class (``source``: the plugin that registered it, if any)."""
-        import inspect
-
         source = source or PluginInfo(explainer.__module__, None, None)
         doc = getattr(explainer, "summary", None) or inspect.getdoc(explainer) or ""
         params = inspect.signature(explainer.explain).parameters.values()

@@ -33,7 +33,40 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from xai_core.core.errors import CapabilityError, LayerNotFoundError, LayerTypeError
+
 _STAT_LAYERS = (nn.modules.batchnorm._NormBase,)
+
+
+# What a module that computes multi-head attention itself holds (duck typing, not class names):
+# a head count, and query and key projections under the names the common libraries use.
+_HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_heads", "heads")
+_PROJECTIONS = (("qkv",), ("query", "key"), ("q", "k"), ("q_proj", "k_proj"), ("to_qkv",))
+
+
+def computes_attention(module: nn.Module) -> bool:
+    """True for a module that looks like it computes multi-head attention from its input itself:
+    an integer head count and query/key projection sub-modules (timm's ``Attention`` and its
+    EVA/BEiT/Swin variants, Hugging Face's ``ViTAttention``/``ViTSelfAttention`` and kin).
+    Whether it really does is shown when it runs: :func:`xai_core.torch.capture.capture_attention`
+    reads the weights of its ``F.scaled_dot_product_attention`` or softmax call, and refuses a
+    module in which it finds neither."""
+    heads = next((getattr(module, a) for a in _HEAD_COUNTS if hasattr(module, a)), None)
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+        return False
+    children = dict(module.named_children())
+    return any(all(isinstance(children.get(n), nn.Module) for n in names) for names in _PROJECTIONS)
+
+
+def is_attention_module(module: nn.Module) -> bool:
+    """True for ``nn.MultiheadAttention``, for custom modules that opt in to the attention
+    contract by setting ``xai_attention = True`` (see docs/methods/attention.md), and for modules
+    recognised by their structure (:func:`computes_attention`)."""
+    return (
+        isinstance(module, nn.MultiheadAttention)
+        or bool(getattr(module, "xai_attention", False))
+        or computes_attention(module)
+    )
 
 
 # One re-entrant lock per model, held for a whole session: two threads explaining one model take
@@ -128,8 +161,6 @@ class Captured:
     def last(self, name: str) -> torch.Tensor:
         calls = self.outputs.get(name)
         if not calls:
-            from xai_core.errors import LayerNotFoundError
-
             raise LayerNotFoundError(
                 f"Layer {name!r} was never called during the forward pass, so it has no output "
                 f"to explain. Choose a layer that the model's forward() uses."
@@ -177,8 +208,6 @@ def capture(
             if not isinstance(output, torch.Tensor):
                 if not strict:
                     return None
-                from xai_core.errors import LayerTypeError
-
                 raise LayerTypeError(
                     f"Layer {name!r} returns {type(output).__name__}, not a tensor; choose a "
                     f"layer whose output is a feature map."
@@ -283,8 +312,6 @@ def explicit_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``F.scaled_dot_product_attention``'s output and its softmax weights ``(..., L, S)``,
     computed without a fused kernel (the arguments are SDPA's; dropout is refused)."""
-    from xai_core.errors import CapabilityError
-
     if dropout_p:
         raise CapabilityError(
             f"An attention call used dropout_p={dropout_p} although the model is in eval mode; "
@@ -344,8 +371,6 @@ class _AttentionMode(TorchFunctionMode):
 
 def _check_same(module: nn.Module, explicit: torch.Tensor, fused: torch.Tensor) -> None:
     """The explicit attention must be the model's own: refuse a map of something else."""
-    from xai_core.errors import CapabilityError
-
     tolerance = 1e-5 if explicit.dtype in (torch.float32, torch.float64) else 1e-2
     if not torch.allclose(explicit.detach(), fused, atol=tolerance, rtol=10 * tolerance):
         difference = (explicit.detach() - fused).abs().max().item()
@@ -365,18 +390,15 @@ def capture_attention(modules: Mapping[str, nn.Module]) -> Iterator[Captured]:
     call and whose ``order`` lists ``(name, weights)`` in call order. Weights are stored as the
     module produced them (not detached): under ``torch.enable_grad()`` with an input that
     requires grad they are in the autograd graph. A module that finishes a call without weights
-    raises :class:`~xai_core.errors.CapabilityError` from inside the forward pass. Hooks are
+    raises :class:`~xai_core.core.errors.CapabilityError` from inside the forward pass. Hooks are
     removed in ``finally``, also when the body raises.
     """
-    from xai_core.adapters.torch import is_attention_module
-    from xai_core.errors import CapabilityError, LayerTypeError
-
     for name, module in modules.items():
         if not is_attention_module(module):
             raise LayerTypeError(
                 f"Layer {name!r} ({type(module).__name__}) is not an attention module: use an "
                 f"nn.MultiheadAttention or a module with `xai_attention = True` that calls "
-                f"xai_core.capture.record_attention (docs/methods/attention.md)."
+                f"xai_core.torch.capture.record_attention (docs/methods/attention.md)."
             )
     record = Captured({name: [] for name in modules})
     custom = {m: name for name, m in modules.items() if not isinstance(m, nn.MultiheadAttention)}
@@ -435,14 +457,15 @@ def capture_attention(modules: Mapping[str, nn.Module]) -> Iterator[Captured]:
                     f"neither with F.scaled_dot_product_attention nor with a softmax over "
                     f"(B, heads, T, T), so xai-core cannot read its weights. Set "
                     f"`xai_attention = True` on it and call "
-                    f"xai_core.capture.record_attention(self, weights) (docs/methods/attention.md)."
+                    f"xai_core.torch.capture.record_attention(self, weights) "
+                    f"(docs/methods/attention.md)."
                 )
             raise CapabilityError(
                 f"Attention module {name!r} ({type(m).__name__}) declares "
                 f"`xai_attention = True` but recorded no weights during its forward pass. "
                 f"Fused attention (F.scaled_dot_product_attention, flash kernels) never "
                 f"materialises them: compute softmax(q k^T / sqrt(d)) explicitly and call "
-                f"xai_core.capture.record_attention(self, weights) with the (B, heads, T, T) "
+                f"xai_core.torch.capture.record_attention(self, weights) with the (B, heads, T, T) "
                 f"weights used to mix the values (docs/methods/attention.md)."
             )
 

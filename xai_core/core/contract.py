@@ -1,6 +1,6 @@
 """The result contract every plugin's explainer and metric must keep, checked on every call.
 
-A malformed result must surface as a :class:`~xai_core.errors.PluginContractError` naming the
+A malformed result must surface as a :class:`~xai_core.core.errors.PluginContractError` naming the
 plugin's distribution, the method or metric and what was wrong, never as a map the rest of the
 pipeline silently reshapes, a NaN map that gets ranked, or one value too many (docs/conventions.md):
 
@@ -9,7 +9,7 @@ pipeline silently reshapes, a NaN map that gets ranked, or one value too many (d
   the input's spatial rank; floating point, finite, on the inputs' device; its ``scores`` are the
   ``(N, outputs)`` model scores (``(N, C)`` for class targets, ``(N, C, *output grid)`` for
   segmentation region targets), finite, on the same device;
-* a metric returns a :class:`~xai_core.metrics.MetricResult` with one real value per sample,
+* a metric returns a :class:`~xai_core.core.metrics.MetricResult` with one real value per sample,
   ``(N,)``: finite, or NaN where the metric is undefined for that sample (no mask, a constant
   map); never infinite.
 """
@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from xai_core.errors import PluginContractError
-from xai_core.metrics import MetricResult
-from xai_core.targets import Targets
-from xai_core.types import Attribution, ExplainerInfo, PluginInfo
+from xai_core.core.errors import PluginContractError
+from xai_core.core.metrics import MetricResult
+from xai_core.core.targets import Targets
+from xai_core.core.types import Attribution, ExplainerInfo, PluginInfo
 
 
 def _origin(distribution: str | None, plugin: str) -> str:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 from typing import Any, TypeVar
 
-from xai_core.errors import TagError
+from xai_core.core.errors import TagError
 
 
 class Scope(StrEnum):

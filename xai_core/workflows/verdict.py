@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from xai_core import statistics
+from xai_core.workflows import statistics
 
 if TYPE_CHECKING:
-    from xai_core.comparison import Comparison
+    from xai_core.workflows.compare import Comparison
 
 SANITY_METRIC = "randomization"
 SANITY_THRESHOLD = 0.5  # mean |Spearman| at the deepest randomised stage; above: fails

@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 import xai_core
-from xai_core.api import check_options
-from xai_core.errors import (
+from xai_core import demo
+from xai_core.core.api import check_options
+from xai_core.core.errors import (
     CapabilityError,
     DeviceError,
     LayerNotFoundError,
@@ -36,6 +37,8 @@ from xai_core.errors import (
     UnknownMethodError,
     UnknownOptionError,
 )
+from xai_core.core.progress import ProgressFn, accepts_progress, within
+from xai_core.core.types import ExplainerInfo
 from xai_core.io.inputs import InputItem, MaskFolder, find_inputs, read_item
 from xai_core.io.outputs import (
     RunLedger,
@@ -46,8 +49,7 @@ from xai_core.io.outputs import (
     request_key,
 )
 from xai_core.io.preprocess import Preprocess
-from xai_core.progress import ProgressFn, accepts_progress, within
-from xai_core.report import HtmlReport
+from xai_core.report import HtmlReport, comparison_csv, comparison_json, comparison_markdown
 from xai_core.report.html import input_section
 from xai_core.report.overlay import (
     decision_facts,
@@ -56,9 +58,8 @@ from xai_core.report.overlay import (
     on_display_grid,
     scale_map,
 )
-from xai_core.types import ExplainerInfo
 
-Progress = ProgressFn  # progress(done, total, what): xai_core.progress
+Progress = ProgressFn  # progress(done, total, what): xai_core.core.progress
 
 
 @dataclass
@@ -168,8 +169,6 @@ def model_identity(info: dict[str, Any]) -> dict[str, Any]:
     keys: a demo model's name and the digest of the shipped manifest (which lists the sha256 of
     every weight file), or the model file's (folder's) sha256 with how it was built."""
     if info.get("kind") == "demo":
-        from xai_core import demo
-
         manifest = demo.weights_dir() / "manifest.json"
         digest = content_digest(manifest) if manifest.is_file() else None
         return {"demo": info.get("name"), "manifest": digest}
@@ -457,8 +456,6 @@ def compare_files(
 
     ``progress``, ``budget`` and ``notice`` (the cost estimate, before the work) are those of
     :func:`xai_core.compare`."""
-    from xai_core.report import comparison_csv, comparison_json, comparison_markdown
-
     out = Path(out).absolute()  # once: every path below is absolute
     summary = CompareSummary()
     adapter = xai_core.adapt(model)
@@ -475,10 +472,12 @@ def compare_files(
             summary.failed[item.key] = f"{type(exc).__name__}: {exc}"
             summary.errors[item.key] = exc
     if not tensors:
-        raise xai_core.errors.InputError("None of the inputs could be read; nothing to compare.")
+        raise xai_core.errors.InputError(
+            "None of the inputs could be read; nothing to compare."
+        )
     shapes = {tuple(t.shape[1:]) for t in tensors.values()}
     if len(shapes) > 1:
-        raise xai_core.errors.InputError(
+        raise xai_core.core.errors.InputError(
             f"The inputs have different sizes after preprocessing ({sorted(shapes)}); pass --size "
             f"so they can be compared as one batch."
         )

@@ -16,7 +16,7 @@ implements some of these hooks with the :data:`hookimpl` marker::
 
 An implementation may accept fewer arguments than its spec names, so specs can grow new
 arguments without breaking plugins. Each plugin's implementation is called on its own, inside a
-guard: one plugin raising never stops the others (see :mod:`xai_core.registry`).
+guard: one plugin raising never stops the others (see :mod:`xai_core.core.registry`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import pluggy
 if TYPE_CHECKING:
     import typer
 
-    from xai_core.adapters.base import ModelAdapter
+    from xai_core.core.adapters import ModelAdapter
 
 PROJECT = "xai_core"  # the pluggy project name and the entry-point group
 
@@ -51,7 +51,7 @@ def register_explainers(register: Callable[[type], None]) -> None:
         two third-party plugins registering one name make it unusable until one is removed, and
         the error names both distributions. Nothing is kept if the hook raises. What
         ``explain`` returns is checked against the result contract on every call
-        (:mod:`xai_core.contract`).
+        (:mod:`xai_core.core.contract`).
     """
 
 
@@ -87,7 +87,8 @@ def adapt_model(model: Any, options: dict[str, Any]) -> ModelAdapter | None:
     does not adapt itself (anything but a ``torch.nn.Module``, an ONNX model or a
     ``ModelAdapter``), in pluggy's order; the first ``ModelAdapter`` returned wins. To adapt a
     PyTorch module differently, users pass your adapter instance as the model. Raise an
-    :class:`~xai_core.errors.XaiError` for a model you recognise but cannot use: it is shown if no
+    :class:`~xai_core.core.errors.XaiError` for a model you recognise but cannot use:
+    it is shown if no
     other plugin adapts the model. Any other exception, or a result that is not a
     ``ModelAdapter``, is recorded as your plugin's failure and the next plugin is asked. The
     first line of your implementation's docstring is shown by ``xai plugins``.
@@ -108,10 +109,10 @@ def load_model(spec: str, options: dict[str, Any]) -> tuple[Any, dict[str, Any]]
     torchvision state_dicts; :mod:`xai_core.io.models`) are asked first and claim ``demo:``
     specs and every path that exists. Plugins are asked, in pluggy's order, only for the other
     specs, typically with a prefix of their own (``myplugin:NAME``); the first ``(model, info)``
-    returned wins. Raise an :class:`~xai_core.errors.XaiError` for a spec you recognise but cannot
-    load: it is shown if no other plugin loads it. Any other exception, or a result that is not a
-    ``(model, dict)`` pair, is recorded as your plugin's failure and the next plugin is asked.
-    Model files are untrusted: never unpickle them (``torch.load(weights_only=True)`` only).
+    returned wins. Raise an :class:`~xai_core.core.errors.XaiError` for a spec you recognise but
+    cannot load: it is shown if no other plugin loads it. Any other exception, or a result that
+    is not a ``(model, dict)`` pair, is recorded as your plugin's failure and the next plugin is
+    asked. Model files are untrusted: never unpickle them (``torch.load(weights_only=True)`` only).
 
     :param spec: what the user gave as the model (``xai explain SPEC ...``).
     :param options: ``arch`` and ``num_classes`` as given on the command line (or ``None``).
@@ -141,7 +142,7 @@ def register_readers(register: Callable[[Any], None]) -> None:
 def register_executors(register: Callable[[Any], None]) -> None:
     """Register executors of dataset work by calling ``register(ExecutorClass)``.
 
-    An executor (:class:`~xai_core.executors.Executor`) has a ``name`` (what users pass as
+    An executor (:class:`~xai_core.core.executors.Executor`) has a ``name`` (what users pass as
     ``engine=``), ``map(step, batches)`` yielding ``step(batch)`` for every batch, and
     ``reduce(parts)`` merging those partial results with ``+``. The core's ``local`` executor
     (one process, in order) is the default; a name the core uses cannot be taken over.

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from xai_core.tags import Capability
+from xai_core.core.tags import Capability
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from xai_core.core.errors import LayerNotFoundError
+
 
 def upsample(maps: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     """Resize ``(..., *spatial)`` maps to ``size`` (bilinear in 2D, trilinear in 3D)."""
@@ -103,8 +105,6 @@ class Explanation:
     def layer(self, name: str) -> torch.Tensor:
         """Maps of one layer on the input grid, ``(N, *spatial)`` or ``(N, K, *spatial)``."""
         if name not in self.layers:
-            from xai_core.errors import LayerNotFoundError
-
             raise LayerNotFoundError(
                 f"No maps for layer {name!r}; this explanation has {self.layers}."
             )

@@ -5,7 +5,8 @@ same context, and nothing one plugin does wrong stops the others: a method that 
 model is listed as skipped with the reason, a metric that fails for one method is recorded with its
 error and NaN values.
 
-The summary respects what each metric is (see :mod:`xai_core.statistics`): intervals stay in the
+The summary respects what each metric is (see :mod:`xai_core.workflows.statistics`):
+intervals stay in the
 metric's declared range and need at least ``MIN_N`` samples, equal means share a rank, methods are
 compared pairwise over the same samples, and :meth:`Comparison.verdict` ranks the methods over all
 metrics and flags those that fail the randomisation sanity check.
@@ -14,6 +15,7 @@ metrics and flags those that fail the randomisation sanity check.
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -23,12 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from xai_core import statistics
-from xai_core.api import check_masks, check_options, run_explainer, validate_inputs
-from xai_core.contract import check_metric_result
-from xai_core.errors import OptionError, UnknownOptionError, XaiError, did_you_mean
-from xai_core.explanation import Explanation
-from xai_core.metrics import (
+from xai_core.core.api import check_masks, check_options, run_explainer, validate_inputs
+from xai_core.core.contract import check_metric_result
+from xai_core.core.errors import OptionError, UnknownOptionError, XaiError, did_you_mean
+from xai_core.core.explanation import Explanation
+from xai_core.core.metrics import (
     Direction,
     MetricContext,
     Need,
@@ -36,13 +37,15 @@ from xai_core.metrics import (
     metric_options,
     metric_range,
 )
-from xai_core.progress import ProgressFn, accepts_progress, settable, within
-from xai_core.registry import get_registry
-from xai_core.tags import Scope
-from xai_core.targets import Region, Targets, TargetSpec
+from xai_core.core.progress import ProgressFn, accepts_progress, settable, within
+from xai_core.core.registry import get_registry
+from xai_core.core.tags import Scope
+from xai_core.core.targets import Region, Targets, TargetSpec
+from xai_core.workflows import statistics
+from xai_core.workflows.verdict import make_verdict
 
 if TYPE_CHECKING:
-    from xai_core.verdict import Verdict
+    from xai_core.workflows.verdict import Verdict
 
 Progress = ProgressFn  # the one protocol: progress(done, total, what)
 
@@ -190,9 +193,8 @@ class Comparison:
 
     def verdict(self, metrics: Sequence[str] | None = None) -> Verdict:
         """One summary over ``metrics`` (default: every ranked metric): mean rank and spread,
-        significant differences, and the randomisation sanity check (:mod:`xai_core.verdict`)."""
-        from xai_core.verdict import make_verdict
-
+        significant differences, and the randomisation sanity check
+        (:mod:`xai_core.workflows.verdict`)."""
         key = ("verdict", None if metrics is None else tuple(metrics))
         if key not in self._cache:
             self._cache[key] = make_verdict(self, metrics)
@@ -321,8 +323,6 @@ def measure_peak(device: torch.device) -> Iterator[dict[str, int | None]]:
 
 
 def _page_size() -> int:
-    import os
-
     return os.sysconf("SC_PAGE_SIZE")
 
 
@@ -351,7 +351,7 @@ def compare(
     :param options: method name -> that method's options, e.g. ``{"occlusion": {"window": 16}}``.
     :param metric_options: metric name -> that metric's options.
     :param chunk_size: rows per forward pass in the perturbation metrics.
-    :param progress: ``progress(done, total, what)`` (:mod:`xai_core.progress`): steps are
+    :param progress: ``progress(done, total, what)`` (:mod:`xai_core.core.progress`): steps are
         each method's explanation and each (method, metric); explainers and metrics taking a
         ``progress`` option report their own work (occlusion's perturbations, randomisation's
         stages) in ``what``.

@@ -41,26 +41,21 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from xai_core.api import run_explainer
-from xai_core.datasets import ClassMaps, DataStream, Progress, batch_targets
-from xai_core.errors import CapabilityError, InputError, OptionError, did_you_mean
-from xai_core.executors import DEFAULT_ENGINE, Executor, Partial, run
-from xai_core.explanation import normalize
-from xai_core.registry import get_registry
-from xai_core.tags import Scope
-
-if TYPE_CHECKING:
-    from xai_core.report import HtmlReport
+from xai_core.core.api import run_explainer
+from xai_core.core.errors import CapabilityError, InputError, OptionError, did_you_mean
+from xai_core.core.executors import DEFAULT_ENGINE, Executor, Partial, run
+from xai_core.core.explanation import normalize
+from xai_core.core.registry import get_registry
+from xai_core.core.tags import Scope
+from xai_core.workflows.datasets import ClassMaps, DataStream, Progress, batch_targets
 
 REFERENCES = ("auto", "masks", "uniform", "classes")
-BOX_COLOUR = (0, 229, 255)  # cyan: stands out from the inferno colormap and from grey anatomy
 
 
 @dataclass(frozen=True)
@@ -171,127 +166,13 @@ class AuditResult:
             )
         return "\n".join(lines)
 
-    def report(self) -> HtmlReport:
-        """An :class:`~xai_core.report.HtmlReport`: the flags, then per class the mean input,
-        the mean map, its spread and the unexplained share, flagged boxes drawn in cyan."""
-        from xai_core.report import HtmlReport
-
-        report = HtmlReport(title=f"xai-core audit: {self.method}")
-        report.add_note(
-            f"{self.images} images explained with {self.method}. A flag marks a region holding "
-            f"a disproportionate share of a class's attribution in many of its images: a place "
-            f"to look at (a marker, text, a border, a device), not proof of a shortcut."
-        )
-        report.add_heading("Flagged regions")
-        if self.flags:
-            rows = [
-                [
-                    f.class_name,
-                    str(f.box),
-                    f.share,
-                    f.unexplained,
-                    f.reference,
-                    f.reference_share,
-                    f.other_classes_share,
-                    f.lift,
-                    f"{f.images} / {f.class_images}",
-                ]
-                for f in self.flags
-            ]
-            report.add_table(
-                [
-                    "class",
-                    "box (left, top, right, bottom)",
-                    "share",
-                    "unexplained",
-                    "reference",
-                    "reference share",
-                    "other classes' share",
-                    "lift",
-                    "images",
-                ],
-                rows,
-            )
-        else:
-            report.add_note("No region was flagged.")
-        settings = ", ".join(
-            f"{k}={self.settings[k]}"
-            for k in ("group_by", "reference", "min_share", "min_lift", "min_fraction")
-            if k in self.settings
-        )
-        report.add_note(f"Settings: {settings}. See docs/audit.md for their meaning.")
-        for name, reason in self.skipped_classes.items():
-            report.add_note(f"Class {name} not audited: {reason}")
-        for key, error in self.failed.items():
-            report.add_note(f"{key}: failed: {error}", error=True)
-        report.add_heading("Classes")
-        for c, name in enumerate(self.class_names):
-            if self.counts[c] == 0:
-                continue
-            boxes = [f.box for f in self.flags if f.class_index == c]
-            report.add_fragment(self._class_section(c, name, boxes))
-        return report
-
-    def write(self, out: str | Path) -> Path:
-        """``report.html`` and ``audit.json`` in the folder ``out``; returns the report's path."""
-        import json
-
-        from xai_core.io.outputs import atomic_write_text
-
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "audit.json", json.dumps(self.to_dict(), indent=2))
-        return self.report().write(out / "report.html")
-
-    def _class_section(self, c: int, name: str, boxes: list[tuple[int, int, int, int]]) -> str:
-        from xai_core.report.html import data_uri, esc
-        from xai_core.report.overlay import as_rgb, overlay, to_png
-
-        image = _unit(self.mean_image[c].numpy())
-        panels = [
-            ("mean input", as_rgb(image)),
-            ("mean map", overlay(image, _unit(self.mean[c].numpy()))),
-            ("spread (std)", overlay(image, _unit(self.std[c].numpy()))),
-            ("unexplained share", overlay(image, _unit(self.unexplained[c].numpy()))),
-        ]
-        cards = "".join(
-            f'<div class="card"><img alt="{esc(title)}" '
-            f'src="{data_uri(to_png(draw_boxes(rgb, boxes)))}">'
-            f'<div class="caption">{esc(title)}</div></div>'
-            for title, rgb in panels
-        )
-        flagged = f", {len(boxes)} flagged region(s)" if boxes else ""
-        note = f"{self.counts[c]} images; reference: {self.references[c]}{flagged}"
-        return f'<h3>{esc(name)}</h3><p class="note">{esc(note)}</p><div class="grid">{cards}</div>'
-
-
-def draw_boxes(
-    rgb: np.ndarray, boxes: Sequence[tuple[int, int, int, int]], colour=BOX_COLOUR
-) -> np.ndarray:
-    """A copy of ``rgb`` ``(H, W, 3)`` with each ``(left, top, right, bottom)`` box outlined."""
-    out = rgb.copy()
-    h, w = out.shape[:2]
-    width = max(1, round(max(h, w) / 128))  # about one display pixel at the report's 224 px
-    for left, top, right, bottom in boxes:
-        r, b = min(right, w), min(bottom, h)
-        out[top : min(top + width, b), left:r] = colour
-        out[max(b - width, top) : b, left:r] = colour
-        out[top:b, left : min(left + width, r)] = colour
-        out[top:b, max(r - width, left) : r] = colour
-    return out
-
-
-def _unit(a: np.ndarray) -> np.ndarray:
-    low, high = float(a.min()), float(a.max())
-    return (a - low) / (high - low) if high > low else np.zeros_like(a)
-
 
 @dataclass
 class _Sums:
     """What the audit accumulates per class while it streams (all ``ClassMaps``).
 
     Partial sums over parts of the data merge with ``+`` into the sums over all of it (the
-    executor's reduce, see :mod:`xai_core.executors`).
+    executor's reduce, see :mod:`xai_core.core.executors`).
     """
 
     maps: ClassMaps  # normalised maps: mean and spread, as `aggregate` gives them
@@ -398,7 +279,7 @@ def audit(
     :param model: anything :func:`xai_core.explain` accepts.
     :param data: a ``(N, C, H, W)`` tensor, ``(x, y)`` or ``(x, y, masks)``, a folder or list of
         image files, a DataLoader / iterable yielding ``x``, ``(x, y)`` or ``(x, y, masks)``, or a
-        :class:`~xai_core.datasets.DataStream` of any of those; streamed in batches on the
+        :class:`~xai_core.workflows.datasets.DataStream` of any of those; streamed in batches on the
         model's device.
     :param method: the local method that explains each image (``gradcam``, ``occlusion``...).
     :param options: that method's options, e.g. ``{"window": 8}`` for occlusion.
@@ -411,7 +292,7 @@ def audit(
         ``"classes"`` (see the module documentation).
     :param class_names: names for the report; default ``"0"``, ``"1"``...
     :param batch_size: images per batch (a DataLoader keeps its own).
-    :param preprocess: see :class:`~xai_core.datasets.DataStream`.
+    :param preprocess: see :class:`~xai_core.workflows.datasets.DataStream`.
     :param min_share: smallest unexplained share of a class's attribution a flagged box holds.
     :param min_lift: how many times a uniform share a pixel must hold to be part of a region.
     :param min_fraction: smallest fraction of a class's images that must concentrate their own
@@ -420,10 +301,10 @@ def audit(
     :param mask_margin: pixels by which masks are widened (maps are smoother than lesions);
         default 5% of the image's larger side.
     :param progress: ``progress(images_done, images_total_or_None, what)`` after each batch
-        (:mod:`xai_core.progress`), and within a batch when the method reports its own work
+        (:mod:`xai_core.core.progress`), and within a batch when the method reports its own work
         (occlusion's perturbed inputs).
     :param engine: where the batches are explained: an executor's name (``"local"``, this
-        process, the default; plugins add others) or an executor (:mod:`xai_core.executors`).
+        process, the default; plugins add others) or an executor (:mod:`xai_core.core.executors`).
     """
     _check_settings(group_by, reference, min_share, min_lift, min_fraction, min_images, mask_margin)
     registry = get_registry()
@@ -571,7 +452,7 @@ def _find_flags(
     min_fraction: float,
     min_images: int,
 ) -> AuditResult:
-    from scipy import ndimage  # scipy comes with scikit-image, a core dependency
+    from scipy import ndimage  # scipy comes with scikit-image; imported when flags are sought
 
     mean_positive = sums.positive.mean.cpu()  # (C, H, W) float64
     totals = mean_positive.flatten(1).sum(dim=1).view(-1, 1, 1)

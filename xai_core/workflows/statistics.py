@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+# scipy.stats is imported by the two functions that need it (about 0.3 s at start-up).
+
 MIN_N = 3  # fewer defined samples: no interval and no test (the reason is shown)
 LEVEL = 0.95
 RESAMPLES = 2000

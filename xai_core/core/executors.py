@@ -1,9 +1,11 @@
 """Where dataset work runs: executors map a batch step over a data source and merge the parts.
 
 ``audit()`` and ``explain_dataset()`` describe their work as a *step*, a picklable callable that
-turns one :class:`~xai_core.datasets.Batch` into a partial result, and partial results that
+turns one
+:class:`~xai_core.workflows.datasets.Batch` into a partial result, and partial results that
 merge with ``+`` (:class:`Partial` around the per-class running sums,
-:class:`~xai_core.datasets.ClassMaps`): merging the parts of any split of the data gives the
+:class:`~xai_core.workflows.datasets.ClassMaps`):
+merging the parts of any split of the data gives the
 result of one pass over all of it (exactly, for the same order of additions). An executor
 decides where the steps run and how the parts are merged:
 
@@ -14,7 +16,7 @@ The core's :class:`LocalExecutor` (``engine="local"``, the default) runs them on
 other in this process. A plugin adds others with the ``register_executors`` hook (a Ray or
 process-pool executor, say); users pick one by name: ``audit(..., engine="ray")``. A step holds
 the model adapter; the adapters pickle (the ONNX one reopens its session), and the registry
-pickles as what it loaded (:meth:`~xai_core.registry.Registry.snapshot`), rebuilt in a worker.
+pickles as what it loaded (:meth:`~xai_core.core.registry.Registry.snapshot`), rebuilt in a worker.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from xai_core.errors import OptionError
-from xai_core.progress import ProgressFn
+from xai_core.core.errors import OptionError
+from xai_core.core.progress import ProgressFn
+from xai_core.core.registry import get_registry
 
 DEFAULT_ENGINE = "local"
 
@@ -82,8 +85,6 @@ class Partial:
 def get_executor(engine: str | Executor) -> Executor:
     """The executor ``engine`` names (``xai plugins`` lists them), or ``engine`` itself."""
     if isinstance(engine, str):
-        from xai_core.registry import get_registry
-
         return get_registry().get_executor(engine)
     if isinstance(engine, Executor):
         return engine

@@ -32,7 +32,7 @@ from typing import Any, Literal, TypeAlias
 
 import torch
 
-from xai_core.errors import NonFiniteScoresError, TargetError, TargetTypeError
+from xai_core.core.errors import NonFiniteScoresError, TargetError, TargetTypeError
 
 ScoreFunction: TypeAlias = Callable[[torch.Tensor], torch.Tensor]
 TargetSpec: TypeAlias = (

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -22,9 +23,9 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
-from xai_core.adapters.base import ModelAdapter
-from xai_core.errors import PluginError, TargetError
-from xai_core.explanation import Explanation
+from xai_core.core.adapters import ModelAdapter
+from xai_core.core.errors import PluginError, TargetError
+from xai_core.core.explanation import Explanation
 
 
 class Direction(StrEnum):
@@ -122,18 +123,18 @@ def metric_measured_once(cls: Any) -> bool:
 
 def check_metric_class(cls: Any) -> None:
     """Raise PluginError when ``cls`` breaks the Metric protocol (said in words)."""
-    import re
-
     if not isinstance(cls, type):
         raise PluginError(f"register() takes a metric class; got {cls!r}.")
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not re.match(r"^[a-z][a-z0-9_\-.]*$", name):
         raise PluginError(f"{cls.__qualname__}.name must be a lower-case identifier; got {name!r}.")
     if not isinstance(getattr(cls, "direction", None), Direction):
-        raise PluginError(f"{cls.__qualname__}.direction must be a xai_core.metrics.Direction.")
+        raise PluginError(
+            f"{cls.__qualname__}.direction must be a xai_core.core.metrics.Direction."
+        )
     needs = getattr(cls, "needs", frozenset())
     if not all(isinstance(n, Need) for n in needs):
-        raise PluginError(f"{cls.__qualname__}.needs must hold xai_core.metrics.Need values.")
+        raise PluginError(f"{cls.__qualname__}.needs must hold xai_core.core.metrics.Need values.")
     bounds = getattr(cls, "range", None)
     if bounds is not None:
         ok = (

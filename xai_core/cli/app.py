@@ -1,4 +1,8 @@
-"""The ``xai`` command line. Plugins add commands through the ``register_commands`` hook."""
+"""The ``xai`` command line. Plugins add commands through the ``register_commands`` hook.
+
+Each command imports the workflows it runs inside its function: ``xai --help``, shell completion
+and ``xai plugins`` then start without loading torch's model zoo, the readers or the report.
+"""
 
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from xai_core.errors import (
+from xai_core.core.errors import (
     CapabilityError,
     ChannelMismatchError,
     InputRankError,
@@ -35,7 +39,7 @@ from xai_core.errors import (
     UnknownMethodError,
     XaiError,
 )
-from xai_core.registry import get_registry
+from xai_core.core.registry import get_registry
 
 app = typer.Typer(
     name="xai",
@@ -246,9 +250,9 @@ DeviceOpt = Annotated[str | None, typer.Option(help="cpu or cuda; default: cuda 
 
 
 def _setup(model_spec, arch, num_classes, size, mean, std, channels, slice_axis, device):
+    from xai_core.cli.jobs import pick_device
     from xai_core.io.models import load_model
     from xai_core.io.preprocess import Preprocess
-    from xai_core.jobs import pick_device
 
     dev = pick_device(device)  # a device this machine lacks fails before the model is loaded
     model, info = load_model(model_spec, arch=arch, num_classes=num_classes)
@@ -274,8 +278,8 @@ def _setup(model_spec, arch, num_classes, size, mean, std, channels, slice_axis,
 
 
 class _Reporter:
-    """The CLI's ``progress(done, total, what)`` (:mod:`xai_core.progress`): a rich bar with the
-    time left on a terminal; elsewhere (a log, CI, a pipe) a plain line on stderr every
+    """The CLI's ``progress(done, total, what)`` (:mod:`xai_core.core.progress`): a rich bar
+    with the time left on a terminal; elsewhere (a log, CI, a pipe) a plain line on stderr every
     ``interval`` seconds or 10 % of the work, whichever comes first, without escape codes."""
 
     def __init__(self, title: str, *, interval: float = 5.0) -> None:
@@ -373,7 +377,7 @@ def explain_command(
     preprocessing, and redoes the others; unreadable files are reported and skipped.
     """
     import xai_core
-    from xai_core.jobs import check_method, explain_files, model_identity
+    from xai_core.cli.jobs import check_method, explain_files, model_identity
 
     options = _key_values(option, "--option")
     _caller_options(options, "-O")
@@ -406,7 +410,7 @@ def explain_command(
 
 def _find_inputs(inputs: list[Path], out: Path) -> list:
     """The inputs, without the output folder's own files; none at all is a usage error."""
-    from xai_core.jobs import find_job_inputs
+    from xai_core.cli.jobs import find_job_inputs
 
     items = find_job_inputs(inputs, out)
     if not items:
@@ -524,7 +528,7 @@ def compare_command(
 
     The cost is estimated before the work starts (printed on stderr) and kept within --budget.
     """
-    from xai_core.jobs import compare_files
+    from xai_core.cli.jobs import compare_files
 
     method_options = _nested(option, "--option")
     metric_opts = _nested(metric_option, "--metric-option")
@@ -650,8 +654,9 @@ def audit_command(
 
     Images are grouped by the model's predicted class; writes report.html and audit.json.
     """
-    from xai_core.audit import audit
-    from xai_core.datasets import DataStream
+    from xai_core.report.audit import write_audit
+    from xai_core.workflows.audit import audit
+    from xai_core.workflows.datasets import DataStream
 
     out = out.absolute()
     net, info, preprocess, dev = _setup(
@@ -680,7 +685,7 @@ def audit_command(
             min_fraction=min_fraction,
             progress=report,
         )
-    written = result.write(out)
+    written = write_audit(result, out)
     _print_text(result.summary())
     errors = Console(stderr=True, highlight=False, soft_wrap=True)
     for key, error in result.failed.items():

@@ -17,6 +17,7 @@ such an option is supplied by the caller, never set from the command line.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 ProgressFn = Callable[[float, int | None, str], None]
@@ -43,8 +44,6 @@ def within(
 
 def accepts_progress(cls: type) -> bool:
     """Whether an explainer (``explain``) or metric (``compute``) takes a ``progress`` option."""
-    import inspect
-
     function = getattr(cls, "explain", None) or getattr(cls, "compute", None)
     if function is None:
         return False

@@ -13,16 +13,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from xai_core.adapters.base import InputSpec, ModelAdapter
-from xai_core.capture import capture, preserved_state
-from xai_core.errors import (
+from xai_core.core.adapters import InputSpec, ModelAdapter
+from xai_core.core.errors import (
+    CapabilityError,
     LayerNotFoundError,
     LayerTypeError,
     ModelError,
     OptionError,
     UnknownLayerError,
+    did_you_mean,
 )
-from xai_core.tags import Capability
+from xai_core.core.tags import Capability
+from xai_core.torch.capture import capture, is_attention_module, preserved_state
+from xai_core.torch.ops import feature_layout, token_layout
 
 log = logging.getLogger("xai_core")
 
@@ -60,37 +63,6 @@ def conv_input(module: nn.Module) -> tuple[int, int] | None:
 _default_layer_cache: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], str]] = (
     weakref.WeakKeyDictionary()
 )
-
-
-# What a module that computes multi-head attention itself holds (duck typing, not class names):
-# a head count, and query and key projections under the names the common libraries use.
-_HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_heads", "heads")
-_PROJECTIONS = (("qkv",), ("query", "key"), ("q", "k"), ("q_proj", "k_proj"), ("to_qkv",))
-
-
-def computes_attention(module: nn.Module) -> bool:
-    """True for a module that looks like it computes multi-head attention from its input itself:
-    an integer head count and query/key projection sub-modules (timm's ``Attention`` and its
-    EVA/BEiT/Swin variants, Hugging Face's ``ViTAttention``/``ViTSelfAttention`` and kin).
-    Whether it really does is shown when it runs: :func:`xai_core.capture.capture_attention`
-    reads the weights of its ``F.scaled_dot_product_attention`` or softmax call, and refuses a
-    module in which it finds neither."""
-    heads = next((getattr(module, a) for a in _HEAD_COUNTS if hasattr(module, a)), None)
-    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
-        return False
-    children = dict(module.named_children())
-    return any(all(isinstance(children.get(n), nn.Module) for n in names) for names in _PROJECTIONS)
-
-
-def is_attention_module(module: nn.Module) -> bool:
-    """True for ``nn.MultiheadAttention``, for custom modules that opt in to the attention
-    contract by setting ``xai_attention = True`` (see docs/methods/attention.md), and for modules
-    recognised by their structure (:func:`computes_attention`)."""
-    return (
-        isinstance(module, nn.MultiheadAttention)
-        or bool(getattr(module, "xai_attention", False))
-        or computes_attention(module)
-    )
 
 
 def declared_extra_tokens(module: nn.Module) -> int | None:
@@ -193,8 +165,6 @@ class TorchAdapter(ModelAdapter):
         for item in items:
             if isinstance(item, str):
                 if item not in layers:
-                    from xai_core.errors import did_you_mean
-
                     raise UnknownLayerError(
                         f"The model has no layer named {item!r}.{did_you_mean(item, layers)}",
                         "List them with dict(model.named_modules()).keys().",
@@ -220,7 +190,7 @@ class TorchAdapter(ModelAdapter):
         attention only the class token reaches the head, and the last spatial output would be
         the patch embedding. Otherwise (CNNs, windowed and hierarchical transformers): the last
         module, in execution order, whose output is still a feature map of the input
-        (:func:`xai_core.ops.feature_layout`: channels-first, channels-last or a token grid).
+        (:func:`xai_core.torch.ops.feature_layout`: channels-first, channels-last or a token grid).
         Never a module inside an attention module (projections, q/k norms, softmax or dropout
         of the weights, relative position biases), never an output that does not change with
         the input. Found by running two different samples with forward hooks (then removed),
@@ -275,9 +245,6 @@ class TorchAdapter(ModelAdapter):
 
     @staticmethod
     def _is_feature_map(output: torch.Tensor, inputs: torch.Tensor, extra: int | None) -> bool:
-        from xai_core.errors import CapabilityError
-        from xai_core.ops import feature_layout
-
         if output.ndim not in (inputs.ndim, 3):
             return False
         try:
@@ -298,9 +265,6 @@ class TorchAdapter(ModelAdapter):
         ``(None, None)``: no self-attention, a query computed by no module (a functional norm),
         or tokens that do not tile the input as patches (windows). Cross-attention (learned
         object queries reading image tokens, as in DETR) is not a patch grid and is skipped."""
-        from xai_core.errors import CapabilityError
-        from xai_core.ops import token_layout
-
         for attention, args in reversed(calls):
             # One argument: a module that projects its input to queries, keys and values itself
             # (timm's Attention(x)); several: nn.MultiheadAttention(query, key, value).

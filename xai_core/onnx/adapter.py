@@ -4,7 +4,8 @@ Inputs and outputs stay torch tensors. On a CUDA provider they are bound to the 
 I/O binding (no host copy); on the CPU provider numpy views share the tensors' memory. A model
 exported with a fixed batch size is run in chunks of that size, the last one padded.
 
-The adapter pickles (to run in a worker process, :mod:`xai_core.executors`): what is kept is the
+The adapter pickles (to run in a worker process, :mod:`xai_core.core.executors`): what is
+kept is the
 model's path or bytes and the providers asked for; unpickling opens a new session.
 """
 
@@ -17,9 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from xai_core.adapters.base import InputSpec, ModelAdapter
-from xai_core.errors import ModelError
-from xai_core.tags import Capability
+from xai_core.core.adapters import InputSpec, ModelAdapter
+from xai_core.core.errors import ModelError
+from xai_core.core.tags import Capability
 
 PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
@@ -32,7 +33,7 @@ _ORT_TYPES = {
 
 def _onnxruntime():
     try:
-        import onnxruntime
+        import onnxruntime  # an optional dependency (the `onnx` extra)
     except ImportError as exc:  # pragma: no cover - the test environment has it
         raise ModelError(
             "ONNX models need onnxruntime: pip install 'xai-core[onnx]' (or [onnx-gpu] for CUDA)."

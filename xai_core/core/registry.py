@@ -15,7 +15,7 @@ What a plugin cannot do (docs/architecture.md, "Plugin precedence"):
   and by a third-party plugin stays the built-in's, the duplicate is refused and listed; a
   built-in ``xai`` command cannot be replaced; PyTorch modules and ONNX models are adapted by the
   core, plugins are asked only for other objects;
-* return a malformed result unnoticed (:mod:`xai_core.contract`).
+* return a malformed result unnoticed (:mod:`xai_core.core.contract`).
 
 The registry is thread-safe: entry points load once, under a lock, and the lookups are cached
 under the same lock.
@@ -42,14 +42,15 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
+from importlib.metadata import PackageNotFoundError, entry_points, version
 from typing import TYPE_CHECKING, Any
 
 import pluggy
 
-from xai_core import hookspecs
-from xai_core.adapters.base import ModelAdapter
-from xai_core.errors import (
+from xai_core.core import hookspecs
+from xai_core.core.adapters import ModelAdapter
+from xai_core.core.errors import (
+    InputFileError,
     ModelError,
     ModelTypeError,
     PluginConflictError,
@@ -58,10 +59,10 @@ from xai_core.errors import (
     XaiError,
     did_you_mean,
 )
-from xai_core.hookspecs import PROJECT
-from xai_core.metrics import check_metric_class
-from xai_core.tags import Capability, Dependence, Scope, Tags
-from xai_core.types import ExplainerInfo, PluginInfo
+from xai_core.core.hookspecs import PROJECT
+from xai_core.core.metrics import check_metric_class
+from xai_core.core.tags import Capability, Dependence, Scope, Tags
+from xai_core.core.types import ExplainerInfo, PluginInfo
 
 if TYPE_CHECKING:
     import typer
@@ -248,23 +249,9 @@ def _names_from_env(var: str) -> set[str]:
     return {n.strip() for n in os.environ.get(var, "").split(",") if n.strip()}
 
 
-def _builtin_adapter(model: Any, options: dict[str, Any]) -> ModelAdapter | None:
-    """The core's own adapters: PyTorch modules and ONNX models, always asked first."""
-    from torch import nn
-
-    from xai_core.adapters.onnx import OnnxAdapter, is_onnx_model
-    from xai_core.adapters.torch import TorchAdapter
-
-    if isinstance(model, nn.Module):
-        return TorchAdapter(model, input_spec=options.get("input_spec"))
-    if is_onnx_model(model):
-        return OnnxAdapter(model, providers=options.get("providers"))
-    return None
-
-
 def _command_name(info: Any) -> str | None:
     """The name typer gives a registered command or sub-app (``None`` when it has none)."""
-    from typer.main import get_command_name
+    from typer.main import get_command_name  # typer only when the CLI builds its commands
     from typer.models import DefaultPlaceholder
 
     def given(value: Any) -> Any:
@@ -320,16 +307,18 @@ class Registry:
         self._register_core()
 
     def _register_core(self) -> None:
-        """The core's own loaders, readers and executor: a plugin asked before all others."""
-        from importlib.metadata import PackageNotFoundError, version
-
-        from xai_core import core_plugin
+        """The core's own adapters, loaders, readers and executor (:mod:`xai_core.plugin`): a
+        plugin registered before all others and always asked first."""
+        # The one import from this layer upwards: the core's plugin wires the torch, ONNX and
+        # io layers in, as an entry point would (listed in the import-linter contract).
+        from xai_core import plugin as core_plugin
 
         try:
             core_version = version(CORE_PLUGIN)
         except PackageNotFoundError:  # pragma: no cover - running from a source tree
             core_version = None
         self.pm.register(core_plugin, name=CORE_PLUGIN)
+        self._core = core_plugin
         self._sources[CORE_PLUGIN] = PluginInfo(CORE_PLUGIN, CORE_PLUGIN, core_version)
 
     # -- rebuilding in another process -------------------------------------------------------
@@ -573,7 +562,7 @@ class Registry:
         command such as ``plugins``, or another plugin's) is refused and recorded as a failure.
         If the hook raises, none of its commands is added.
         """
-        import typer
+        import typer  # as in _command_name
 
         self.load()
         taken = {_command_name(i) for i in (*app.registered_commands, *app.registered_groups)}
@@ -816,7 +805,7 @@ class Registry:
         if isinstance(model, ModelAdapter):
             return model
         try:
-            adapter = _builtin_adapter(model, options)
+            adapter = self._core.adapt_model(model=model, options=options)
         except XaiError:
             raise
         except Exception as exc:  # the core's adapter broke on this model: say so, not "wrong type"
@@ -831,6 +820,8 @@ class Registry:
         refusal: XaiError | None = None
         args = {"model": model, "options": options}
         for impl in self._plugin_impls("adapt_model"):
+            if impl.plugin_name == CORE_PLUGIN:  # asked above, outside the guard
+                continue
             source = self._source(impl.plugin_name)
 
             def ask(_impl: Any = impl) -> Any:
@@ -914,8 +905,6 @@ class Registry:
             return model, {"kind": source.plugin, **info, "loader": source.distribution}
         if refusal is not None:
             raise refusal
-        from xai_core.errors import ModelError
-
         prefix = spec.split(":", 1)[0] if ":" in spec else None
         hint = (
             f" No installed plugin loads {prefix}: specs (see `xai plugins`)."
@@ -975,15 +964,14 @@ class Registry:
         entry = _only_entry(table, name, "reader")  # unknown or conflicting: a typed error
         return _instance(entry.cls), entry.source  # pragma: no cover - _only_entry raised
 
-    def read(self, kind: str, path: Any, options: Any) -> Any:
-        """Read ``path`` with the reader registered as ``kind``; a :class:`LoadedInput`.
+    def read(self, kind: str, path: Any, options: Any, *, returns: type) -> Any:
+        """Read ``path`` with the reader registered as ``kind``; an instance of ``returns``
+        (:class:`xai_core.io.inputs.LoadedInput`, passed in by the io layer that defines it).
 
         A plugin reader's failure is the file's: an ``XaiError`` it raises propagates, any other
-        exception (or a result that is not a ``LoadedInput``) becomes an ``InputFileError``
-        naming the file and the plugin, so a batch goes on with the next file.
+        exception (or a result that is not a ``returns``) becomes an ``InputFileError`` naming
+        the file and the plugin, so a batch goes on with the next file.
         """
-        from xai_core.errors import InputFileError
-        from xai_core.io.inputs import LoadedInput
 
         reader, source = self.get_reader(kind)
         if source.plugin == CORE_PLUGIN:
@@ -1007,9 +995,9 @@ class Registry:
             )
         if not ok:
             raise InputFileError(path, f"{who} failed (see `xai plugins`)")
-        if not isinstance(loaded, LoadedInput):
+        if not isinstance(loaded, returns):
             raise InputFileError(
-                path, f"{who} returned a {type(loaded).__name__}, not a LoadedInput"
+                path, f"{who} returned a {type(loaded).__name__}, not a {returns.__name__}"
             )
         return loaded
 
@@ -1086,6 +1074,8 @@ class Registry:
                 }
             )
         for impl in self._plugin_impls("adapt_model"):
+            if impl.plugin_name == CORE_PLUGIN:
+                continue
             source = self._source(impl.plugin_name)
             summary = _summary(impl.function)
             note = f"{summary} {_ADAPTER_NOTE}" if summary else _ADAPTER_NOTE

@@ -22,15 +22,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from xai_core.api import check_masks, check_options, run_explainer
-from xai_core.errors import CapabilityError, InputError, OptionError, XaiError
-from xai_core.executors import DEFAULT_ENGINE, Executor, Partial, run
-from xai_core.io.inputs import MaskFolder
-from xai_core.progress import ProgressFn
-from xai_core.registry import get_registry
-from xai_core.tags import Scope
+from xai_core.core.api import check_masks, check_options, run_explainer
+from xai_core.core.errors import CapabilityError, InputError, OptionError, XaiError
+from xai_core.core.executors import DEFAULT_ENGINE, Executor, Partial, run
+from xai_core.core.progress import ProgressFn
+from xai_core.core.registry import get_registry
+from xai_core.core.tags import Scope
+from xai_core.io.inputs import MaskFolder, find_inputs, read_item
+from xai_core.io.preprocess import Preprocess
 
-# progress(images done, images in all or None if unknown, what): xai_core.progress
+# progress(images done, images in all or None if unknown, what): xai_core.core.progress
 Progress = ProgressFn
 Transform = Callable[[torch.Tensor], torch.Tensor]
 PathLike = str | os.PathLike
@@ -157,8 +158,6 @@ class DataStream:
 
     def _items(self) -> list[Any]:
         if self._found is None:
-            from xai_core.io.inputs import find_inputs
-
             paths = [self.data] if isinstance(self.data, str | os.PathLike) else list(self.data)
             self._found = find_inputs(paths)
             if not self._found:
@@ -166,9 +165,6 @@ class DataStream:
         return self._found
 
     def _file_batches(self) -> Iterator[Batch]:
-        from xai_core.io.inputs import read_item
-        from xai_core.io.preprocess import Preprocess
-
         preprocess = self.preprocess if self.preprocess is not None else Preprocess()
         masks = None if self.masks is None else MaskFolder(self.masks, self._items())
         first: tuple[str, tuple[int, ...]] | None = None  # every batch must share one size
@@ -242,8 +238,6 @@ def _unpack(item: Any) -> tuple[Any, Any, Any]:
 
 def _prepare(preprocess: Any, x: Any) -> torch.Tensor:
     """A Preprocess applied per sample (it reads (C, *spatial) arrays), a callable per batch."""
-    from xai_core.io.preprocess import Preprocess
-
     if isinstance(preprocess, Preprocess):
         if hasattr(x, "array"):  # a LoadedInput read from a file
             return preprocess.to_tensor(x)
@@ -410,9 +404,9 @@ def explain_dataset(
         class), ``"all"`` (every class, for every image), or ``"auto"`` (labels when the data
         has them, else the prediction).
     :param progress: ``progress(images_done, images_total_or_None, what)`` after each batch
-        (:mod:`xai_core.progress`).
+        (:mod:`xai_core.core.progress`).
     :param engine: where the batches are explained: an executor's name (``"local"``, the
-        default; plugins add others) or an executor (:mod:`xai_core.executors`).
+        default; plugins add others) or an executor (:mod:`xai_core.core.executors`).
     :param options: the global method's options, e.g. ``local="gradcam"`` for ``aggregate``.
     """
     registry = get_registry()

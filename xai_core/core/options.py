@@ -2,9 +2,9 @@
 
 An explainer's options are the keyword-only parameters of its ``explain``; their type hints are
 the contract. :func:`check_option_values` reads them with ``typing.get_type_hints`` and refuses
-a value that does not fit with an :class:`~xai_core.errors.OptionTypeError` (wrong type) or an
-:class:`~xai_core.errors.OptionError` (out of range, not one of the choices), naming the method,
-the option, the value and what was expected. Understood annotations:
+a value that does not fit with an :class:`~xai_core.core.errors.OptionTypeError` (wrong type)
+or an :class:`~xai_core.core.errors.OptionError` (out of range, not one of the choices), naming
+the method, the option, the value and what was expected. Understood annotations:
 
 * ``bool`` (only ``True``/``False``, not ``1`` or ``"no"``), ``int`` (not a bool), ``float``
   (an int is fine; NaN and infinities are not), ``str``, ``None``;
@@ -30,7 +30,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
-from xai_core.errors import OptionError, OptionTypeError, did_you_mean
+from xai_core.core.errors import OptionError, OptionTypeError, did_you_mean
 
 
 @dataclass(frozen=True)

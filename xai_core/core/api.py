@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from xai_core.adapters.base import InputSpec, ModelAdapter
-from xai_core.contract import check_attribution
-from xai_core.errors import (
+from xai_core.core.adapters import InputSpec, ModelAdapter
+from xai_core.core.contract import check_attribution
+from xai_core.core.errors import (
     CapabilityError,
     ChannelMismatchError,
     DeviceError,
@@ -26,13 +26,13 @@ from xai_core.errors import (
     UnknownOptionError,
     did_you_mean,
 )
-from xai_core.explanation import Explanation
-from xai_core.options import check_option_values
-from xai_core.progress import settable
-from xai_core.registry import explainer_options, get_registry
-from xai_core.tags import Capability
-from xai_core.targets import Targets, TargetSpec
-from xai_core.types import Attribution, ExplainerInfo
+from xai_core.core.explanation import Explanation
+from xai_core.core.options import check_option_values
+from xai_core.core.progress import settable
+from xai_core.core.registry import explainer_options, get_registry
+from xai_core.core.tags import Capability
+from xai_core.core.targets import Targets, TargetSpec
+from xai_core.core.types import Attribution, ExplainerInfo
 
 
 def check_masks(masks: Any, inputs: torch.Tensor) -> torch.Tensor:
@@ -152,7 +152,7 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 def check_options(info: ExplainerInfo, options: dict[str, Any]) -> None:
     """Refuse unknown option names, then values that do not fit the options' annotations
-    (:mod:`xai_core.options`), before anything runs."""
+    (:mod:`xai_core.core.options`), before anything runs."""
     accepted = explainer_options(info.cls)
     for name in options:
         if name not in accepted:
@@ -178,7 +178,7 @@ def explain(
         :class:`~xai_core.ModelAdapter`, or anything a plugin's ``adapt_model`` accepts.
     :param inputs: ``(N, C, H, W)`` or ``(N, C, D, H, W)`` float tensor on the model's device.
     :param method: a name from :func:`list_explainers`, e.g. ``"gradcam"``.
-    :param targets: what to explain (see :mod:`xai_core.targets`); default: the top class.
+    :param targets: what to explain (see :mod:`xai_core.core.targets`); default: the top class.
     :param input_spec: what a PyTorch model takes (``InputSpec(rank=4, channels=3)``), for a
         model whose first convolution does not tell it (see :class:`~xai_core.InputSpec`).
     :param options: the method's own options (e.g. ``layer=...`` for Grad-CAM).

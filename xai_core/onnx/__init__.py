@@ -1,0 +1,1 @@
+"""ONNX models, run by onnxruntime: a black-box adapter (model-agnostic methods only)."""
