@@ -12,7 +12,11 @@ from xai_core.testing import check_explainer, explainer_checks
 
 
 class Good:
-    """|x| scaled by the target score: cheap, target-dependent, batch-independent."""
+    """Channel occlusion: |x_c| weighted by the target score's drop when channel c is zeroed.
+
+    Cheap, forward passes only (model-agnostic), target-dependent, batch-independent, and a
+    correct attribution: positive where the requested class's evidence is.
+    """
 
     name = "good"
     tags = Tags("local", "model-agnostic")
@@ -20,9 +24,14 @@ class Good:
     def explain(self, model, inputs, targets, *, scale: float = 1.0):
         scores = model.forward(inputs)
         resolved = targets.resolve(scores)
-        weight = resolved.select(scores).detach()  # (N, K): a target-dependent map
-        weight = weight.reshape(*weight.shape, *[1] * (inputs.ndim - 2))
-        maps = inputs.abs().mean(1, keepdim=True) * weight * scale
+        base = resolved.select(scores).detach()  # (N, K)
+        drops = []
+        for c in range(inputs.shape[1]):
+            hidden = inputs.clone()
+            hidden[:, c] = 0
+            drops.append(base - resolved.select(model.forward(hidden)).detach())
+        weights = torch.stack(drops, dim=-1)  # (N, K, C)
+        maps = torch.einsum("nkc,nc...->nk...", weights, inputs.abs()) * scale
         return Attribution(maps=maps, scores=scores.detach())
 
 

@@ -1,0 +1,47 @@
+"""The conformance kit: check that an explainer, a metric or a model adapter keeps the protocol.
+
+Modelled on scikit-learn's ``check_estimator`` / ``parametrize_with_checks``: each check is a
+named function; which checks run follows from what is tested (an explainer's tags, a metric's
+needs, an adapter's capabilities); a check that cannot apply is skipped with its reason; an
+``expected_failures`` mapping ``{"check": "why"}`` marks known failures (and a listed check that
+passes is reported, strictly).
+
+Run every check and get a report, or one error listing each failure::
+
+    from xai_core.testing import check_adapter, check_explainer, check_metric
+    check_explainer(MyExplainer)                      # on the kit's tiny models
+    check_explainer(MyViTMethod, model=my_vit, inputs=x, options={"layer": 3})
+    check_metric(MyMetric)
+    check_adapter(lambda: MyAdapter(my_model))
+
+Or one pytest test per (subject, check)::
+
+    @parametrize_with_checks([MyExplainer], expected_failures={"onnx": "needs torch"})
+    def test_conformance(check):
+        check()
+
+See docs/writing-a-plugin.md ("Test it with the conformance kit").
+"""
+
+from xai_core.testing.explainers import (
+    check_explainer,
+    explainer_checks,
+    parametrize_with_checks,
+)
+from xai_core.testing.models import evidence_cnn, evidence_inputs, evidence_masks, tiny_cnn
+from xai_core.testing.runner import Check, CheckResult, Report, SkipCheck, run_checks
+
+__all__ = [
+    "Check",
+    "CheckResult",
+    "Report",
+    "SkipCheck",
+    "check_explainer",
+    "evidence_cnn",
+    "evidence_inputs",
+    "evidence_masks",
+    "explainer_checks",
+    "parametrize_with_checks",
+    "run_checks",
+    "tiny_cnn",
+]
