@@ -28,6 +28,7 @@ from xai_core.testing.explainers import (
     explainer_checks,
     parametrize_with_checks,
 )
+from xai_core.testing.metrics import check_metric, metric_checks, parametrize_metrics
 from xai_core.testing.models import evidence_cnn, evidence_inputs, evidence_masks, tiny_cnn
 from xai_core.testing.runner import Check, CheckResult, Report, SkipCheck, run_checks
 
@@ -37,10 +38,13 @@ __all__ = [
     "Report",
     "SkipCheck",
     "check_explainer",
+    "check_metric",
     "evidence_cnn",
     "evidence_inputs",
     "evidence_masks",
     "explainer_checks",
+    "metric_checks",
+    "parametrize_metrics",
     "parametrize_with_checks",
     "run_checks",
     "tiny_cnn",
