@@ -23,6 +23,7 @@ Or one pytest test per (subject, check)::
 See docs/writing-a-plugin.md ("Test it with the conformance kit").
 """
 
+from xai_core.testing.adapters import CAPABILITY_CHECKS, adapter_checks, check_adapter
 from xai_core.testing.explainers import (
     check_explainer,
     explainer_checks,
@@ -33,10 +34,13 @@ from xai_core.testing.models import evidence_cnn, evidence_inputs, evidence_mask
 from xai_core.testing.runner import Check, CheckResult, Report, SkipCheck, run_checks
 
 __all__ = [
+    "CAPABILITY_CHECKS",
     "Check",
     "CheckResult",
     "Report",
     "SkipCheck",
+    "adapter_checks",
+    "check_adapter",
     "check_explainer",
     "check_metric",
     "evidence_cnn",
