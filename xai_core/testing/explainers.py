@@ -47,7 +47,14 @@ from xai_core.testing.models import (
     onnx_bytes,
     tiny_cnn,
 )
-from xai_core.testing.runner import Check, Report, SkipCheck, parametrize, run_checks
+from xai_core.testing.runner import (
+    Check,
+    Report,
+    SkipCheck,
+    _known,
+    parametrize,
+    run_checks,
+)
 from xai_core.testing.state import (
     model_state,
     prepare_state,
@@ -97,9 +104,11 @@ def explainer_checks(
         ``options`` name something only ``model`` has (a layer); default: ``options``.
     """
     case = _Case(cls, model, inputs, dict(options or {}), evidence_options, atol)
-    subject = getattr(cls, "name", None) or cls.__qualname__
+    subject = str(getattr(cls, "name", None) or cls.__qualname__)
+    if options:  # the pytest id says which options, like scikit-learn's estimator repr
+        subject += "(" + ", ".join(f"{k}={v!r}" for k, v in options.items()) + ")"
     return [
-        Check(name, getattr(case, f"check_{name}"), str(subject), case.skip_reason(name))
+        Check(name, getattr(case, f"check_{name}"), subject, case.skip_reason(name))
         for name in CHECKS
     ]
 
@@ -124,17 +133,31 @@ def parametrize_with_checks(
         def test_conformance(check):
             check()
 
-    An entry is a class, or ``(class, keywords of explainer_checks)``. ``expected_failures``
-    is a ``{"check": "why"}`` mapping for every class, or a function of the class returning
-    one; a listed check is a strict xfail, a check that cannot apply a skip with its reason.
+    An entry is a class, or ``(class, keywords of explainer_checks)``, whose keywords may hold
+    that entry's own ``expected_failures``. ``expected_failures`` is a ``{"check": "why"}``
+    mapping for every class, or a function of the class returning one; a listed check is a
+    strict xfail, a check that cannot apply a skip with its reason.
     """
+    return parametrize_entries(explainer_checks, explainers, expected_failures)
+
+
+def parametrize_entries(
+    make_checks: Any,
+    entries: list[Any],
+    expected_failures: Mapping[str, str] | Any = None,
+) -> Any:
+    """The pytest parametrization of ``make_checks(subject, **keywords)`` for every entry."""
     checks, reasons = [], {}
-    for entry in explainers:
-        cls, kwargs = entry if isinstance(entry, tuple) else (entry, {})
-        own = expected_failures(cls) if callable(expected_failures) else expected_failures
-        for check in explainer_checks(cls, **kwargs):
+    for entry in entries:
+        subject, kwargs = entry if isinstance(entry, tuple) else (entry, {})
+        kwargs = dict(kwargs)
+        own = expected_failures(subject) if callable(expected_failures) else expected_failures
+        own = {**(own or {}), **kwargs.pop("expected_failures", {})}
+        made = make_checks(subject, **kwargs)
+        _known(made, own, made[0].subject if made else str(subject))
+        for check in made:
             checks.append(check)
-            reasons[id(check)] = dict(own or {})
+            reasons[id(check)] = own
     return parametrize(checks, lambda check: reasons[id(check)])
 
 

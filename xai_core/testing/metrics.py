@@ -37,8 +37,9 @@ from xai_core.core.registry import Registry
 from xai_core.core.tags import Capability, Tags
 from xai_core.core.targets import Targets
 from xai_core.core.types import Attribution, ExplainerInfo, PluginInfo
+from xai_core.testing.explainers import parametrize_entries
 from xai_core.testing.models import evidence_cnn, evidence_inputs, evidence_masks
-from xai_core.testing.runner import Check, Report, parametrize, run_checks
+from xai_core.testing.runner import Check, Report, run_checks
 from xai_core.testing.state import (
     model_state,
     prepare_state,
@@ -131,14 +132,7 @@ def parametrize_metrics(
     expected_failures: Mapping[str, str] | Any = None,
 ) -> Any:
     """:func:`~xai_core.testing.parametrize_with_checks` for metric classes."""
-    checks, reasons = [], {}
-    for entry in metrics:
-        cls, kwargs = entry if isinstance(entry, tuple) else (entry, {})
-        own = expected_failures(cls) if callable(expected_failures) else expected_failures
-        for check in metric_checks(cls, **kwargs):
-            checks.append(check)
-            reasons[id(check)] = dict(own or {})
-    return parametrize(checks, lambda check: reasons[id(check)])
+    return parametrize_entries(metric_checks, metrics, expected_failures)
 
 
 def _fail(message: str) -> None:
