@@ -122,3 +122,21 @@ def test_parametrize_with_checks_refuses_an_expected_failure_naming_no_check():
 @parametrize_with_checks([(SignFlipped, {"expected_failures": {"sign": "inverted on purpose"}})])
 def test_the_parametrized_form_runs(check):
     check()
+
+
+def test_the_guides_sobel_example_holds():
+    """docs/writing-a-plugin.md tests its Sobel plugin with one expected failure."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent / "data" / "xai-sobel" / "xai_sobel" / "__init__.py"
+    spec = importlib.util.spec_from_file_location("xai_sobel_guide", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    guide = (Path(__file__).parents[1] / "docs" / "writing-a-plugin.md").read_text()
+    assert 'SAME_MAP = {"targets_honoured": ' in guide
+    report = check_explainer(
+        module.Sobel, expected_failures={"targets_honoured": "the same map for every class"}
+    )
+    assert report["targets_honoured"].status == "xfail"
+    assert report.names("failed") == [] and report.names("skipped") == ["global_summary"]
