@@ -105,6 +105,11 @@ class TakesKwargs(Share):
         return super().compute(context)
 
 
+class Backwards(Share):
+    name = "backwards"
+    direction = Direction.LOWER  # but a larger share inside the mask is better
+
+
 class StringDirection(Share):
     name = "string_direction"
     direction = "higher"
@@ -115,11 +120,13 @@ def test_a_good_metric_passes_every_check():
     assert report.names("failed") == []
     assert report["range"].status == "passed"
     assert report["nan_where_undefined"].status == "passed"
+    assert report["direction"].status == "passed"
 
 
 @pytest.mark.parametrize(
     ("cls", "check", "fault"),
     [
+        (Backwards, "direction", "the wrong way round"),
         (OutOfRange, "range", r"outside the declared range \[0.0, 1.0\]"),
         (ZeroWhereUndefined, "nan_where_undefined", "empty mask got 0"),
         (Infinite, "result", "infinite"),
@@ -154,4 +161,5 @@ def test_a_metric_without_masks_skips_the_mask_check_with_its_reason():
     assert report["nan_where_undefined"].status == "skipped"
     assert "needs no masks" in report["nan_where_undefined"].message
     assert report["range"].status == "skipped"
+    assert "needs none" in report["direction"].message
     assert report.ok

@@ -4,8 +4,9 @@ A metric is computed on the kit's evidence CNN (two 32x48 images, the evidence o
 a known square, used as the ground-truth mask) with an input-times-gradient explanation, or on the
 model, inputs, masks and explainer you pass. The checks: the protocol (name, direction, needs,
 range, keyword-only options); the result contract (one real value per sample, never infinite);
-values within the declared range; a sample whose mask is empty gets NaN (metrics that need
-masks); a constant map gives finite values or NaN, never an error; the same values twice (with
+values within the declared range; for metrics that need masks, the mask itself as the map scores
+better (by the declared direction) than its complement, and a sample whose mask is empty gets
+NaN; a constant map gives finite values or NaN, never an error; the same values twice (with
 the same ``seed``, for a metric that takes one); the caller's global random state, the model's
 state, the inputs and the explanation left as they were; each sample's value the same alone as
 within a batch (not for ``measured_once`` metrics, whose value is one measurement of the batch).
@@ -26,6 +27,7 @@ from xai_core.core.contract import check_metric_result
 from xai_core.core.errors import ConformanceError, PluginContractError, PluginError
 from xai_core.core.explanation import Explanation
 from xai_core.core.metrics import (
+    Direction,
     MetricContext,
     Need,
     check_metric_class,
@@ -54,6 +56,7 @@ CHECKS = (
     "protocol",
     "result",
     "range",
+    "direction",
     "nan_where_undefined",
     "constant_map",
     "deterministic",
@@ -90,6 +93,23 @@ class ConstantMap(InputTimesGradient):
         k = targets.resolve(scores).count
         maps = inputs.new_zeros((inputs.shape[0], k, *inputs.shape[2:]))
         return Attribution(maps=maps, scores=scores.detach())
+
+
+def _given(maps: torch.Tensor) -> ExplainerInfo:
+    """An explainer returning ``maps`` ``(N, *spatial)`` for whatever it is asked."""
+
+    class GivenMap(ConstantMap):
+        name = "given_map"
+
+        def explain(
+            self, model: ModelAdapter, inputs: torch.Tensor, targets: Targets
+        ) -> Attribution:
+            scores = model.forward(inputs)
+            k = targets.resolve(scores).count
+            given = maps.to(inputs.device, inputs.dtype)[:, None]
+            return Attribution(given.expand(-1, k, *given.shape[2:]), scores.detach())
+
+    return ExplainerInfo.from_class(GivenMap)
 
 
 def metric_checks(
@@ -175,6 +195,11 @@ class _Case:
         needs = getattr(self.cls, "needs", frozenset())
         if name == "range" and _range(self.cls) is None:
             return "the metric declares no range"
+        if name == "direction":
+            if Need.MASKS not in needs:
+                return "the known answer is a ground-truth mask; the metric needs none"
+            if self.masks is None:
+                return "no masks= given"
         if name == "nan_where_undefined":
             if Need.MASKS not in needs:
                 return "the metric needs no masks: no sample is undefined by construction"
@@ -257,6 +282,22 @@ class _Case:
             _fail(
                 f"range: {outside.numel()} value(s) outside the declared range [{low}, {high}], "
                 f"e.g. {float(outside[0]):.6g}."
+            )
+
+    def check_direction(self) -> None:
+        # The ground truth itself as the map must score better, by the declared direction, than
+        # its complement: a metric whose direction is declared the wrong way round fails.
+        assert self.masks is not None  # skipped otherwise
+        truth = self.compute(explainer=_given(self.masks.float()))
+        wrong = self.compute(explainer=_given((~self.masks).float()))
+        higher = self.cls.direction is Direction.HIGHER
+        t, w = float(truth.nanmean()), float(wrong.nanmean())
+        if not (t > w if higher else t < w):
+            better = "higher" if higher else "lower"
+            _fail(
+                f"direction: the ground-truth mask as the map scored {t:.4g}, its complement "
+                f"{w:.4g}; with direction {self.cls.direction.value!r} the truth must score "
+                f"{better}. Is the direction declared the wrong way round?"
             )
 
     def check_nan_where_undefined(self) -> None:
