@@ -11,7 +11,13 @@ from xai_core import InputSpec, ModelAdapter, TorchAdapter
 from xai_core.core.errors import ConformanceError
 from xai_core.core.tags import Capability
 from xai_core.onnx.adapter import OnnxAdapter
-from xai_core.testing import CAPABILITY_CHECKS, adapter_checks, check_adapter, tiny_cnn
+from xai_core.testing import (
+    CAPABILITY_CHECKS,
+    adapter_checks,
+    check_adapter,
+    parametrize_adapters,
+    tiny_cnn,
+)
 from xai_core.testing.models import onnx_bytes
 
 
@@ -135,3 +141,12 @@ def test_each_declared_capability_with_a_check_is_checked():
     for capability, check in CAPABILITY_CHECKS.items():
         assert check in names
         assert (names[check].skip is None) == (capability in Linear.capabilities)
+
+
+def onnx_adapter():
+    return OnnxAdapter(onnx_bytes(), providers=["CPUExecutionProvider"])
+
+
+@parametrize_adapters([(lambda: TorchAdapter(tiny_cnn()), {"picklable": True}), onnx_adapter])
+def test_the_core_adapters_one_check_at_a_time(check):
+    check()

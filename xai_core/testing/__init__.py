@@ -14,16 +14,26 @@ Run every check and get a report, or one error listing each failure::
     check_metric(MyMetric)
     check_adapter(lambda: MyAdapter(my_model))
 
-Or one pytest test per (subject, check)::
+Or one pytest test per (subject, check), with ``subject-check`` ids::
 
     @parametrize_with_checks([MyExplainer], expected_failures={"onnx": "needs torch"})
     def test_conformance(check):
         check()
 
+(``parametrize_metrics`` and ``parametrize_adapters`` likewise.) The modules: ``runner`` (checks,
+reports, expected failures, pytest marks), ``explainers``, ``metrics``, ``adapters`` (the three
+kits), ``models`` (the tiny models, the evidence CNN, ONNX export), ``state`` (model and global
+random state snapshots).
+
 See docs/writing-a-plugin.md ("Test it with the conformance kit").
 """
 
-from xai_core.testing.adapters import CAPABILITY_CHECKS, adapter_checks, check_adapter
+from xai_core.testing.adapters import (
+    CAPABILITY_CHECKS,
+    adapter_checks,
+    check_adapter,
+    parametrize_adapters,
+)
 from xai_core.testing.explainers import (
     check_explainer,
     explainer_checks,
@@ -48,6 +58,7 @@ __all__ = [
     "evidence_masks",
     "explainer_checks",
     "metric_checks",
+    "parametrize_adapters",
     "parametrize_metrics",
     "parametrize_with_checks",
     "run_checks",

@@ -78,6 +78,18 @@ def check_adapter(
     return run_checks(checks, checks[0].subject, expected_failures)
 
 
+def parametrize_adapters(
+    adapters: list[AdapterSource | tuple[AdapterSource, dict[str, Any]]],
+    *,
+    expected_failures: Mapping[str, str] | Any = None,
+) -> Any:
+    """:func:`~xai_core.testing.parametrize_with_checks` for adapters (or functions making
+    them), ids ``AdapterClass-check``."""
+    from xai_core.testing.explainers import parametrize_entries  # the same machinery
+
+    return parametrize_entries(adapter_checks, adapters, expected_failures)
+
+
 def _fail(message: str) -> None:
     raise ConformanceError(message)
 
