@@ -162,6 +162,8 @@ def builtins():
     return [
         GradCAM,
         (GradCAM, {"options": {"variant": "gradcam++"}}),
+        (GradCAM, {"options": {"variant": "guided"}}),
+        (GradCAM, {"options": {"relu": False}}),  # signed maps: the sign check matters most
         CAM,
         (Occlusion, {"options": {"window": 3, "stride": 2}}),
         # Aggregate is tagged model-agnostic but needs what its local method needs (Grad-CAM's
