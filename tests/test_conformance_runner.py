@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from xai_core import Tags
-from xai_core.core.errors import ConformanceError
+from xai_core.core.errors import ConformanceError, InputError
 from xai_core.testing import (
     check_explainer,
     explainer_checks,
@@ -140,3 +140,20 @@ def test_the_guides_sobel_example_holds():
     )
     assert report["targets_honoured"].status == "xfail"
     assert report.names("failed") == [] and report.names("skipped") == ["global_summary"]
+
+
+class VolumesOnly(Good):
+    name = "volumes_only"
+
+    def explain(self, model, inputs, targets, *, scale: float = 1.0):
+        if inputs.ndim != 5:
+            raise InputError("volumes_only explains 3D volumes only")
+        return super().explain(model, inputs, targets, scale=scale)
+
+
+def test_a_method_refusing_the_2d_evidence_cnn_skips_the_known_answer_checks_with_why():
+    report = check_explainer(VolumesOnly, model=tiny_cnn(dims=3, channels=1))
+    for name in ("targets_honoured", "sign", "grid"):
+        assert report[name].status == "skipped"
+        assert "refused the kit's 2D evidence CNN (InputError: volumes_only" in report[name].message
+    assert report["result"].status == "passed"

@@ -29,7 +29,9 @@ from torch import nn
 from xai_core.core.adapters import ModelAdapter
 from xai_core.core.api import run_explainer
 from xai_core.core.errors import (
+    CapabilityError,
     ConformanceError,
+    InputError,
     PluginContractError,
     PluginError,
     TargetError,
@@ -285,7 +287,12 @@ class _Case:
 
     def run_evidence(self, targets: Any) -> Explanation:
         adapter, x = self.evidence()
-        return self.run(x, targets, adapter, self.evidence_options)
+        try:
+            return self.run(x, targets, adapter, self.evidence_options)
+        except (CapabilityError, InputError) as exc:  # e.g. a method for 3D volumes only
+            raise SkipCheck(
+                f"the method refused the kit's 2D evidence CNN ({type(exc).__name__}: {exc})"
+            ) from exc
 
     def _allclose(self, a: torch.Tensor, b: torch.Tensor, what: str, atol: float = 0.0) -> None:
         scale = max(float(a.abs().max()), float(b.abs().max()), 1.0)
