@@ -25,7 +25,7 @@ from torch import nn
 from xai_core.core.adapters import InputSpec, ModelAdapter
 from xai_core.core.errors import ConformanceError
 from xai_core.core.tags import Capability
-from xai_core.testing.runner import Check, Report, run_checks
+from xai_core.testing.runner import Check, Report, parametrize_entries, run_checks
 from xai_core.testing.state import model_state, prepare_state, reset_state, state_change
 
 # The check of each capability an adapter may declare: a declared capability is honoured. The
@@ -85,8 +85,6 @@ def parametrize_adapters(
 ) -> Any:
     """:func:`~xai_core.testing.parametrize_with_checks` for adapters (or functions making
     them), ids ``AdapterClass-check``."""
-    from xai_core.testing.explainers import parametrize_entries  # the same machinery
-
     return parametrize_entries(adapter_checks, adapters, expected_failures)
 
 

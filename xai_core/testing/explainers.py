@@ -53,8 +53,7 @@ from xai_core.testing.runner import (
     Check,
     Report,
     SkipCheck,
-    _known,
-    parametrize,
+    parametrize_entries,
     run_checks,
 )
 from xai_core.testing.state import (
@@ -141,26 +140,6 @@ def parametrize_with_checks(
     strict xfail, a check that cannot apply a skip with its reason.
     """
     return parametrize_entries(explainer_checks, explainers, expected_failures)
-
-
-def parametrize_entries(
-    make_checks: Any,
-    entries: list[Any],
-    expected_failures: Mapping[str, str] | Any = None,
-) -> Any:
-    """The pytest parametrization of ``make_checks(subject, **keywords)`` for every entry."""
-    checks, reasons = [], {}
-    for entry in entries:
-        subject, kwargs = entry if isinstance(entry, tuple) else (entry, {})
-        kwargs = dict(kwargs)
-        own = expected_failures(subject) if callable(expected_failures) else expected_failures
-        own = {**(own or {}), **kwargs.pop("expected_failures", {})}
-        made = make_checks(subject, **kwargs)
-        _known(made, own, made[0].subject if made else str(subject))
-        for check in made:
-            checks.append(check)
-            reasons[id(check)] = own
-    return parametrize(checks, lambda check: reasons[id(check)])
 
 
 def _fail(message: str) -> None:

@@ -39,9 +39,8 @@ from xai_core.core.registry import Registry
 from xai_core.core.tags import Capability, Tags
 from xai_core.core.targets import Targets
 from xai_core.core.types import Attribution, ExplainerInfo, PluginInfo
-from xai_core.testing.explainers import parametrize_entries
 from xai_core.testing.models import evidence_cnn, evidence_inputs, evidence_masks
-from xai_core.testing.runner import Check, Report, run_checks
+from xai_core.testing.runner import Check, Report, parametrize_entries, run_checks
 from xai_core.testing.state import (
     model_state,
     prepare_state,

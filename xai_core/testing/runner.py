@@ -154,3 +154,23 @@ def parametrize(
             marks.append(pytest.mark.xfail(reason=reasons[check.name], strict=True))
         params.append(pytest.param(check, id=check.id, marks=marks))
     return pytest.mark.parametrize(argname, params)
+
+
+def parametrize_entries(
+    make_checks: Any,
+    entries: list[Any],
+    expected_failures: Mapping[str, str] | Any = None,
+) -> Any:
+    """The pytest parametrization of ``make_checks(subject, **keywords)`` for every entry."""
+    checks, reasons = [], {}
+    for entry in entries:
+        subject, kwargs = entry if isinstance(entry, tuple) else (entry, {})
+        kwargs = dict(kwargs)
+        own = expected_failures(subject) if callable(expected_failures) else expected_failures
+        own = {**(own or {}), **kwargs.pop("expected_failures", {})}
+        made = make_checks(subject, **kwargs)
+        _known(made, own, made[0].subject if made else str(subject))
+        for check in made:
+            checks.append(check)
+            reasons[id(check)] = own
+    return parametrize(checks, lambda check: reasons[id(check)])
