@@ -21,9 +21,10 @@ is reached only through the ``LayerAccess`` and ``LayerGradients`` protocols.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 import torch
+from torch import nn
 
 import xai_core
 from xai_core import Attribution, Capability, Tags, Targets
@@ -92,8 +93,8 @@ class GradCAM:
         inputs: torch.Tensor,
         targets: Targets,
         *,
-        layer: str | Any | None = None,
-        layers: Sequence[str | Any] | None = None,
+        layer: str | nn.Module | None = None,
+        layers: Sequence[str | nn.Module] | None = None,
         variant: Literal["gradcam", "guided", "gradcam++"] = "gradcam",
         relu: bool = True,
         class_token: bool | int | None = None,
