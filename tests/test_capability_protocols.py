@@ -461,3 +461,12 @@ def test_an_adapter_plugin_breaking_its_protocols_is_recorded(fresh_registry, im
     assert "LayerAccess" in failures[0].error and "ClassifierHead" in failures[0].error
     with pytest.raises(AdapterProtocolError):
         xai_core.explain(Model(), images, method="gradcam")
+
+
+def test_compare_skips_randomization_for_an_adapter_without_the_protocol(images):
+    pytest.importorskip("xai_metrics")
+    result = xai_core.compare(
+        ForwardOnly(), images, methods=["occlusion"], metrics=["randomization"],
+        options={"occlusion": {"window": 4}},
+    )
+    assert "needs a PyTorch model" in result.skipped_metrics["randomization"]
