@@ -303,6 +303,7 @@ def test_the_adapters_implement_the_protocols_they_declare():
     assert isinstance(vit, AttentionAccess) and isinstance(vit, AttentionGradients)
     assert not isinstance(vit, LayerAccess) and protocol_gaps(vit) == {}
     assert not isinstance(functional, nn.Module) and not hasattr(functional, "module")
+    assert torch_adapter.torch_module() is module  # only for engines that rewrite torch code
 
 
 # -- the methods run on a third-party adapter, with the PyTorch module's maps ------------------

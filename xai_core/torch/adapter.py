@@ -221,6 +221,11 @@ class TorchAdapter(ModelAdapter):
     def cache_key(self) -> nn.Module:
         return self.module
 
+    def torch_module(self) -> nn.Module:
+        """The wrapped module, for engines that rewrite PyTorch code itself (the incremental
+        occlusion engine traces it with ``torch.fx``); explainers use the capability protocols."""
+        return self.module
+
     # -- layers (LayerAccess, LayerGradients) ---------------------------------------------------
 
     def named_layers(self) -> dict[str, nn.Module]:
