@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from xai_core.core.adapters import InputSpec, ModelAdapter
+from xai_core.core.adapters import InputSpec, ModelAdapter, check_protocols
 from xai_core.core.contract import check_attribution
 from xai_core.core.errors import (
     CapabilityError,
@@ -193,6 +193,7 @@ def explain(
     info = registry.get_explainer(method)
     check_options(info, options)  # before the model is adapted or run
     adapter = registry.adapt(model, **({} if input_spec is None else {"input_spec": input_spec}))
+    check_protocols(adapter, info.tags.requires)  # AdapterProtocolError names what is missing
     reason = registry.unsupported_reason(info, adapter)
     if reason is not None:
         working = [i.name for i in registry.list_explainers(model=adapter)]
@@ -211,6 +212,7 @@ def run_explainer(
 ) -> Explanation:
     """Validate, run one explainer inside the model's session, and wrap its result."""
     check_options(info, options)
+    check_protocols(adapter, info.tags.requires)
     validate_inputs(inputs, adapter)
     if Capability.GRADIENTS in info.tags.requires:
         _check_differentiable_model(info, adapter)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from xai_core.core.adapters import ParameterRandomization
 from xai_core.core.api import check_masks, check_options, run_explainer, validate_inputs
 from xai_core.core.contract import check_metric_result
 from xai_core.core.errors import OptionError, UnknownOptionError, XaiError, did_you_mean
@@ -548,7 +549,7 @@ def _choose_metrics(registry, adapter, metrics, masks):
         missing = []
         if Need.MASKS in cls.needs and masks is None:
             missing.append("ground-truth masks (masks=...)")
-        if Need.TORCH_MODEL in cls.needs and not hasattr(adapter, "module"):
+        if Need.TORCH_MODEL in cls.needs and not isinstance(adapter, ParameterRandomization):
             missing.append("a PyTorch model")
         if missing:
             skipped[name] = f"needs {' and '.join(missing)}"
