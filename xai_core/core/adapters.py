@@ -321,3 +321,16 @@ def check_protocols(adapter: ModelAdapter, required: Iterable[Capability] | None
     gaps = protocol_gaps(adapter, required)
     if gaps:
         raise AdapterProtocolError(describe_gaps(adapter, gaps) + ".", gaps)
+
+
+def torch_module_of(adapter: object) -> torch.nn.Module | None:
+    """The PyTorch module behind an adapter that wraps one (its ``torch_module()``), else None.
+
+    Explainers use the capability protocols; this is for the few places that look at PyTorch
+    state itself: the inference-tensor check, timing a backward pass, the conformance kits'
+    state snapshots, and engines that rewrite torch code (incremental occlusion).
+    """
+    accessor = getattr(adapter, "torch_module", None)
+    module = accessor() if callable(accessor) else None
+    return module if isinstance(module, torch.nn.Module) else None
+

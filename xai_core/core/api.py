@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from xai_core.core.adapters import InputSpec, ModelAdapter, check_protocols
+from xai_core.core.adapters import InputSpec, ModelAdapter, check_protocols, torch_module_of
 from xai_core.core.contract import check_attribution
 from xai_core.core.errors import (
     CapabilityError,
@@ -132,8 +132,8 @@ def validate_inputs(inputs: Any, adapter: ModelAdapter) -> None:
 def _check_differentiable_model(info: ExplainerInfo, adapter: ModelAdapter) -> None:
     """Parameters made under ``torch.inference_mode()`` are inference tensors: autograd can
     never save them for a backward pass, and cloning them would change the user's model."""
-    module = getattr(adapter, "module", None)
-    if isinstance(module, torch.nn.Module) and any(
+    module = torch_module_of(adapter)
+    if module is not None and any(
         t.is_inference() for t in (*module.parameters(), *module.buffers())
     ):
         raise CapabilityError(

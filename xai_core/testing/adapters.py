@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from xai_core.core.adapters import InputSpec, ModelAdapter
+from xai_core.core.adapters import InputSpec, ModelAdapter, torch_module_of
 from xai_core.core.errors import ConformanceError
 from xai_core.core.tags import Capability
 from xai_core.testing.runner import Check, Report, parametrize_entries, run_checks
@@ -114,7 +114,7 @@ class _Case:
         self.subject = type(first).__qualname__
         self.capabilities = frozenset(getattr(first, "capabilities", frozenset()))
         self.picklable = _claims_pickle(type(first)) if picklable is None else picklable
-        self.has_module = isinstance(getattr(first, "module", None), nn.Module)
+        self.has_module = torch_module_of(first) is not None
         if inputs is None:
             spec = getattr(first, "input_spec", None)
             spec = spec if isinstance(spec, InputSpec) else InputSpec()
@@ -225,7 +225,7 @@ class _Case:
 
     def _restores(self, fail_inside: bool) -> None:
         adapter = self.make()
-        module = adapter.module  # type: ignore[attr-defined]
+        module = torch_module_of(adapter)
         prepare_state(module)
         try:
             before = model_state(module)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from xai_core.core.adapters import ModelAdapter
+from xai_core.core.adapters import ModelAdapter, torch_module_of
 from xai_core.core.api import run_explainer
 from xai_core.core.errors import (
     CapabilityError,
@@ -247,8 +247,7 @@ class _Case:
             raise ConformanceError(str(exc)) from exc
 
     def _module(self) -> nn.Module | None:
-        module = getattr(self.adapter, "module", None)
-        return module if isinstance(module, nn.Module) else None
+        return torch_module_of(self.adapter)
 
     def _non_square(self) -> bool:
         return self.given_inputs and len(set(self.inputs.shape[2:])) > 1

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from xai_core.core.adapters import ModelAdapter
+from xai_core.core.adapters import ModelAdapter, torch_module_of
 from xai_core.core.api import run_explainer
 from xai_core.core.contract import check_metric_result
 from xai_core.core.errors import ConformanceError, PluginContractError, PluginError
@@ -212,8 +212,7 @@ class _Case:
         return None
 
     def _module(self) -> nn.Module | None:
-        module = getattr(self.adapter, "module", None)
-        return module if isinstance(module, nn.Module) else None
+        return torch_module_of(self.adapter)
 
     def explanation(self, inputs: torch.Tensor, info: ExplainerInfo | None = None) -> Explanation:
         return run_explainer(

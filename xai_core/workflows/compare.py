@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from xai_core.core.adapters import ParameterRandomization
+from xai_core.core.adapters import ParameterRandomization, torch_module_of
 from xai_core.core.api import check_masks, check_options, run_explainer, validate_inputs
 from xai_core.core.contract import check_metric_result
 from xai_core.core.errors import OptionError, UnknownOptionError, XaiError, did_you_mean
@@ -624,7 +624,7 @@ def measure_probe(adapter: Any, inputs: torch.Tensor, targets: torch.Tensor) -> 
     with torch.no_grad(), adapter.session():
         forward = min(timed(lambda: adapter.forward(inputs)) for _ in range(3))
     backward = 3 * forward  # a backward pass costs about two forward passes
-    if isinstance(getattr(adapter, "module", None), torch.nn.Module):
+    if torch_module_of(adapter) is not None:
 
         def forward_backward() -> None:
             x = inputs.detach().clone().requires_grad_(True)
