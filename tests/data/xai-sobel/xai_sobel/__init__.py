@@ -19,7 +19,7 @@ class Sobel:
         count = targets.resolve(scores).count
         gray = inputs.mean(dim=1, keepdim=True)
         if gray.ndim != 4:
-            raise xai_core.core.errors.InputError("sobel works on 2D images only")
+            raise xai_core.errors.InputError("sobel works on 2D images only")
         kx = torch.tensor([[1.0, 0, -1], [2, 0, -2], [1, 0, -1]], device=inputs.device)
         kernels = torch.stack([kx, kx.T]).unsqueeze(1).to(inputs.dtype)
         edges = F.conv2d(F.pad(gray, (1, 1, 1, 1), mode="replicate"), kernels)
