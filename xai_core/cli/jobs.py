@@ -25,7 +25,7 @@ import torch
 
 import xai_core
 from xai_core import demo
-from xai_core.core.api import check_options
+from xai_core.core.api import check_options, runnable
 from xai_core.core.errors import (
     CapabilityError,
     DeviceError,
@@ -189,16 +189,7 @@ def model_identity(info: dict[str, Any]) -> dict[str, Any]:
 def check_method(adapter: Any, method: str, options: dict[str, Any]) -> ExplainerInfo:
     """Whole-run checks before any input is read: the method exists, can run on this model and
     accepts these options. Raises the typed error once, instead of once per input."""
-    registry = xai_core.get_registry()
-    info = registry.get_explainer(method)
-    reason = registry.unsupported_reason(info, adapter)
-    if reason is not None:
-        working = [i.name for i in registry.list_explainers(model=adapter)]
-        raise CapabilityError(
-            f"{reason}. Methods that can run on this model: {', '.join(working) or 'none'}."
-        )
-    check_options(info, options)
-    return info
+    return runnable(method, adapter, options=options)[0]
 
 
 def explain_files(
