@@ -1,0 +1,26 @@
+"""The single places of issue 15 item 3: one normalisation, one runnable() lookup, one
+chunked evaluation, one guarded hook loop."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from xai_core.core.explanation import normalize
+
+
+def test_normalize_over_valid_pixels_only():
+    maps = torch.tensor([[[0.0, 2.0], [4.0, 100.0]], [[3.0, 3.0], [3.0, -7.0]]])
+    valid = torch.tensor([[True, True], [True, False]])
+    out = normalize(maps, 2, valid)
+    # Sample 0: range 0..4 over the valid pixels; sample 1 is constant there: zeros.
+    expected = torch.tensor([[[0.0, 0.5], [1.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    torch.testing.assert_close(out, expected)
+
+
+def test_normalize_of_a_numpy_array_matches_numpy_min_max():
+    a = np.random.default_rng(0).normal(size=(3, 5, 7)).astype(np.float32)
+    ours = normalize(torch.from_numpy(a), a.ndim).numpy()
+    low, high = float(a.min()), float(a.max())
+    np.testing.assert_array_equal(ours, (a - low) / (high - low))
+    assert not normalize(torch.ones(2, 2), 2).any()
