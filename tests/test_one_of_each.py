@@ -24,3 +24,38 @@ def test_normalize_of_a_numpy_array_matches_numpy_min_max():
     low, high = float(a.min()), float(a.max())
     np.testing.assert_array_equal(ours, (a - low) / (high - low))
     assert not normalize(torch.ones(2, 2), 2).any()
+
+
+def test_evaluate_in_chunks_bounds_each_call_and_reports_progress():
+    from xai_core.torch.ops import evaluate_in_chunks
+
+    seen, reports = [], []
+
+    def evaluate(index):
+        seen.append(index.numel())
+        return index.float()[:, None] * 2
+
+    out = torch.zeros(10, 1)
+    done = evaluate_in_chunks(evaluate, out, 4, progress=lambda *a: reports.append(a))
+    assert done == 10 and seen == [4, 4, 2]
+    torch.testing.assert_close(out[:, 0], torch.arange(10.0) * 2)
+    assert reports == [
+        (4, 10, "perturbed inputs"),
+        (8, 10, "perturbed inputs"),
+        (10, 10, "perturbed inputs"),
+    ]
+    # Given rows, counted on from earlier work towards an overall total.
+    out = torch.zeros(10, 1)
+    reports.clear()
+    done = evaluate_in_chunks(
+        evaluate,
+        out,
+        2,
+        torch.tensor([7, 1, 3]),
+        progress=lambda *a: reports.append(a),
+        done=5,
+        total=20,
+        what="refined",
+    )
+    assert done == 8 and [r[0] for r in reports] == [7, 8] and reports[0][1:] == (20, "refined")
+    assert out[:, 0].nonzero().flatten().tolist() == [1, 3, 7]

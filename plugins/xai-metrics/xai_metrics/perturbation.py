@@ -28,7 +28,7 @@ import torch
 from xai_core.core.errors import OptionError
 from xai_core.core.explanation import normalize
 from xai_core.core.metrics import Direction, MetricContext, MetricResult, Need
-from xai_core.torch.ops import gaussian_blur
+from xai_core.torch.ops import evaluate_in_chunks, gaussian_blur
 from xai_metrics.common import (
     exact_float,
     finite_float,
@@ -73,13 +73,15 @@ def perturbation_curve(
     start, end = start.expand_as(inputs), end.expand_as(inputs)
     total = n * (steps + 1)  # row j is step j % (steps + 1) of sample j // (steps + 1)
     curves = torch.empty(total, device=inputs.device, dtype=torch.float32)
+
+    def scores(j: torch.Tensor) -> torch.Tensor:
+        rows, step = j // (steps + 1), j % (steps + 1)
+        changed = (ranks[rows] < counts[step, None]).view(-1, 1, *spatial)
+        x = torch.where(changed, end[rows], start[rows])
+        return context.score(x, rows, kind).float()
+
     with torch.no_grad(), context.model.session():
-        for first in range(0, total, context.chunk_size):
-            j = torch.arange(first, min(first + context.chunk_size, total), device=inputs.device)
-            rows, step = j // (steps + 1), j % (steps + 1)
-            changed = (ranks[rows] < counts[step, None]).view(-1, 1, *spatial)
-            x = torch.where(changed, end[rows], start[rows])
-            curves[first : first + j.numel()] = context.score(x, rows, kind).float()
+        evaluate_in_chunks(scores, curves, context.chunk_size)
     return counts.to(exact_float(inputs.device)) / pixels, curves.view(n, steps + 1)
 
 
