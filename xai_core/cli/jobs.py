@@ -59,8 +59,6 @@ from xai_core.report.overlay import (
     scale_map,
 )
 
-Progress = ProgressFn  # progress(done, total, what): xai_core.core.progress
-
 
 @dataclass
 class JobSummary:
@@ -204,7 +202,7 @@ def explain_files(
     class_names: Sequence[str] | None = None,
     device: torch.device | str | None = None,
     window: tuple[float, float] | None = None,
-    progress: Progress | None = None,
+    progress: ProgressFn | None = None,
     model_id: dict[str, Any] | None = None,
 ) -> JobSummary:
     """Explain every input file with one method; see the module docstring for guarantees.
@@ -439,7 +437,7 @@ def compare_files(
     class_names: Sequence[str] | None = None,
     device: torch.device | str | None = None,
     window: tuple[float, float] | None = None,
-    progress: Progress | None = None,
+    progress: ProgressFn | None = None,
     budget: float | None = None,
     notice: Callable[[str], None] | None = None,
 ) -> CompareSummary:

@@ -51,8 +51,9 @@ from xai_core.core.api import run_explainer, runnable
 from xai_core.core.errors import InputError, OptionError, did_you_mean
 from xai_core.core.executors import DEFAULT_ENGINE, Executor, Partial, run
 from xai_core.core.explanation import normalize
+from xai_core.core.progress import ProgressFn
 from xai_core.core.tags import Scope
-from xai_core.workflows.datasets import ClassMaps, DataStream, Progress, batch_targets
+from xai_core.workflows.datasets import ClassMaps, DataStream, batch_targets
 
 REFERENCES = ("auto", "masks", "uniform", "classes")
 
@@ -270,7 +271,7 @@ def audit(
     min_fraction: float = 0.5,
     min_images: int = 5,
     mask_margin: int | None = None,
-    progress: Progress | None = None,
+    progress: ProgressFn | None = None,
     engine: str | Executor = DEFAULT_ENGINE,
 ) -> AuditResult:
     """Explain every image of ``data`` and flag regions that hold a class's attribution.

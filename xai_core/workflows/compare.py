@@ -42,24 +42,20 @@ from xai_core.core.registry import get_registry
 from xai_core.core.tags import Scope
 from xai_core.core.targets import Region, Targets, TargetSpec
 from xai_core.workflows import statistics
+from xai_core.workflows.statistics import Interval
 from xai_core.workflows.verdict import make_verdict
 
 if TYPE_CHECKING:
     from xai_core.workflows.verdict import Verdict
 
-Progress = ProgressFn  # the one protocol: progress(done, total, what)
-
-
 @dataclass
-class Cost:
-    """Wall time and peak memory of one explainer on the batch, measured in this run."""
+class MethodCost:
+    """Wall time and peak memory of one explainer on the batch, measured in this run (the
+    ``cost`` metric, ``xai_metrics.Cost``, turns it into per-sample values)."""
 
     seconds: float
     seconds_per_image: float
     peak_bytes: int | None  # device memory on CUDA, resident-set growth on the CPU
-
-
-Aggregate = statistics.Interval  # mean, 95% interval (Wilson or bootstrap), n, kind, note
 
 
 @dataclass(frozen=True)
@@ -90,7 +86,7 @@ class Comparison:
     values: dict[tuple[str, str], torch.Tensor]  # (method, metric) -> (N,) float64 on the CPU
     details: dict[tuple[str, str], dict[str, Any]]
     explanations: dict[str, Explanation]
-    costs: dict[str, Cost]
+    costs: dict[str, MethodCost]
     targets: torch.Tensor  # (N,) the explained class of each sample
     skipped_methods: dict[str, str] = field(default_factory=dict)
     skipped_metrics: dict[str, str] = field(default_factory=dict)
@@ -111,7 +107,7 @@ class Comparison:
     estimate: dict[str, Any] = field(default_factory=dict)
     economies: list[str] = field(default_factory=list)
 
-    def aggregate(self, method: str, metric: str) -> Aggregate:
+    def aggregate(self, method: str, metric: str) -> Interval:
         """Mean, 95% interval and n of the defined values (see :func:`statistics.interval`)."""
         key = ("aggregate", method, metric)
         if key not in self._cache:
@@ -119,7 +115,7 @@ class Comparison:
             if self.measured_once.get(metric):
                 mean = float(statistics.defined(values).mean())  # NaN when there is none
                 note = "measured once per method: no interval"
-                agg = Aggregate(mean, math.nan, math.nan, 1, "none", note)
+                agg = Interval(mean, math.nan, math.nan, 1, "none", note)
             else:
                 bounds, declared = self.bounds(method, metric), self.ranges.get(metric)
                 agg = statistics.interval(values, bounds)
@@ -275,7 +271,7 @@ def _json_float(value: float) -> float | None:
 
 def mean_ci(
     values: torch.Tensor, bounds: tuple[float, float] | None = None, level: float = 0.95
-) -> Aggregate:
+) -> Interval:
     """Mean of the defined values and its interval within ``bounds`` (statistics.interval)."""
     return statistics.interval(values, bounds, level=level)
 
@@ -337,7 +333,7 @@ def compare(
     options: dict[str, dict[str, Any]] | None = None,
     metric_options: dict[str, dict[str, Any]] | None = None,
     chunk_size: int = 64,
-    progress: Progress | None = None,
+    progress: ProgressFn | None = None,
     budget: float | None = None,
     notice: Callable[[str], None] | None = None,
 ) -> Comparison:
@@ -425,7 +421,7 @@ def compare(
         notice(describe_estimate(estimate, budget, economies))
 
     explanations: dict[str, Explanation] = {}
-    costs: dict[str, Cost] = {}
+    costs: dict[str, MethodCost] = {}
     steps, step = len(chosen) * (1 + len(metric_classes)), 0
     for name in chosen:
         info = registry.get_explainer(name)
@@ -446,7 +442,7 @@ def compare(
             skipped_methods[name] = f"{type(exc).__name__}: {exc}"
             continue
         explanations[name] = exp
-        costs[name] = Cost(seconds, seconds / inputs.shape[0], peak["peak_bytes"])
+        costs[name] = MethodCost(seconds, seconds / inputs.shape[0], peak["peak_bytes"])
 
     values: dict[tuple[str, str], torch.Tensor] = {}
     details: dict[tuple[str, str], dict[str, Any]] = {}
@@ -565,7 +561,7 @@ def _choose_metrics(registry, adapter, metrics, masks):
 #   metric: ``work(shape, options) -> (images forwarded, re-explanations of the method)``.
 
 
-def _with_progress(cls: type, opts: dict[str, Any], callback: Progress | None) -> dict[str, Any]:
+def _with_progress(cls: type, opts: dict[str, Any], callback: ProgressFn | None) -> dict[str, Any]:
     """``opts`` with ``progress`` added when the plugin takes one and the caller set none."""
     if callback is None or "progress" in opts or not accepts_progress(cls):
         return opts
@@ -577,7 +573,7 @@ class _MetricStep:
     and, inside the current one, the counts of the method it re-runs (occlusion's perturbed
     inputs), so that the step advances monotonically while either reports."""
 
-    def __init__(self, progress: Progress | None, step: int, steps: int, label: str) -> None:
+    def __init__(self, progress: ProgressFn | None, step: int, steps: int, label: str) -> None:
         self.progress, self.step, self.steps, self.label = progress, step, steps, label
         self.sub: tuple[float, int | None, str] = (0, None, "")
         self.own = None if progress is None else self._own

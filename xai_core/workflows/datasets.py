@@ -32,7 +32,6 @@ from xai_core.io.inputs import MaskFolder, find_inputs, read_item
 from xai_core.io.preprocess import Preprocess
 
 # progress(images done, images in all or None if unknown, what): xai_core.core.progress
-Progress = ProgressFn
 Transform = Callable[[torch.Tensor], torch.Tensor]
 PathLike = str | os.PathLike
 
@@ -389,7 +388,7 @@ def explain_dataset(
     batch_size: int = 32,
     preprocess: Any = None,
     labels: torch.Tensor | Sequence[int] | None = None,
-    progress: Progress | None = None,
+    progress: ProgressFn | None = None,
     engine: str | Executor = DEFAULT_ENGINE,
     **options: Any,
 ) -> Any:

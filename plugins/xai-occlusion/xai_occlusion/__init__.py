@@ -34,6 +34,7 @@ from xai_core import Attribution, Tags, Targets
 from xai_core.core.adapters import ModelAdapter
 from xai_core.core.errors import OptionError, did_you_mean
 from xai_core.core.options import PositiveInt
+from xai_core.core.progress import ProgressFn
 from xai_core.torch.ops import BlurSigma, evaluate_in_chunks, gaussian_blur
 from xai_occlusion.incremental import (
     adaptive_deltas,
@@ -45,7 +46,6 @@ from xai_occlusion.incremental import (
 __version__ = "0.1.0"
 
 BASELINES = ("zero", "blur", "mean")
-Progress = Callable[[int, int | None, str], object]  # xai_core.core.progress.ProgressFn
 
 
 def _per_axis(value: object, name: str, rank: int, kind: type = numbers.Integral) -> tuple:
@@ -166,7 +166,7 @@ class Occlusion:
         baseline: float | Literal["zero", "blur", "mean"] = "zero",
         sigma: BlurSigma | Sequence[BlurSigma] = 5.0,
         chunk_size: PositiveInt | None = None,
-        progress: Progress | None = None,
+        progress: ProgressFn | None = None,
         incremental: bool | Literal["auto", "exact", "approximate"] = "auto",
         approximation: Mapping[str, float] | None = None,
     ) -> Attribution:
