@@ -402,21 +402,11 @@ def compare(
         spec = Region(class_targets, mask=targets.mask, box=targets.box)
 
     probe = measure_probe(adapter, inputs, class_targets)
-    estimate = estimate_cost(
-        registry, tuple(inputs.shape), chosen, metric_classes, options, metric_opts, probe
-    )
+    work = Workload(registry, tuple(inputs.shape), chosen, metric_classes, probe)
+    estimate = estimate_cost(work, options, metric_opts)
     economies: list[str] = []
     if budget is not None:
-        options, metric_opts, economies, estimate = economise(
-            registry,
-            tuple(inputs.shape),
-            chosen,
-            metric_classes,
-            options,
-            metric_opts,
-            probe,
-            budget,
-        )
+        options, metric_opts, economies, estimate = economise(work, options, metric_opts, budget)
     if notice:
         notice(describe_estimate(estimate, budget, economies))
 
@@ -450,6 +440,7 @@ def compare(
     nan = torch.full((inputs.shape[0],), math.nan, dtype=torch.float64)
     steps = step + len(explanations) * len(metric_classes)  # without the skipped methods
     current: dict[str, Any] = {"progress": None}  # the running metric's step, for reruns
+    batch = {"model": adapter, "inputs": inputs, "masks": masks, "chunk_size": chunk_size}
     for method, exp in explanations.items():
         info = registry.get_explainer(method)
         opts = options.get(method, {})
@@ -459,15 +450,13 @@ def compare(
             run_opts = _with_progress(_info.cls, dict(_opts), tracker and tracker.rerun)
             return run_explainer(_info, registry.adapt(model), inputs, targets, run_opts)
 
+        cost = costs[method]
         context = MetricContext(
-            model=adapter,
-            inputs=inputs,
+            **batch,
             explanation=exp,
             method=method,
             rerun=rerun,
-            masks=masks,
-            chunk_size=chunk_size,
-            measurements={"seconds": costs[method].seconds, "peak_bytes": costs[method].peak_bytes},
+            measurements={"seconds": cost.seconds, "peak_bytes": cost.peak_bytes},
         )
         for metric, cls in metric_classes.items():
             label = f"{metric} of {method}"
@@ -643,27 +632,37 @@ def _explainer_work(registry, name: str, shape: tuple[int, ...], opts: dict[str,
     return None if hook is None else int(hook(shape, opts))
 
 
+@dataclass(frozen=True)
+class Workload:
+    """What a comparison will run, for estimating its cost before any work: everything but the
+    options, which :func:`economise` varies."""
+
+    registry: Any
+    shape: tuple[int, ...]
+    methods: Sequence[str]
+    metric_classes: dict[str, type]
+    probe: Probe
+
+
 def estimate_cost(
-    registry: Any,
-    shape: tuple[int, ...],
-    methods: Sequence[str],
-    metric_classes: dict[str, type],
+    work: Workload,
     options: dict[str, dict[str, Any]],
     metric_opts: dict[str, dict[str, Any]],
-    probe: Probe,
 ) -> dict[str, Any]:
     """Predicted forward passes (of one image) and seconds of every method and (method, metric),
-    from the measured ``probe``; an estimate, made before any work, to decide whether to go on."""
+    from the measured ``work.probe``; an estimate, made before any work, to decide whether to
+    go on."""
+    shape, probe = work.shape, work.probe
     n = shape[0]
     parts, images, seconds = [], 0, 0.0
-    for method in methods:
-        forwarded = _explainer_work(registry, method, shape, options.get(method, {}))
+    for method in work.methods:
+        forwarded = _explainer_work(work.registry, method, shape, options.get(method, {}))
         if forwarded is None:
             forwarded, explain_s = n, probe.forward_backward
         else:
             explain_s = forwarded / n * probe.forward
         parts.append({"what": method, "forward_images": forwarded, "seconds": explain_s})
-        for metric, cls in metric_classes.items():
+        for metric, cls in work.metric_classes.items():
             hook = getattr(cls, "work", None)
             fwd, reruns = hook(shape, metric_opts.get(metric, {})) if hook else (n, 0)
             s = fwd / n * probe.forward + reruns * explain_s
@@ -702,13 +701,9 @@ ECONOMIES: list[tuple[str, str, Any, bool]] = [
 
 
 def economise(
-    registry: Any,
-    shape: tuple[int, ...],
-    methods: Sequence[str],
-    metric_classes: dict[str, type],
+    work: Workload,
     options: dict[str, dict[str, Any]],
     metric_opts: dict[str, dict[str, Any]],
-    probe: Probe,
     budget: float,
 ) -> tuple[dict, dict, list[str], dict[str, Any]]:
     """Options made cheaper, one economy of :data:`ECONOMIES` at a time, until the estimate
@@ -717,20 +712,18 @@ def economise(
     metric_opts = {k: dict(v) for k, v in metric_opts.items()}
     user_set = {(k, o) for k, v in options.items() for o in v}
     user_set |= {(k, o) for k, v in metric_opts.items() for o in v}
-    estimate = estimate_cost(registry, shape, methods, metric_classes, options, metric_opts, probe)
+    estimate = estimate_cost(work, options, metric_opts)
     applied: dict[tuple[str, str], Any] = {}
     for plugin, option, value, is_method in ECONOMIES:
         if estimate["seconds"] <= budget:
             break
-        present = plugin in methods if is_method else plugin in metric_classes
+        present = plugin in work.methods if is_method else plugin in work.metric_classes
         if not present or (plugin, option) in user_set:
             continue
-        value = value(shape) if callable(value) else value
+        value = value(work.shape) if callable(value) else value
         (options if is_method else metric_opts).setdefault(plugin, {})[option] = value
         applied[(plugin, option)] = value
-        estimate = estimate_cost(
-            registry, shape, methods, metric_classes, options, metric_opts, probe
-        )
+        estimate = estimate_cost(work, options, metric_opts)
     economies = [f"{plugin}.{option}={_show(value)}" for (plugin, option), value in applied.items()]
     return options, metric_opts, economies, estimate
 
