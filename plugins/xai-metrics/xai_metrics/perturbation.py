@@ -108,6 +108,13 @@ def _baseline(value: object, inputs: torch.Tensor) -> torch.Tensor:
     return inputs.new_full((1,) * inputs.ndim, finite_float(value, "baseline"))
 
 
+def curve_work(shape: tuple[int, ...], options: dict) -> tuple[int, int]:
+    """(images forwarded, re-explanations) of a deletion or insertion curve over a batch of
+    ``shape``: the cost estimate of ``compare()``."""
+    pixels = math.prod(shape[2:])
+    return shape[0] * (min(int(options.get("steps", 100)), pixels) + 1), 0
+
+
 class Deletion:
     """Area under the target probability as the most important pixels are deleted first."""
 
@@ -116,11 +123,7 @@ class Deletion:
     needs: frozenset[Need] = frozenset()
     range = (0.0, 1.0)  # an area under a probability (kind="logit" leaves it: not clipped then)
 
-    @staticmethod
-    def work(shape: tuple[int, ...], options: dict) -> tuple[int, int]:
-        """(images forwarded, re-explanations) for a batch of ``shape``: the cost estimate."""
-        pixels = math.prod(shape[2:])
-        return shape[0] * (min(int(options.get("steps", 100)), pixels) + 1), 0
+    work = staticmethod(curve_work)
 
     def compute(
         self,
@@ -150,11 +153,7 @@ class Insertion:
     needs: frozenset[Need] = frozenset()
     range = (0.0, 1.0)  # as deletion
 
-    @staticmethod
-    def work(shape: tuple[int, ...], options: dict) -> tuple[int, int]:
-        """(images forwarded, re-explanations) for a batch of ``shape``: the cost estimate."""
-        pixels = math.prod(shape[2:])
-        return shape[0] * (min(int(options.get("steps", 100)), pixels) + 1), 0
+    work = staticmethod(curve_work)
 
     def compute(
         self,
