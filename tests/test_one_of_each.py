@@ -4,8 +4,12 @@ chunked evaluation, one guarded hook loop."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
+import xai_core
+from xai_core.core.api import runnable
+from xai_core.core.errors import CapabilityError, OptionError
 from xai_core.core.explanation import normalize
 
 
@@ -59,3 +63,32 @@ def test_evaluate_in_chunks_bounds_each_call_and_reports_progress():
     )
     assert done == 8 and [r[0] for r in reports] == [7, 8] and reports[0][1:] == (20, "refined")
     assert out[:, 0].nonzero().flatten().tolist() == [1, 3, 7]
+
+
+class ForwardOnly(xai_core.ModelAdapter):
+    """A plugin-style adapter that offers the forward pass alone."""
+
+    kind = "forward-only"
+
+    def __init__(self, module):
+        self.module_ = module
+
+    def forward(self, inputs):
+        return self.module_(inputs)
+
+
+def test_runnable_checks_scope_then_capabilities_and_lists_what_runs(cnn):
+    info, adapter = runnable("gradcam", cnn)
+    assert info.name == "gradcam" and isinstance(adapter, xai_core.TorchAdapter)
+    with pytest.raises(OptionError, match="'gradcam' is a local method; try 'aggregate'"):
+        runnable("gradcam", cnn, scope=xai_core.Scope.GLOBAL, wrong_scope="try 'aggregate'")
+    with pytest.raises(CapabilityError, match=r"gradients.*can run on this model: .*occlusion"):
+        runnable("gradcam", ForwardOnly(cnn), scope=xai_core.Scope.LOCAL)
+
+
+def test_the_core_adapts_before_any_plugin_is_loaded_and_adapt_model_is_not_firstresult(cnn):
+    registry = xai_core.Registry()
+    assert isinstance(registry.adapt(cnn), xai_core.TorchAdapter)
+    assert not registry._loaded  # a PyTorch module never imports third-party plugins
+    # The registry iterates the implementations itself (one guard each): the spec says so.
+    assert not registry.pm.hook.adapt_model.spec.opts.get("firstresult")
