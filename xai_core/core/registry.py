@@ -563,31 +563,33 @@ class Registry:
         an ``XaiError`` a plugin raises (it recognised the input and says why it cannot handle
         it) is yielded as its result.
         """
-        core = self._source(CORE_PLUGIN)
-        with self._locked():
-            impls = self._plugin_impls(hook_name)
-        for impl in (i for i in impls if i.plugin_name == CORE_PLUGIN):
-            given = args(core) if callable(args) else args
-            try:
-                yield core, impl.function(**{n: given[n] for n in impl.argnames})
+        for impl in self._impls_core_first(hook_name):
+            source = self._source(impl.plugin_name)
+            given = args(source) if callable(args) else args
+            plugin = source.plugin != CORE_PLUGIN
+            call = _returning_refusal(impl.function) if refusals and plugin else impl.function
+            kwargs = {n: given[n] for n in impl.argnames}
+            try:  # only the core's call can raise here: _ask guards the plugins'
+                ok, result = self._ask(source, hook_name, call, **kwargs)
             except XaiError:
                 raise
             except Exception as exc:
                 if core_failure is None:
                     raise
                 raise core_failure(exc) from exc
-        self.load()
-        with self._locked():
-            impls = [i for i in self._plugin_impls(hook_name) if i.plugin_name != CORE_PLUGIN]
-        for impl in impls:
-            source = self._source(impl.plugin_name)
-            given = args(source) if callable(args) else args
-            call = _returning_refusal(impl.function) if refusals else impl.function
-            ok, result = self._guarded(
-                source, hook_name, call, **{n: given[n] for n in impl.argnames}
-            )
             if ok:
                 yield source, result
+
+    def _impls_core_first(self, hook_name: str) -> Iterator[Any]:
+        """The core's implementations of a hook, then (entry points loaded only now) the
+        plugins' in pluggy's call order."""
+        with self._locked():
+            core = [i for i in self._plugin_impls(hook_name) if i.plugin_name == CORE_PLUGIN]
+        yield from core
+        self.load()
+        with self._locked():
+            plugins = [i for i in self._plugin_impls(hook_name) if i.plugin_name != CORE_PLUGIN]
+        yield from plugins
 
     # -- calling hooks -----------------------------------------------------------------------
 
