@@ -62,7 +62,7 @@ from xai_core.core.errors import (
 from xai_core.core.hookspecs import PROJECT
 from xai_core.core.metrics import check_metric_class
 from xai_core.core.tags import Capability, Dependence, Scope, Tags
-from xai_core.core.types import ExplainerInfo, PluginInfo
+from xai_core.core.types import NAME, ExplainerInfo, PluginInfo, check_registered_class
 
 if TYPE_CHECKING:
     import typer
@@ -81,7 +81,6 @@ BUILTIN_DISTRIBUTIONS = frozenset(
 CORE_PLUGIN = "xai-core"
 
 trace_log = logging.getLogger("xai_core.hooks")
-_NAME = re.compile(r"^[a-z][a-z0-9_\-.]*$")
 
 
 _ADAPTER_NOTE = "(asked only for models that are neither torch.nn.Module nor ONNX)"
@@ -189,18 +188,9 @@ def explainer_options(cls: type) -> dict[str, inspect.Parameter]:
 
 def _check_explainer_class(cls: Any) -> None:
     """Raise PluginError when ``cls`` breaks the Explainer protocol (said in words)."""
-    if not isinstance(cls, type):
-        raise PluginError(f"register() takes an explainer class; got {type(cls).__name__}.")
-    name = getattr(cls, "name", None)
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise PluginError(
-            f"{cls.__qualname__}.name must be a lower-case identifier such as 'gradcam'; "
-            f"got {name!r}."
-        )
+    check_registered_class(cls, "explainer", "explain", "gradcam")
     if not isinstance(getattr(cls, "tags", None), Tags):
         raise PluginError(f"{cls.__qualname__}.tags must be an xai_core.Tags instance.")
-    if not callable(getattr(cls, "explain", None)):
-        raise PluginError(f"{cls.__qualname__} has no explain() method.")
     summary = getattr(cls, "summary", None)
     if summary is not None and not isinstance(summary, str):
         raise PluginError(f"{cls.__qualname__}.summary must be a str; got {summary!r}.")
@@ -223,7 +213,7 @@ def _qualname(obj: Any) -> str:
 def _check_named(obj: Any, what: str, methods: tuple[str, ...]) -> None:
     """Raise PluginError when a reader or executor (class or instance) lacks its parts."""
     name = getattr(obj, "name", None)
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not NAME.match(name):
         raise PluginError(
             f"{_qualname(obj)}.name must be a lower-case identifier (the {what}'s name); "
             f"got {name!r}."
