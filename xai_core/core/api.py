@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from xai_core.core.adapters import InputSpec, ModelAdapter
+from xai_core.core.adapters import InputSpec, ModelAdapter, check_protocols, torch_module_of
 from xai_core.core.contract import check_attribution
 from xai_core.core.errors import (
     CapabilityError,
@@ -133,8 +133,8 @@ def validate_inputs(inputs: Any, adapter: ModelAdapter) -> None:
 def _check_differentiable_model(info: ExplainerInfo, adapter: ModelAdapter) -> None:
     """Parameters made under ``torch.inference_mode()`` are inference tensors: autograd can
     never save them for a backward pass, and cloning them would change the user's model."""
-    module = getattr(adapter, "module", None)
-    if isinstance(module, torch.nn.Module) and any(
+    module = torch_module_of(adapter)
+    if module is not None and any(
         t.is_inference() for t in (*module.parameters(), *module.buffers())
     ):
         raise CapabilityError(
@@ -188,6 +188,7 @@ def runnable(
     if options is not None:
         check_options(info, options)
     adapter = registry.adapt(model, **(adapter_options or {}))
+    check_protocols(adapter, info.tags.requires)  # AdapterProtocolError names what is missing
     reason = registry.unsupported_reason(info, adapter)
     if reason is not None:
         working = [i.name for i in registry.list_explainers(scope=scope, model=adapter)]
@@ -241,6 +242,7 @@ def run_explainer(
 ) -> Explanation:
     """Validate, run one explainer inside the model's session, and wrap its result."""
     check_options(info, options)
+    check_protocols(adapter, info.tags.requires)
     validate_inputs(inputs, adapter)
     if Capability.GRADIENTS in info.tags.requires:
         _check_differentiable_model(info, adapter)

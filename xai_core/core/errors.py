@@ -183,3 +183,15 @@ class UnknownLayerError(LayerNotFoundError):
 
     def __reduce__(self):
         return (type(self), (self.facts, self.python_hint))
+
+
+class AdapterProtocolError(CapabilityError):
+    """An adapter declares a capability but lacks the methods of its protocol
+    (``xai_core.core.adapters``); ``missing`` maps each protocol's name to its missing methods."""
+
+    def __init__(self, message: str, missing: dict[str, list[str]] | None = None) -> None:
+        super().__init__(message)
+        self.missing = dict(missing or {})
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.missing))

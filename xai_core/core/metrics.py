@@ -39,7 +39,9 @@ class Need(StrEnum):
     """Something a metric needs beyond a model, inputs and an explanation."""
 
     MASKS = "masks"  # ground-truth regions (N, *spatial), bool
-    TORCH_MODEL = "torch-model"  # a PyTorch module it may copy and modify (randomisation)
+    # a model it may copy and modify (randomisation): an adapter implementing
+    # xai_core.core.adapters.ParameterRandomization (every PyTorch model's)
+    TORCH_MODEL = "torch-model"
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import weakref
@@ -13,7 +14,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from xai_core.core.adapters import InputSpec, ModelAdapter
+from xai_core.core.adapters import (
+    AttentionGradientResult,
+    InputSpec,
+    LayerGradientResult,
+    LayerRecord,
+    ModelAdapter,
+    NormParameters,
+)
 from xai_core.core.errors import (
     CapabilityError,
     LayerNotFoundError,
@@ -24,8 +32,9 @@ from xai_core.core.errors import (
     did_you_mean,
 )
 from xai_core.core.tags import Capability
-from xai_core.torch.capture import capture, is_attention_module, preserved_state
-from xai_core.torch.ops import feature_layout, token_layout
+from xai_core.core.targets import Targets
+from xai_core.torch.capture import capture, capture_attention, is_attention_module, preserved_state
+from xai_core.torch.ops import feature_layout, target_gradients, token_layout
 
 log = logging.getLogger("xai_core")
 
@@ -74,6 +83,69 @@ def declared_extra_tokens(module: nn.Module) -> int | None:
         if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
             return count
     return None
+
+
+def attention_modules(module: nn.Module) -> dict[str, nn.Module]:
+    """The outermost attention modules by name: an ``nn.MultiheadAttention`` inside a custom
+    attention module is part of that module's attention, not a layer of its own."""
+    found: dict[str, nn.Module] = {}
+    for name, m in module.named_modules():
+        inside = any(name.startswith(f"{outer}.") or not outer for outer in found)
+        if is_attention_module(m) and not inside:
+            found[name] = m
+    return {name or "<model>": m for name, m in found.items()}
+
+
+def windowed_attention(module: nn.Module) -> str | None:
+    """The name of a module that splits the tokens into windows before attending (Swin's
+    shifted windows: ``window_size`` and ``shift_size``; MaxViT's ``partition_size``), or
+    ``None``. Decided by structure, before anything runs."""
+    for name, m in module.named_modules():
+        if (hasattr(m, "window_size") and hasattr(m, "shift_size")) or hasattr(
+            m, "partition_size"
+        ):
+            return name or "<model>"
+    return None
+
+
+def differentiable(name: str, weights: torch.Tensor) -> torch.Tensor:
+    """The tensor holding ``weights``' values that the scores depend on in the autograd graph.
+
+    ``nn.MultiheadAttention`` multiplies the values by its softmax output ``(N*heads, T, T)`` and
+    only afterwards returns ``.view(N, heads, T, T)`` of it. That view is a new node *after* the
+    bmm, so the scores do not depend on it and ``autograd.grad`` with respect to it fails ("not
+    used in the graph"). Its ``_base``, the softmax output itself, holds the same numbers in the
+    same order and is what the scores depend on: differentiate that and reshape. A custom module
+    recording the tensor it multiplies by (the contract) is used as it is.
+    """
+    if weights.grad_fn is None:
+        raise CapabilityError(
+            f"The weights of attention layer {name!r} are outside the autograd graph (detached "
+            f"or computed under no_grad); record the tensor that multiplies the values."
+        )
+    base = weights._base
+    if (
+        base is not None
+        and base.grad_fn is not None
+        and base.numel() == weights.numel()
+        and weights.is_contiguous()
+        and weights.storage_offset() == base.storage_offset()
+    ):
+        return base
+    return weights
+
+
+def reinitialise(module: nn.Module) -> None:
+    """Draw the module's own parameters afresh: its ``reset_parameters`` where it has one (the
+    initialisation PyTorch gives a new layer), else a normal draw with each tensor's own spread."""
+    reset = getattr(module, "reset_parameters", None) or getattr(module, "_reset_parameters", None)
+    with torch.no_grad():
+        if callable(reset):
+            reset()
+            return
+        for p in module.parameters(recurse=False):
+            spread = float(p.float().std()) if p.numel() > 1 else 0.0
+            p.normal_(0.0, spread if spread > 0 else 0.02)
 
 
 def scores_of(output: Any) -> torch.Tensor:
@@ -146,7 +218,15 @@ class TorchAdapter(ModelAdapter):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "class": type(self.module).__name__}
 
-    # -- layers --------------------------------------------------------------------------------
+    def cache_key(self) -> nn.Module:
+        return self.module
+
+    def torch_module(self) -> nn.Module:
+        """The wrapped module, for engines that rewrite PyTorch code itself (the incremental
+        occlusion engine traces it with ``torch.fx``); explainers use the capability protocols."""
+        return self.module
+
+    # -- layers (LayerAccess, LayerGradients) ---------------------------------------------------
 
     def named_layers(self) -> dict[str, nn.Module]:
         return {name: m for name, m in self.module.named_modules() if name}
@@ -181,6 +261,145 @@ class TorchAdapter(ModelAdapter):
                     f"A layer is a module name (str) or an nn.Module; got {type(item).__name__}."
                 )
         return resolved
+
+    def layer_names(self) -> list[str]:
+        return list(self.named_layers())
+
+    def layer_names_of(self, spec: Any) -> list[str]:
+        """Names for a ``layer=`` value: a name, an ``nn.Module`` of the model, or a list."""
+        return list(self.resolve_layers(spec))
+
+    def extra_tokens(self) -> int | None:
+        return declared_extra_tokens(self.module)
+
+    def _modules(self, names: Sequence[str]) -> dict[str, nn.Module]:
+        layers = self.named_layers()
+        return {n: self.module if n == "<model>" else layers[n] for n in names} if names else {}
+
+    def record_layers(
+        self, inputs: torch.Tensor, layers: Sequence[str], *, inputs_of: Sequence[str] = ()
+    ) -> LayerRecord:
+        with (
+            torch.no_grad(),
+            capture(self._modules(layers), detach=True, strict=False) as seen,
+            capture(self._modules(inputs_of), inputs=True) as fed,
+        ):
+            scores = self.forward(inputs)
+        return LayerRecord(scores, list(seen.order), list(fed.order))
+
+    def layer_gradients(
+        self, inputs: torch.Tensor, layers: Sequence[str], targets: Targets
+    ) -> LayerGradientResult:
+        """Forward hooks (:func:`~xai_core.torch.capture.capture`) and autograd: the input
+        requires grad so that activations stay in the graph although the parameters are frozen."""
+        hooked = self._modules(layers)
+        x = inputs.detach().requires_grad_(True)
+        with torch.enable_grad(), capture(hooked) as seen:
+            scores = self.forward(x)
+        chosen = targets.resolve(scores).select(scores)  # (N, K)
+        acts = {name: seen.last(name) for name in hooked}  # a layer used twice: its last call
+        # An activation outside the graph does not depend on the input: no gradient at all.
+        live = [name for name, a in acts.items() if a.requires_grad]
+
+        def gradients() -> Iterator[dict[str, torch.Tensor | None]]:
+            if not live:
+                for _ in range(chosen.shape[1]):
+                    yield dict.fromkeys(hooked)
+                return
+            for grads in target_gradients(chosen, [acts[n] for n in live]):
+                found = dict(zip(live, grads, strict=True))
+                yield {name: found.get(name) for name in hooked}
+
+        return LayerGradientResult(
+            scores=scores.detach(),
+            activations={name: a.detach() for name, a in acts.items()},
+            calls={name: len(seen.outputs[name]) for name in hooked},
+            gradients=gradients(),
+        )
+
+    # -- classifier weights (ClassifierHead) ----------------------------------------------------
+
+    def linear_layers(self) -> list[str]:
+        return [name for name, m in self.named_layers().items() if isinstance(m, nn.Linear)]
+
+    def linear_weights(self, layer: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        module = self._modules([layer])[layer]
+        return module.weight, module.bias
+
+    def norm_parameters(self, layer: str) -> NormParameters | None:
+        """``nn.LayerNorm`` and its subclasses (timm's ``LayerNorm2d``), or anything with the
+        same attributes: ``normalized_shape`` and a float ``eps``."""
+        module = self.named_layers().get(layer)
+        shape = getattr(module, "normalized_shape", None)
+        eps = getattr(module, "eps", None)
+        if shape is None or not isinstance(eps, float):
+            return None
+        weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+        return NormParameters(tuple(shape), weight, bias, eps)
+
+    # -- attention (AttentionAccess, AttentionGradients) ----------------------------------------
+
+    def attention_layers(self) -> list[str]:
+        return list(attention_modules(self.module))
+
+    def windowed_attention(self) -> str | None:
+        return windowed_attention(self.module)
+
+    def attention_weights(
+        self, inputs: torch.Tensor
+    ) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
+        with torch.no_grad(), capture_attention(attention_modules(self.module)) as seen:
+            scores = self.forward(inputs)
+        return scores, list(seen.order)
+
+    def attention_gradients(
+        self, inputs: torch.Tensor, targets: Targets
+    ) -> AttentionGradientResult:
+        """The weights stay in the autograd graph: the parameters are frozen during an
+        explanation, so the input is what requires grad."""
+        x = inputs.detach().requires_grad_(True)
+        with torch.enable_grad(), capture_attention(attention_modules(self.module)) as seen:
+            scores = self.forward(x)
+        calls = list(seen.order)
+        chosen = targets.resolve(scores).select(scores)  # (N, K) target logits
+
+        def gradients() -> Iterator[list[torch.Tensor | None]]:
+            tensors = [differentiable(name, w) for name, w in calls]
+            for grads in target_gradients(chosen, tensors):
+                yield [
+                    None if g is None else g.reshape(w.shape)
+                    for (_, w), g in zip(calls, grads, strict=True)
+                ]
+
+        detached = [(name, w.detach()) for name, w in calls]
+        return AttentionGradientResult(scores.detach(), detached, gradients())
+
+    # -- randomisation (ParameterRandomization) -------------------------------------------------
+
+    def _parameter_owners(self) -> dict[str, nn.Module]:
+        return {
+            name or "<model>": m
+            for name, m in self.module.named_modules()
+            if next(m.parameters(recurse=False), None) is not None
+        }
+
+    def parameter_layers(self, inputs: torch.Tensor) -> list[str]:
+        """Modules that own parameters, in reverse order of their first call: the output side
+        first. Read from one forward pass (hooks removed afterwards), not from the order the
+        modules were declared in, which need not be the order they run in."""
+        owners = self._parameter_owners()
+        with torch.no_grad(), self.session(), capture(owners, inputs=True) as seen:
+            self.forward(inputs)
+        ran = dict.fromkeys(name for name, _ in seen.order)  # first call wins, order kept
+        return list(reversed(ran))
+
+    def randomizable_copy(self) -> TorchAdapter:
+        return TorchAdapter(copy.deepcopy(self.module), input_spec=self.input_spec)
+
+    def randomize_layers(self, layers: Sequence[str]) -> None:
+        owners = self._parameter_owners()
+        for name in layers:
+            reinitialise(owners[name])
 
     def default_layer(self, inputs: torch.Tensor) -> str:
         """The layer gradient-weighted maps (Grad-CAM) explain when the user names none.

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from xai_core.core.adapters import ParameterRandomization, torch_module_of
 from xai_core.core.api import check_masks, check_options, run_explainer, validate_inputs
 from xai_core.core.contract import check_metric_result
 from xai_core.core.errors import OptionError, UnknownOptionError, XaiError, did_you_mean
@@ -533,7 +534,7 @@ def _choose_metrics(registry, adapter, metrics, masks):
         missing = []
         if Need.MASKS in cls.needs and masks is None:
             missing.append("ground-truth masks (masks=...)")
-        if Need.TORCH_MODEL in cls.needs and not hasattr(adapter, "module"):
+        if Need.TORCH_MODEL in cls.needs and not isinstance(adapter, ParameterRandomization):
             missing.append("a PyTorch model")
         if missing:
             skipped[name] = f"needs {' and '.join(missing)}"
@@ -608,7 +609,7 @@ def measure_probe(adapter: Any, inputs: torch.Tensor, targets: torch.Tensor) -> 
     with torch.no_grad(), adapter.session():
         forward = min(timed(lambda: adapter.forward(inputs)) for _ in range(3))
     backward = 3 * forward  # a backward pass costs about two forward passes
-    if isinstance(getattr(adapter, "module", None), torch.nn.Module):
+    if torch_module_of(adapter) is not None:
 
         def forward_backward() -> None:
             x = inputs.detach().clone().requires_grad_(True)

@@ -16,19 +16,16 @@ and rollout do not depend on the target: they return the same map for each of th
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 import torch
-from torch import nn
 
 import xai_core
 from xai_core import Attribution, Capability, Tags, Targets
-from xai_core.core.adapters import ModelAdapter
+from xai_core.core.adapters import AttentionAccess, AttentionGradients, ModelAdapter
 from xai_core.core.errors import CapabilityError, LayerNotFoundError, OptionError, did_you_mean
 from xai_core.core.options import Range
-from xai_core.torch.adapter import TorchAdapter, declared_extra_tokens
-from xai_core.torch.capture import capture_attention, is_attention_module
-from xai_core.torch.ops import target_gradients, token_layout
+from xai_core.torch.ops import token_layout
 
 __version__ = "0.1.0"
 
@@ -44,35 +41,15 @@ FUSIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 # -- the model's attention -------------------------------------------------------------------------
 
 
-def attention_modules(module: nn.Module) -> dict[str, nn.Module]:
-    """The outermost attention modules by name: an ``nn.MultiheadAttention`` inside a custom
-    attention module is part of that module's attention, not a layer of its own."""
-    found: dict[str, nn.Module] = {}
-    for name, m in module.named_modules():
-        inside = any(name.startswith(f"{outer}.") or not outer for outer in found)
-        if is_attention_module(m) and not inside:
-            found[name] = m
-    return {name or "<model>": m for name, m in found.items()}
-
-
-def windowed_attention(module: nn.Module) -> str | None:
-    """The name of a module that splits the tokens into windows before attending (Swin's
-    shifted windows: ``window_size`` and ``shift_size``; MaxViT's ``partition_size``), or
-    ``None``. Decided by structure, before anything runs."""
-    for name, m in module.named_modules():
-        if (hasattr(m, "window_size") and hasattr(m, "shift_size")) or hasattr(
-            m, "partition_size"
-        ):
-            return name or "<model>"
-    return None
+class WithAttentionGradients(AttentionAccess, AttentionGradients, Protocol):
+    """What gradient-weighted rollout needs of an adapter: both protocols."""
 
 
 def not_applicable(model: ModelAdapter) -> str | None:
     """Why attention maps cannot be drawn for ``model``, or ``None`` (``unsupported_reason``)."""
-    if not isinstance(model, TorchAdapter):
-        kind = model.kind
-        return f"attention maps read the attention modules of a PyTorch model, not a {kind} model"
-    windowed = windowed_attention(model.module)
+    if not isinstance(model, AttentionAccess):  # declared ATTENTION without the protocol
+        return f"attention maps need the attention weights of the model; {model.kind} gives none"
+    windowed = model.windowed_attention()
     if windowed is not None:
         return (
             f"the model attends within windows ({windowed!r} splits the tokens into windows, as "
@@ -84,28 +61,15 @@ def not_applicable(model: ModelAdapter) -> str | None:
     return None
 
 
-def attention_forward(
-    model: ModelAdapter, inputs: torch.Tensor, *, grad: bool
-) -> tuple[torch.Tensor, list[Call]]:
-    """Scores and every attention call ``(name, weights)`` of one forward pass, in call order.
-
-    With ``grad=True`` the weights stay in the autograd graph: the parameters are frozen during
-    an explanation, so the input is what requires grad.
-    """
-    if not isinstance(model, TorchAdapter):
-        raise CapabilityError(
-            f"Attention maps read the attention modules of a PyTorch model; got a {model.kind} "
-            f"model."
-        )
-    x = inputs.detach().requires_grad_(True) if grad else inputs
-    with torch.set_grad_enabled(grad), capture_attention(attention_modules(model.module)) as seen:
-        scores = model.forward(x)
-    if not seen.order:
+def check_calls(calls: list[Call], inputs: torch.Tensor) -> list[Call]:
+    """Every attention call ``(name, weights)`` of one forward pass, in call order, checked to
+    be self-attention over the whole image: ``(N, heads, T, T)``."""
+    if not calls:
         raise CapabilityError(
             "No attention module was called during the forward pass, so there are no attention "
             "weights to show."
         )
-    for name, weights in seen.order:
+    for name, weights in calls:
         windows = weights.shape[0] // inputs.shape[0] if weights.ndim == 4 else 1
         if windows > 1 and weights.shape[0] == windows * inputs.shape[0]:
             raise CapabilityError(
@@ -123,14 +87,12 @@ def attention_forward(
                 f"Attention layer {name!r} gave weights of shape {tuple(weights.shape)}; attention "
                 f"maps need self-attention weights (N={inputs.shape[0]}, heads, T, T)."
             )
-    return scores, list(seen.order)
+    return calls
 
 
-def extra_tokens(model: ModelAdapter, class_token: bool | int | None) -> bool | int | None:
+def extra_tokens(model: AttentionAccess, class_token: bool | int | None) -> bool | int | None:
     """The user's ``class_token``, else the count of extra tokens the model declares."""
-    if class_token is None and isinstance(model, TorchAdapter):
-        return declared_extra_tokens(model.module)
-    return class_token
+    return model.extra_tokens() if class_token is None else class_token
 
 
 def pick_layer(calls: list[Call], layer: int | str) -> Call:
@@ -217,33 +179,6 @@ def chain(matrices: Sequence[torch.Tensor]) -> torch.Tensor:
     return product
 
 
-def differentiable(name: str, weights: torch.Tensor) -> torch.Tensor:
-    """The tensor holding ``weights``' values that the scores depend on in the autograd graph.
-
-    ``nn.MultiheadAttention`` multiplies the values by its softmax output ``(N*heads, T, T)`` and
-    only afterwards returns ``.view(N, heads, T, T)`` of it. That view is a new node *after* the
-    bmm, so the scores do not depend on it and ``autograd.grad`` with respect to it fails ("not
-    used in the graph"). Its ``_base``, the softmax output itself, holds the same numbers in the
-    same order and is what the scores depend on: differentiate that and reshape. A custom module
-    recording the tensor it multiplies by (the contract) is used as it is.
-    """
-    if weights.grad_fn is None:
-        raise CapabilityError(
-            f"The weights of attention layer {name!r} are outside the autograd graph (detached "
-            f"or computed under no_grad); record the tensor that multiplies the values."
-        )
-    base = weights._base
-    if (
-        base is not None
-        and base.grad_fn is not None
-        and base.numel() == weights.numel()
-        and weights.is_contiguous()
-        and weights.storage_offset() == base.storage_offset()
-    ):
-        return base
-    return weights
-
-
 def per_target(maps: torch.Tensor, count: int) -> torch.Tensor:
     """``(N, *grid)`` -> ``(N, K, *grid)``: one copy per target, for target-independent maps."""
     return maps.unsqueeze(1).expand(maps.shape[0], count, *maps.shape[1:]).clone()
@@ -269,7 +204,7 @@ class RawAttention:
 
     def explain(
         self,
-        model: ModelAdapter,
+        model: AttentionAccess,
         inputs: torch.Tensor,
         targets: Targets,
         *,
@@ -287,7 +222,8 @@ class RawAttention:
         check_head(head, allow_index=True)
         if isinstance(layer, bool) or not isinstance(layer, int | str):
             raise OptionError(f"layer is an index (int) or a module name (str); got {layer!r}.")
-        scores, calls = attention_forward(model, inputs, grad=False)
+        scores, calls = model.attention_weights(inputs)
+        calls = check_calls(calls, inputs)
         resolved = targets.resolve(scores)
         name, weights = pick_layer(calls, layer)
         tokens = weights.shape[-1]
@@ -321,7 +257,7 @@ class AttentionRollout:
 
     def explain(
         self,
-        model: ModelAdapter,
+        model: AttentionAccess,
         inputs: torch.Tensor,
         targets: Targets,
         *,
@@ -339,7 +275,8 @@ class AttentionRollout:
         check_head(head_fusion, allow_index=False)
         if not 0.0 <= discard_ratio < 1.0:
             raise OptionError(f"discard_ratio must lie in [0, 1); got {discard_ratio!r}.")
-        scores, calls = attention_forward(model, inputs, grad=False)
+        scores, calls = model.attention_weights(inputs)
+        calls = check_calls(calls, inputs)
         resolved = targets.resolve(scores)
         tokens = same_tokens(calls)
         extra, grid = token_layout(tokens, inputs.shape[2:], extra_tokens(model, class_token))
@@ -378,7 +315,7 @@ class GradAttentionRollout:
 
     def explain(
         self,
-        model: ModelAdapter,
+        model: WithAttentionGradients,
         inputs: torch.Tensor,
         targets: Targets,
         *,
@@ -387,14 +324,14 @@ class GradAttentionRollout:
         """:param class_token: token 0 is a class token (``True``; more extra tokens such as
             registers may follow it) or a patch (``False``), or an ``int``: the number of leading
             non-patch tokens; ``None`` decides from the token count."""
-        scores, calls = attention_forward(model, inputs, grad=True)
-        chosen = targets.resolve(scores).select(scores)  # (N, K) target logits
+        run = model.attention_gradients(inputs, targets)  # targets resolved on its scores
+        scores, calls = run.scores, check_calls(run.calls, inputs)
         tokens = same_tokens(calls)
         extra, grid = token_layout(tokens, inputs.shape[2:], extra_tokens(model, class_token))
         names = [n for n, _ in calls]
         eye = torch.eye(tokens, dtype=calls[0][1].dtype, device=calls[0][1].device)
-        per_target = []  # one backward per target through the retained graph, reduced at once
-        for grads in target_gradients(chosen, [differentiable(n, w) for n, w in calls]):
+        per_target = []  # one backward pass per target, reduced at once
+        for grads in run.gradients:
             steps = []
             for (name, weights), grad in zip(calls, grads, strict=True):
                 if grad is None:
@@ -402,14 +339,13 @@ class GradAttentionRollout:
                         f"The scores do not depend on the weights recorded by attention layer "
                         f"{name!r}: record the very tensor that multiplies the values."
                     )
-                grad = grad.reshape(weights.shape)  # (N, heads, T, T)
-                a_bar = (grad * weights.detach()).clamp(min=0).mean(dim=1)
+                a_bar = (grad * weights).clamp(min=0).mean(dim=1)  # both (N, heads, T, T)
                 steps.append(eye + a_bar)  # R <- R + Abar R, the paper's update
             per_target.append(token_map(chain(steps), extra, grid))  # (N, *grid)
         maps = torch.stack(per_target, dim=1)  # (N, K, *grid)
         return Attribution(
             maps=maps.contiguous(),
-            scores=scores.detach(),
+            scores=scores,
             layers=[span(names)],
             details={
                 "class_token": bool(extra),

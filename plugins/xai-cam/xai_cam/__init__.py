@@ -11,7 +11,7 @@ requested class is one weighted sum of its channels. No gradient is taken.
 
 The pooling may be a module or a function (``x.mean((2, 3))``, ``F.adaptive_avg_pool2d``), so
 the feature tensor and the head are found by probing one sample (once per model and input
-shape): the head is the last ``nn.Linear`` the forward pass calls whose output is the model's
+shape): the head is the last linear layer the forward pass calls whose output is the model's
 scores; ``A`` is the output of the last module before it whose spatial mean is the head's
 input. When it is the mean of ``ReLU(A)`` instead (DenseNet's ``F.relu(features, inplace=True)``
 before pooling), the map uses ``ReLU(A)``, the tensor that really is pooled. Both conditions are
@@ -23,12 +23,15 @@ its channels (one number per sample) and ``gamma``, ``beta`` the norm's affine p
 ``y_c = sum_k W[c,k] gamma_k (z_k - mu) / sigma + const``, so the map is
 ``sum_k W[c,k] gamma_k (A^k(i,j) - mu) / sigma``, whose spatial mean is again ``y_c`` minus a
 constant. Any other layer between (an MLP, a convolution) is refused.
+
+The model is reached only through the ``LayerAccess`` and ``ClassifierHead`` protocols.
 """
 
 from __future__ import annotations
 
 import logging
 import weakref
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -36,11 +39,9 @@ from torch import nn
 
 import xai_core
 from xai_core import Attribution, Capability, Tags, Targets
-from xai_core.core.adapters import ModelAdapter
+from xai_core.core.adapters import ClassifierHead, LayerAccess, NormParameters
 from xai_core.core.errors import CapabilityError, OptionError, TargetTypeError
 from xai_core.core.targets import check_finite_scores
-from xai_core.torch.adapter import TorchAdapter
-from xai_core.torch.capture import capture
 
 __version__ = "0.1.0"
 
@@ -52,10 +53,17 @@ USE_GRADCAM = (
 )
 
 Found = tuple[str, str, str | None]  # feature layer, head, layer norm between them (or None)
-# (feature layer, head, norm) per model, input shape and requested head: the probe runs once.
-_found: weakref.WeakKeyDictionary[nn.Module, dict[tuple[object, ...], Found]] = (
+# (feature layer, head, norm) per model (the adapter's cache_key()), input shape and requested
+# head: the probe runs once.
+_found: weakref.WeakKeyDictionary[Any, dict[tuple[object, ...], Found]] = (
     weakref.WeakKeyDictionary()
 )
+
+
+class Model(LayerAccess, ClassifierHead, Protocol):
+    """What CAM needs of an adapter: both protocols (and ``cache_key()`` of every adapter)."""
+
+    def cache_key(self) -> object: ...
 
 
 def _classifier(scores: torch.Tensor) -> None:
@@ -77,25 +85,21 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool((a - b).abs().max() <= tolerance)
 
 
-def channel_norm(module: nn.Module | None, channels: int) -> nn.Module | None:
-    """``module`` if it is a layer norm over exactly ``channels`` features (``nn.LayerNorm``
-    and its subclasses such as timm's ``LayerNorm2d``, or anything with the same attributes)."""
-    shape = getattr(module, "normalized_shape", None)
-    if module is None or shape is None or tuple(shape) != (channels,):
-        return None
-    return module if isinstance(getattr(module, "eps", None), float) else None
+def channel_norm(model: ClassifierHead, layer: str, channels: int) -> NormParameters | None:
+    """The parameters of ``layer`` if it is a layer norm over exactly ``channels`` features."""
+    norm = model.norm_parameters(layer)
+    return norm if norm is not None and norm.shape == (channels,) else None
 
 
-def normalize(z: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
+def normalize(z: torch.Tensor, norm: NormParameters | None) -> torch.Tensor:
     """``LN(z)`` for ``z`` ``(N, C)`` with ``norm``'s epsilon and affine parameters."""
     if norm is None:
         return z
-    weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
-    return F.layer_norm(z, z.shape[1:], weight, bias, norm.eps)
+    return F.layer_norm(z, z.shape[1:], norm.weight, norm.bias, norm.eps)
 
 
 def pooled_relu(
-    features: torch.Tensor, z: torch.Tensor, norm: nn.Module | None = None
+    features: torch.Tensor, z: torch.Tensor, norm: NormParameters | None = None
 ) -> bool | None:
     """How ``z`` ``(N, C)`` comes from ``features`` ``(N, C, *spatial)`` by global averaging
     (then ``norm``, if given): ``False`` for the mean of ``features``, ``True`` for the mean of
@@ -110,43 +114,36 @@ def pooled_relu(
     return None
 
 
-def find_head(
-    model: TorchAdapter, inputs: torch.Tensor, head: tuple[str, nn.Module] | None = None
-) -> Found:
+def find_head(model: Model, inputs: torch.Tensor, head: str | None = None) -> Found:
     """Names of the layer whose output is globally averaged, of the linear head after it, and
     of a layer norm between them (``None`` when there is none).
 
     Probes one sample with a hook on every module (all removed afterwards); cached per model,
-    input shape and ``head`` (given, or the last ``nn.Linear`` called whose output is the
+    input shape and ``head`` (given, or the last linear layer called whose output is the
     model's output), and logged.
     """
-    key = (tuple(inputs.shape[1:]), None if head is None else head[0])
-    found = _found.setdefault(model.module, {})
+    key = (tuple(inputs.shape[1:]), head)
+    found = _found.setdefault(model.cache_key(), {})
     if key not in found:
         found[key] = _probe(model, inputs[:1], head)
         log.info("CAM chose layer %r (globally pooled), head %r, norm %r", *found[key])
     return found[key]
 
 
-def _probe(model: TorchAdapter, x: torch.Tensor, head: tuple[str, nn.Module] | None) -> Found:
-    layers = model.named_layers()
-    linear = dict([head]) if head else {n: m for n, m in layers.items() if isinstance(m, nn.Linear)}
-    with (
-        torch.no_grad(),
-        capture(layers, detach=True, strict=False) as seen,
-        capture(linear, inputs=True) as fed,
-    ):
-        scores = model.forward(x)
+def _probe(model: Model, x: torch.Tensor, head: str | None) -> Found:
+    linear = [head] if head else model.linear_layers()
+    seen = model.record_layers(x, model.layer_names(), inputs_of=linear)
+    scores = seen.scores
     check_finite_scores(scores)  # the first forward: NaN scores would read as "no head" below
     _classifier(scores)
     # The head is the last linear layer called whose output is the model's output.
-    name = next((n for n, _ in reversed(fed.order) if _close(seen.last(n), scores)), None)
+    name = next((n for n, _ in reversed(seen.inputs) if _close(seen.last(n), scores)), None)
     if name is None:
         raise CapabilityError(
             f"No linear layer computes the model's output (none ran, or more layers follow "
             f"the last one). {USE_GRADCAM}"
         )
-    z = fed.last(name)
+    z = seen.last_input(name)
     before_head = max(i for i, (n, _) in enumerate(seen.order) if n == name)
     for layer, out in reversed(seen.order[:before_head]):
         if pooled_relu(out, z) is not None:
@@ -154,7 +151,7 @@ def _probe(model: TorchAdapter, x: torch.Tensor, head: tuple[str, nn.Module] | N
     # A layer norm whose output is the head's input, and a layer whose pooled output it norms.
     for at in range(before_head - 1, -1, -1):
         norm_name, normed = seen.order[at]
-        norm = channel_norm(layers.get(norm_name), z.shape[1])
+        norm = channel_norm(model, norm_name, z.shape[1])
         if norm is None or not _close(normed.flatten(1), z):
             continue
         for layer, out in reversed(seen.order[:at]):
@@ -167,11 +164,11 @@ def _probe(model: TorchAdapter, x: torch.Tensor, head: tuple[str, nn.Module] | N
     )
 
 
-def _one(model: TorchAdapter, spec: str | nn.Module, what: str) -> tuple[str, nn.Module]:
-    resolved = model.resolve_layers(spec)
+def _one(model: LayerAccess, spec: Any, what: str) -> str:
+    resolved = model.layer_names_of(spec)
     if len(resolved) != 1:
         raise OptionError(f"CAM takes one {what}; got {len(resolved)}.")
-    return next(iter(resolved.items()))
+    return resolved[0]
 
 
 class CAM:
@@ -182,24 +179,18 @@ class CAM:
         "local", "model-specific", requires={Capability.LAYERS, Capability.CLASSIFIER_WEIGHTS}
     )
 
-    @classmethod
-    def unsupported_reason(cls, model: ModelAdapter) -> str | None:
-        if not isinstance(model, TorchAdapter):
-            return f"cam reads the layers and weights of a PyTorch module, not a {model.kind} model"
-        return None
-
     def explain(
         self,
-        model: TorchAdapter,
+        model: Model,
         inputs: torch.Tensor,
         targets: Targets,
         *,
         layer: str | nn.Module | None = None,
         head: str | nn.Module | None = None,
     ) -> Attribution:
-        """:param layer: the layer whose output is globally averaged (name or module); default:
-            found by probing one sample.
-        :param head: the linear classifier (name or module); default: the last ``nn.Linear``
+        """:param layer: the layer whose output is globally averaged (name; a PyTorch model also
+            takes the module); default: found by probing one sample.
+        :param head: the linear classifier (name or module); default: the last linear layer
             the forward pass calls whose output is the model's output.
         """
         if targets.region is not None:
@@ -214,28 +205,20 @@ class CAM:
             )
         chosen_layer = None if layer is None else _one(model, layer, "layer")
         chosen_head = None if head is None else _one(model, head, "head")
-        if chosen_head is not None and not isinstance(chosen_head[1], nn.Linear):
+        if chosen_head is not None and chosen_head not in model.linear_layers():
             raise OptionError(
-                f"The head must be an nn.Linear; {chosen_head[0]!r} is a "
-                f"{type(chosen_head[1]).__name__}."
+                f"The head must be a linear layer (nn.Linear); {chosen_head!r} is not."
             )
-        named = model.named_layers()
         found_layer, found_head, norm_name = find_head(model, inputs, chosen_head)
-        chosen_layer = chosen_layer or (found_layer, named[found_layer])
-        chosen_head = chosen_head or (found_head, named[found_head])
-        (layer_name, layer_module), (head_name, head_module) = chosen_layer, chosen_head
-        norm = None if norm_name is None else named[norm_name]
+        layer_name, head_name = chosen_layer or found_layer, chosen_head or found_head
+        norm = None if norm_name is None else model.norm_parameters(norm_name)
 
-        with (
-            torch.no_grad(),
-            capture({layer_name: layer_module, head_name: head_module}, detach=True) as seen,
-            capture({head_name: head_module}, inputs=True) as fed,
-        ):
-            scores = model.forward(inputs)
+        seen = model.record_layers(inputs, [layer_name, head_name], inputs_of=[head_name])
+        scores = seen.scores
         _classifier(scores)
         indices = targets.resolve(scores).indices  # (N, K)
         # A layer or head called twice: its last call, the one nearest the output.
-        features, z = seen.last(layer_name), fed.last(head_name)
+        features, z = seen.last(layer_name), seen.last_input(head_name)
         if not _close(seen.last(head_name), scores):
             raise CapabilityError(
                 f"The output of {head_name!r} is not the model's output. {USE_GRADCAM}"
@@ -250,11 +233,11 @@ class CAM:
             )
         if relu:
             features = features.clamp(min=0)
-        weights = head_module.weight[indices]  # (N, K, C): the classifier row of each target
+        weights = model.linear_weights(head_name)[0][indices]  # (N, K, C): each target's row
         if norm is not None:  # see the module docstring: W gamma (A - mu) / sigma
             pooled = features.mean(tuple(range(2, features.ndim)))
             var, mu = torch.var_mean(pooled, dim=1, unbiased=False)
-            if getattr(norm, "weight", None) is not None:
+            if norm.weight is not None:
                 weights = weights * norm.weight
             weights = weights / (var + norm.eps).sqrt()[:, None, None]
             features = features - mu.view(-1, *[1] * (features.ndim - 1))

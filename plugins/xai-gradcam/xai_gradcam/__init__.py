@@ -13,24 +13,24 @@ assumption (``Y = exp(S)``), which turns the higher derivatives into powers of t
 the form of the authors' code and of the common libraries, so maps are comparable.
 
 Several layers share one forward pass; several targets share it too, each with one backward pass
-through the retained graph (:func:`xai_core.torch.ops.target_gradients` says why not one vmapped
-backward).
+(:meth:`xai_core.core.adapters.LayerGradients.layer_gradients`; for PyTorch through the retained
+graph, :func:`xai_core.torch.ops.target_gradients` says why not one vmapped backward). The model
+is reached only through the ``LayerAccess`` and ``LayerGradients`` protocols.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from torch import nn
 
 import xai_core
 from xai_core import Attribution, Capability, Tags, Targets
+from xai_core.core.adapters import LayerAccess, LayerGradients
 from xai_core.core.errors import CapabilityError, LayerTypeError, OptionError
-from xai_core.torch.adapter import TorchAdapter, declared_extra_tokens
-from xai_core.torch.capture import capture
-from xai_core.torch.ops import Layout, as_feature_map, feature_layout, target_gradients
+from xai_core.torch.ops import Layout, as_feature_map, feature_layout
 
 __version__ = "0.1.0"
 
@@ -77,6 +77,10 @@ def _not_on_path(layer: str) -> OptionError:
     )
 
 
+class Model(LayerAccess, LayerGradients, Protocol):
+    """What Grad-CAM needs of an adapter: both protocols."""
+
+
 class GradCAM:
     """Gradient-weighted class activation maps at one or several layers."""
 
@@ -85,7 +89,7 @@ class GradCAM:
 
     def explain(
         self,
-        model: TorchAdapter,
+        model: Model,
         inputs: torch.Tensor,
         targets: Targets,
         *,
@@ -95,9 +99,10 @@ class GradCAM:
         relu: bool = True,
         class_token: bool | int | None = None,
     ) -> Attribution:
-        """:param layer: one layer (name or module); default: the last with a spatial output,
-            or on a transformer the tokens entering the last attention (after it only the class
-            token reaches the head). Token layers ``(N, T, C)`` are laid out on their patch grid.
+        """:param layer: one layer (name; a PyTorch model also takes the module); default: the
+            last with a spatial output, or on a transformer the tokens entering the last
+            attention (after it only the class token reaches the head). Token layers
+            ``(N, T, C)`` are laid out on their patch grid.
         :param layers: several layers, explained from the same forward and backward pass.
         :param variant: ``"gradcam"``, ``"guided"`` or ``"gradcam++"``.
         :param relu: apply the final ReLU (``False`` keeps negative evidence visible).
@@ -111,27 +116,20 @@ class GradCAM:
             raise OptionError("Give either `layer` or `layers`, not both.")
         if layers is None and layer is None:
             layer = model.default_layer(inputs)
-        hooked = model.resolve_layers(layers if layers is not None else layer)
-        # The input requires grad so that activations stay in the graph although the model's
-        # parameters are frozen during the explanation.
-        x = inputs.detach().requires_grad_(True)
-        with torch.enable_grad(), capture(hooked) as seen:
-            scores = model.forward(x)
-        chosen = targets.resolve(scores).select(scores)  # (N, K)
-        acts = [seen.last(name) for name in hooked]  # a layer used twice: its last call
+        hooked = model.layer_names_of(layers if layers is not None else layer)
+        run = model.layer_gradients(inputs, hooked, targets)
+        acts = [run.activations[name] for name in hooked]  # a layer used twice: its last call
         if class_token is None:
-            class_token = declared_extra_tokens(model.module)
-        grids = []
-        for name, a in zip(hooked, acts, strict=True):
-            grids.append(feature_layout_of(name, a, inputs, class_token))
-            if not a.requires_grad:  # it does not depend on the input at all
-                raise _not_on_path(name)
-        features = [as_feature_map(a.detach(), g) for a, g in zip(acts, grids, strict=True)]
+            class_token = model.extra_tokens()
+        grids = [
+            feature_layout_of(name, a, inputs, class_token)
+            for name, a in zip(hooked, acts, strict=True)
+        ]
+        features = [as_feature_map(a, g) for a, g in zip(acts, grids, strict=True)]
         weights: list[list[torch.Tensor]] = [[] for _ in acts]  # per layer, (1, N, C) per target
-        for grads in target_gradients(chosen, acts):
-            for name, f, g, grid, alphas in zip(
-                hooked, features, grads, grids, weights, strict=True
-            ):
+        for grads in run.gradients:
+            for name, f, grid, alphas in zip(hooked, features, grids, weights, strict=True):
+                g = grads[name]
                 if g is None:
                     raise _not_on_path(name)
                 alphas.append(channel_weights(variant, f, as_feature_map(g, grid).unsqueeze(0)))
@@ -139,10 +137,10 @@ class GradCAM:
         for f, alphas in zip(features, weights, strict=True):
             cam = torch.einsum("knc,nc...->nk...", torch.cat(alphas), f)  # alphas: (K, N, C)
             maps.append(cam.clamp(min=0) if relu else cam)
-        calls = {name: len(seen.outputs[name]) for name in hooked}
+        calls = dict(run.calls)
         return Attribution(
             maps=maps,
-            scores=scores.detach(),
+            scores=run.scores,
             layers=list(hooked),
             details={
                 "variant": variant,

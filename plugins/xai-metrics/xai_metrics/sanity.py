@@ -1,7 +1,8 @@
 """Sanity checks that re-explain: model-parameter randomisation and stability under augmentation.
 
 Cascading randomisation (Adebayo et al., *Sanity Checks for Saliency Maps*, NeurIPS 2018): on a
-deep copy of the model, the parameterised layers are re-initialised one at a time from the
+copy of the model (``ParameterRandomization``: for PyTorch a deep copy, each layer re-drawn by
+its ``reset_parameters``), the parameterised layers are re-initialised one at a time from the
 output down; after each chosen cascade point ``s`` the batch is explained again and compared with
 the original map::
 
@@ -19,43 +20,22 @@ Spearman's rank correlation (ties averaged) is computed in torch on the model's 
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from xai_core.core.adapters import ParameterRandomization
 from xai_core.core.errors import CapabilityError, ModelError, OptionError
 from xai_core.core.metrics import Direction, MetricContext, MetricResult, Need
 from xai_core.core.progress import ProgressFn
-from xai_core.torch.adapter import TorchAdapter
-from xai_core.torch.capture import capture
 from xai_metrics.common import choice, finite_float, integer, single_maps, spearman, ssim
 
 AUGMENTATIONS = ("hflip", "rotate", "intensity")
 
 
 # -- randomisation ---------------------------------------------------------------------------
-
-
-def cascade_order(model: nn.Module, probe: torch.Tensor) -> list[tuple[str, nn.Module]]:
-    """Modules that own parameters, in reverse order of their first call: the output side first.
-
-    The order is read from one forward pass (hooks removed afterwards), not from the order the
-    modules were declared in, which need not be the order they run in.
-    """
-    owners = {
-        name or "<model>": m
-        for name, m in model.named_modules()
-        if next(m.parameters(recurse=False), None) is not None
-    }
-    adapter = TorchAdapter(model)
-    with torch.no_grad(), adapter.session(), capture(owners, inputs=True) as seen:
-        adapter.forward(probe)
-    ran = dict.fromkeys(name for name, _ in seen.order)  # first call wins, order kept
-    return [(name, owners[name]) for name in reversed(ran)]
 
 
 def cascade_points(layers: int, stages: int | None) -> list[int]:
@@ -66,19 +46,6 @@ def cascade_points(layers: int, stages: int | None) -> list[int]:
     if stages == 1:
         return [layers]
     return sorted({round(1 + i * (layers - 1) / (stages - 1)) for i in range(stages)})
-
-
-def reinitialise(module: nn.Module) -> None:
-    """Draw the module's own parameters afresh: its ``reset_parameters`` where it has one (the
-    initialisation PyTorch gives a new layer), else a normal draw with each tensor's own spread."""
-    reset = getattr(module, "reset_parameters", None) or getattr(module, "_reset_parameters", None)
-    with torch.no_grad():
-        if callable(reset):
-            reset()
-            return
-        for p in module.parameters(recurse=False):
-            spread = float(p.float().std()) if p.numel() > 1 else 0.0
-            p.normal_(0.0, spread if spread > 0 else 0.02)
 
 
 class Randomization:
@@ -115,14 +82,16 @@ class Randomization:
         if stages is not None:
             stages = integer(stages, "stages")
         seed = integer(seed, "seed", minimum=0)
-        module = getattr(context.model, "module", None)
-        if not isinstance(module, nn.Module):
-            raise CapabilityError("randomization needs a PyTorch model it can copy.")
+        if not isinstance(context.model, ParameterRandomization):
+            raise CapabilityError(
+                "randomization needs a model it can copy and re-initialise (a PyTorch model, or "
+                "an adapter implementing xai_core.core.adapters.ParameterRandomization)."
+            )
         shown = (lambda m: m.abs()) if absolute else (lambda m: m)
         original = shown(single_maps(context)).flatten(1)
 
-        randomised = copy.deepcopy(module)  # the user's model is never touched
-        order = cascade_order(randomised, context.inputs[:1])
+        randomised = context.model.randomizable_copy()  # the user's model is never touched
+        order = randomised.parameter_layers(context.inputs[:1])  # the output side first
         if not order:
             raise ModelError("The model has no parameterised layer that runs on these inputs.")
         points = cascade_points(len(order), stages)
@@ -134,8 +103,7 @@ class Randomization:
             torch.manual_seed(seed)
             done = 0
             for point in points:
-                for _, layer in order[done:point]:
-                    reinitialise(layer)
+                randomised.randomize_layers(order[done:point])
                 done = point
                 maps = shown(single_maps(context, context.rerun(model=randomised).maps))
                 rho.append(spearman(original, maps.flatten(1)))
@@ -149,9 +117,9 @@ class Randomization:
         return MetricResult(
             magnitude.mean(dim=0),
             {
-                "layers": [name for name, _ in order],  # output side first
+                "layers": list(order),  # output side first
                 "stages": points,  # top layers random at each point
-                "stage_layers": [order[p - 1][0] for p in points],  # deepest random layer
+                "stage_layers": [order[p - 1] for p in points],  # deepest random layer
                 "spearman": rho_t.nanmean(dim=1).tolist(),
                 "abs_spearman": magnitude.nanmean(dim=1).tolist(),
                 # the sanity check of compare()'s verdict: |rho| with every chosen layer random

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from xai_core.core.adapters import torch_module_of
 from xai_core.core.targets import check_finite_scores
 from xai_core.torch.adapter import scores_of
 from xai_occlusion.incremental.cost import relative
@@ -51,7 +52,8 @@ def prepare(
         return None, info
     # Occlusion resolves its targets (which refuses these) first; the engine never plans on NaN.
     check_finite_scores(scores)
-    module = getattr(model, "module", None)
+    # The engine rewrites PyTorch code (torch.fx): it needs the module itself, not a protocol.
+    module = torch_module_of(model)
 
     def fallback(reason: str) -> tuple[None, dict[str, Any]]:
         message = f"occlusion: incremental inference is off ({reason}); using plain occlusion."
