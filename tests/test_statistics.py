@@ -15,7 +15,7 @@ from xai_core.core.metrics import Direction, MetricResult, check_metric_class
 from xai_core.report import comparison_json, comparison_markdown
 from xai_core.testing import tiny_cnn
 from xai_core.workflows import statistics
-from xai_core.workflows.compare import Comparison, Cost, compare
+from xai_core.workflows.compare import Comparison, MethodCost, compare
 from xai_core.workflows.verdict import SANITY_THRESHOLD
 
 nan = math.nan
@@ -43,7 +43,7 @@ def table(
         },
         details=details or {},
         explanations={},
-        costs={m: Cost(1.0, 1.0 / n, None) for m in methods},
+        costs={m: MethodCost(1.0, 1.0 / n, None) for m in methods},
         targets=torch.zeros(n, dtype=torch.long),
         ranges=ranges or {},
         measured_once=measured_once or {},

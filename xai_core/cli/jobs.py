@@ -25,7 +25,7 @@ import torch
 
 import xai_core
 from xai_core import demo
-from xai_core.core.api import check_options
+from xai_core.core.api import check_options, runnable
 from xai_core.core.errors import (
     CapabilityError,
     DeviceError,
@@ -58,8 +58,6 @@ from xai_core.report.overlay import (
     on_display_grid,
     scale_map,
 )
-
-Progress = ProgressFn  # progress(done, total, what): xai_core.core.progress
 
 
 @dataclass
@@ -189,16 +187,7 @@ def model_identity(info: dict[str, Any]) -> dict[str, Any]:
 def check_method(adapter: Any, method: str, options: dict[str, Any]) -> ExplainerInfo:
     """Whole-run checks before any input is read: the method exists, can run on this model and
     accepts these options. Raises the typed error once, instead of once per input."""
-    registry = xai_core.get_registry()
-    info = registry.get_explainer(method)
-    reason = registry.unsupported_reason(info, adapter)
-    if reason is not None:
-        working = [i.name for i in registry.list_explainers(model=adapter)]
-        raise CapabilityError(
-            f"{reason}. Methods that can run on this model: {', '.join(working) or 'none'}."
-        )
-    check_options(info, options)
-    return info
+    return runnable(method, adapter, options=options)[0]
 
 
 def explain_files(
@@ -213,7 +202,7 @@ def explain_files(
     class_names: Sequence[str] | None = None,
     device: torch.device | str | None = None,
     window: tuple[float, float] | None = None,
-    progress: Progress | None = None,
+    progress: ProgressFn | None = None,
     model_id: dict[str, Any] | None = None,
 ) -> JobSummary:
     """Explain every input file with one method; see the module docstring for guarantees.
@@ -448,7 +437,7 @@ def compare_files(
     class_names: Sequence[str] | None = None,
     device: torch.device | str | None = None,
     window: tuple[float, float] | None = None,
-    progress: Progress | None = None,
+    progress: ProgressFn | None = None,
     budget: float | None = None,
     notice: Callable[[str], None] | None = None,
 ) -> CompareSummary:

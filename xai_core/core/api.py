@@ -21,6 +21,7 @@ from xai_core.core.errors import (
     InputError,
     InputRankError,
     InputTypeError,
+    OptionError,
     OptionTypeError,
     SpatialSizeError,
     UnknownOptionError,
@@ -30,7 +31,7 @@ from xai_core.core.explanation import Explanation
 from xai_core.core.options import check_option_values
 from xai_core.core.progress import settable
 from xai_core.core.registry import explainer_options, get_registry
-from xai_core.core.tags import Capability
+from xai_core.core.tags import Capability, Scope
 from xai_core.core.targets import Targets, TargetSpec
 from xai_core.core.types import Attribution, ExplainerInfo
 
@@ -163,6 +164,40 @@ def check_options(info: ExplainerInfo, options: dict[str, Any]) -> None:
     check_option_values(info.name, info.cls, options)
 
 
+def runnable(
+    method: str,
+    model: Any,
+    *,
+    scope: Scope | None = None,
+    wrong_scope: str = "",
+    options: dict[str, Any] | None = None,
+    adapter_options: dict[str, Any] | None = None,
+) -> tuple[ExplainerInfo, ModelAdapter]:
+    """The one lookup before a method runs: ``(info, adapter)`` for ``method`` on ``model``.
+
+    Looks the method up (unknown or conflicting names raise), refuses one of another ``scope``
+    (an :class:`OptionError` ending with ``wrong_scope``, the caller's advice), checks
+    ``options`` (before the model is adapted), adapts ``model`` (an adapter is used as is) and
+    asks :meth:`Registry.unsupported_reason`; a :class:`CapabilityError` then lists the
+    methods (of ``scope``) that can run on this model.
+    """
+    registry = get_registry()
+    info = registry.get_explainer(method)
+    if scope is not None and info.tags.scope is not scope:
+        raise OptionError(f"{method!r} is a {info.tags.scope.value} method; {wrong_scope}")
+    if options is not None:
+        check_options(info, options)
+    adapter = registry.adapt(model, **(adapter_options or {}))
+    check_protocols(adapter, info.tags.requires)  # AdapterProtocolError names what is missing
+    reason = registry.unsupported_reason(info, adapter)
+    if reason is not None:
+        working = [i.name for i in registry.list_explainers(scope=scope, model=adapter)]
+        raise CapabilityError(
+            f"{reason}. Methods that can run on this model: {', '.join(working) or 'none'}."
+        )
+    return info, adapter
+
+
 def explain(
     model: Any,
     inputs: torch.Tensor,
@@ -189,17 +224,12 @@ def explain(
             f"method must be the name (str) of an installed method, e.g. 'gradcam'; got "
             f"{method!r} ({type(method).__name__}). See xai_core.list_explainers()."
         )
-    registry = get_registry()
-    info = registry.get_explainer(method)
-    check_options(info, options)  # before the model is adapted or run
-    adapter = registry.adapt(model, **({} if input_spec is None else {"input_spec": input_spec}))
-    check_protocols(adapter, info.tags.requires)  # AdapterProtocolError names what is missing
-    reason = registry.unsupported_reason(info, adapter)
-    if reason is not None:
-        working = [i.name for i in registry.list_explainers(model=adapter)]
-        raise CapabilityError(
-            f"{reason}. Methods that can run on this model: {', '.join(working) or 'none'}."
-        )
+    info, adapter = runnable(
+        method,
+        model,
+        options=options,
+        adapter_options=None if input_spec is None else {"input_spec": input_spec},
+    )
     return run_explainer(info, adapter, inputs, targets, options)
 
 

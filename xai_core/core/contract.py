@@ -16,6 +16,7 @@ pipeline silently reshapes, a NaN map that gets ranked, or one value too many (d
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -34,17 +35,26 @@ def _shape(value: Any) -> str:
     return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
 
 
+def _breach(who: str, origin: str) -> Callable[[str], PluginContractError]:
+    """The error for a fault ``what`` in a result of ``who`` (a method or metric of ``origin``)."""
+
+    def fail(what: str) -> PluginContractError:
+        return PluginContractError(
+            f"{who} broke the result contract: {what} This is a bug in {origin}; report it to "
+            f"its authors."
+        )
+
+    return fail
+
+
 def check_attribution(
     result: Any, info: ExplainerInfo, request: Targets, inputs: torch.Tensor
 ) -> None:
     """Raise :class:`PluginContractError` unless ``result`` keeps the explainer contract."""
     origin = _origin(info.distribution, info.plugin)
-
-    def fail(what: str) -> PluginContractError:
-        return PluginContractError(
-            f"The method {info.name!r} from {origin} ({info.cls.__qualname__}.explain) broke the "
-            f"result contract: {what} This is a bug in {origin}; report it to its authors."
-        )
+    fail = _breach(
+        f"The method {info.name!r} from {origin} ({info.cls.__qualname__}.explain)", origin
+    )
 
     if not isinstance(result, Attribution):
         raise fail(f"it returned a {type(result).__name__}, not an xai_core.Attribution.")
@@ -97,12 +107,7 @@ def check_attribution(
 def check_metric_result(result: Any, metric: str, source: PluginInfo, n: int) -> torch.Tensor:
     """The metric's ``(N,)`` values as float64 on the CPU, or a :class:`PluginContractError`."""
     origin = _origin(source.distribution, source.plugin)
-
-    def fail(what: str) -> PluginContractError:
-        return PluginContractError(
-            f"The metric {metric!r} from {origin} broke the result contract: {what} This is a "
-            f"bug in {origin}; report it to its authors."
-        )
+    fail = _breach(f"The metric {metric!r} from {origin}", origin)
 
     if not isinstance(result, MetricResult):
         raise fail(f"compute() returned a {type(result).__name__}, not a MetricResult.")

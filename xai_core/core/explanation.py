@@ -8,6 +8,7 @@ normalised maps are min-max per map, and a constant map normalises to zeros, nev
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -33,12 +34,26 @@ def upsample(maps: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     return out.reshape(*lead, *size)
 
 
-def normalize(maps: torch.Tensor, spatial_dims: int) -> torch.Tensor:
-    """Min-max each map (the last ``spatial_dims`` axes) to [0, 1]; constant maps become 0."""
+def normalize(
+    maps: torch.Tensor, spatial_dims: int, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Min-max each map (the last ``spatial_dims`` axes) to [0, 1]; constant maps become 0.
+
+    The one min-max normalisation (maps, metrics, reports, 16-bit images): with ``valid`` (a
+    bool mask broadcastable to one map), the range is taken over the valid pixels only and the
+    others become 0. NumPy callers convert: ``normalize(torch.from_numpy(a), a.ndim).numpy()``.
+    """
     flat = maps.flatten(-spatial_dims)
-    low = flat.amin(dim=-1, keepdim=True)
-    span = flat.amax(dim=-1, keepdim=True) - low
+    if valid is None:
+        low = flat.amin(dim=-1, keepdim=True)
+        span = flat.amax(dim=-1, keepdim=True) - low
+    else:
+        keep = valid.flatten(-spatial_dims) if valid.dim() >= spatial_dims else valid
+        low = torch.where(keep, flat, math.inf).amin(dim=-1, keepdim=True)
+        span = torch.where(keep, flat, -math.inf).amax(dim=-1, keepdim=True) - low
     scaled = torch.where(span > 0, (flat - low) / torch.where(span > 0, span, 1), 0)
+    if valid is not None:
+        scaled = torch.where(keep, scaled, 0)
     return scaled.reshape(maps.shape)
 
 

@@ -79,13 +79,15 @@ def register_commands(cli: typer.Typer) -> None:
 # -- called for every model passed to explain() / compare() ----------------------------------
 
 
-@hookspec(firstresult=True)
+@hookspec
 def adapt_model(model: Any, options: dict[str, Any]) -> ModelAdapter | None:
     """Turn a model object the core does not know into a :class:`~xai_core.ModelAdapter`.
 
     Return ``None`` for objects you do not handle. Plugins are asked only for objects the core
     does not adapt itself (anything but a ``torch.nn.Module``, an ONNX model or a
-    ``ModelAdapter``), in pluggy's order; the first ``ModelAdapter`` returned wins. To adapt a
+    ``ModelAdapter``), in pluggy's order, each in its own guard (the registry iterates the
+    implementations itself, so this is not a pluggy ``firstresult`` hook); the first
+    ``ModelAdapter`` returned wins. To adapt a
     PyTorch module differently, users pass your adapter instance as the model. Raise an
     :class:`~xai_core.core.errors.XaiError` for a model you recognise but cannot use:
     it is shown if no

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -26,6 +25,7 @@ import torch
 from xai_core.core.adapters import ModelAdapter
 from xai_core.core.errors import PluginError, TargetError
 from xai_core.core.explanation import Explanation
+from xai_core.core.types import check_registered_class
 
 
 class Direction(StrEnum):
@@ -125,11 +125,7 @@ def metric_measured_once(cls: Any) -> bool:
 
 def check_metric_class(cls: Any) -> None:
     """Raise PluginError when ``cls`` breaks the Metric protocol (said in words)."""
-    if not isinstance(cls, type):
-        raise PluginError(f"register() takes a metric class; got {cls!r}.")
-    name = getattr(cls, "name", None)
-    if not isinstance(name, str) or not re.match(r"^[a-z][a-z0-9_\-.]*$", name):
-        raise PluginError(f"{cls.__qualname__}.name must be a lower-case identifier; got {name!r}.")
+    check_registered_class(cls, "metric", "compute", "deletion")
     if not isinstance(getattr(cls, "direction", None), Direction):
         raise PluginError(
             f"{cls.__qualname__}.direction must be a xai_core.core.metrics.Direction."
@@ -153,8 +149,6 @@ def check_metric_class(cls: Any) -> None:
             )
     if not isinstance(getattr(cls, "measured_once", False), bool):
         raise PluginError(f"{cls.__qualname__}.measured_once must be a bool.")
-    if not callable(getattr(cls, "compute", None)):
-        raise PluginError(f"{cls.__qualname__} has no compute() method.")
     params = inspect.signature(cls.compute).parameters.values()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         raise PluginError(f"{cls.__qualname__}.compute must list its options, not take **kwargs.")

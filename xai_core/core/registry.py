@@ -62,7 +62,7 @@ from xai_core.core.errors import (
 from xai_core.core.hookspecs import PROJECT
 from xai_core.core.metrics import check_metric_class
 from xai_core.core.tags import Capability, Dependence, Scope, Tags
-from xai_core.core.types import ExplainerInfo, PluginInfo
+from xai_core.core.types import NAME, ExplainerInfo, PluginInfo, check_registered_class
 
 if TYPE_CHECKING:
     import typer
@@ -81,7 +81,6 @@ BUILTIN_DISTRIBUTIONS = frozenset(
 CORE_PLUGIN = "xai-core"
 
 trace_log = logging.getLogger("xai_core.hooks")
-_NAME = re.compile(r"^[a-z][a-z0-9_\-.]*$")
 
 
 _ADAPTER_NOTE = "(asked only for models that are neither torch.nn.Module nor ONNX)"
@@ -189,18 +188,9 @@ def explainer_options(cls: type) -> dict[str, inspect.Parameter]:
 
 def _check_explainer_class(cls: Any) -> None:
     """Raise PluginError when ``cls`` breaks the Explainer protocol (said in words)."""
-    if not isinstance(cls, type):
-        raise PluginError(f"register() takes an explainer class; got {type(cls).__name__}.")
-    name = getattr(cls, "name", None)
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise PluginError(
-            f"{cls.__qualname__}.name must be a lower-case identifier such as 'gradcam'; "
-            f"got {name!r}."
-        )
+    check_registered_class(cls, "explainer", "explain", "gradcam")
     if not isinstance(getattr(cls, "tags", None), Tags):
         raise PluginError(f"{cls.__qualname__}.tags must be an xai_core.Tags instance.")
-    if not callable(getattr(cls, "explain", None)):
-        raise PluginError(f"{cls.__qualname__} has no explain() method.")
     summary = getattr(cls, "summary", None)
     if summary is not None and not isinstance(summary, str):
         raise PluginError(f"{cls.__qualname__}.summary must be a str; got {summary!r}.")
@@ -223,7 +213,7 @@ def _qualname(obj: Any) -> str:
 def _check_named(obj: Any, what: str, methods: tuple[str, ...]) -> None:
     """Raise PluginError when a reader or executor (class or instance) lacks its parts."""
     name = getattr(obj, "name", None)
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not NAME.match(name):
         raise PluginError(
             f"{_qualname(obj)}.name must be a lower-case identifier (the {what}'s name); "
             f"got {name!r}."
@@ -535,6 +525,62 @@ class Registry:
         impls = reversed(getattr(self.pm.hook, hook_name).get_hookimpls())
         return sorted(impls, key=lambda impl: impl.plugin_name != CORE_PLUGIN)  # stable
 
+    def _ask(
+        self, source: PluginInfo, stage: str, function: Callable[..., Any], /, **kwargs: Any
+    ) -> tuple[bool, Any]:
+        """Call a hook implementation or a registered object's method: the core's own directly
+        (its errors are the user's: a corrupt file, a wrong ``--arch``), a plugin's guarded."""
+        if source.plugin == CORE_PLUGIN:
+            return True, function(**kwargs)
+        return self._guarded(source, stage, function, **kwargs)
+
+    def _answers(
+        self,
+        hook_name: str,
+        args: dict[str, Any] | Callable[[PluginInfo], dict[str, Any]],
+        *,
+        refusals: bool = False,
+        core_failure: Callable[[Exception], Exception] | None = None,
+    ) -> Iterator[tuple[PluginInfo, Any]]:
+        """``(source, result)`` for each implementation of a hook, in call order: the one loop
+        over plugins.
+
+        The core's implementation comes first, before any entry point is loaded (so adapting a
+        PyTorch module loads no plugin); ``core_failure`` turns its non-``XaiError`` exceptions
+        into the user's error. Each plugin's then runs in its own guard: one that raises is
+        recorded in :attr:`failures` and skipped. ``args`` are the hook's arguments, or a function
+        giving each plugin its own (a staging app, a ``register`` callback). With ``refusals``,
+        an ``XaiError`` a plugin raises (it recognised the input and says why it cannot handle
+        it) is yielded as its result.
+        """
+        for impl in self._impls_core_first(hook_name):
+            source = self._source(impl.plugin_name)
+            given = args(source) if callable(args) else args
+            plugin = source.plugin != CORE_PLUGIN
+            call = _returning_refusal(impl.function) if refusals and plugin else impl.function
+            kwargs = {n: given[n] for n in impl.argnames}
+            try:  # only the core's call can raise here: _ask guards the plugins'
+                ok, result = self._ask(source, hook_name, call, **kwargs)
+            except XaiError:
+                raise
+            except Exception as exc:
+                if core_failure is None:
+                    raise
+                raise core_failure(exc) from exc
+            if ok:
+                yield source, result
+
+    def _impls_core_first(self, hook_name: str) -> Iterator[Any]:
+        """The core's implementations of a hook, then (entry points loaded only now) the
+        plugins' in pluggy's call order."""
+        with self._locked():
+            core = [i for i in self._plugin_impls(hook_name) if i.plugin_name == CORE_PLUGIN]
+        yield from core
+        self.load()
+        with self._locked():
+            plugins = [i for i in self._plugin_impls(hook_name) if i.plugin_name != CORE_PLUGIN]
+        yield from plugins
+
     # -- calling hooks -----------------------------------------------------------------------
 
     def call_each(self, hook_name: str, **kwargs: Any) -> list[tuple[PluginInfo, Any]]:
@@ -542,17 +588,7 @@ class Registry:
 
         A plugin that raises is recorded in :attr:`failures` and skipped; the others still run.
         """
-        self.load()
-        results = []
-        with self._locked():
-            impls = self._plugin_impls(hook_name)
-        for impl in impls:
-            source = self._source(impl.plugin_name)
-            args = {name: kwargs[name] for name in impl.argnames}
-            ok, result = self._guarded(source, hook_name, impl.function, **args)
-            if ok:
-                results.append((source, result))
-        return results
+        return list(self._answers(hook_name, kwargs))
 
     def add_commands(self, app: typer.Typer) -> None:
         """Ask every plugin's ``register_commands`` for sub-commands and add them to ``app``.
@@ -566,19 +602,21 @@ class Registry:
 
         self.load()
         taken = {_command_name(i) for i in (*app.registered_commands, *app.registered_groups)}
-        for impl in self._plugin_impls("register_commands"):
-            source = self._source(impl.plugin_name)
-            staging = typer.Typer()
-            ok, _ = self._guarded(source, "register_commands", impl.function, cli=staging)
-            if not ok:
-                continue
-            if staging.registered_callback is not None:
+        staging: dict[str, typer.Typer] = {}
+
+        def fresh_app(source: PluginInfo) -> dict[str, Any]:
+            staging[source.plugin] = typer.Typer()
+            return {"cli": staging[source.plugin]}
+
+        for source, _ in self._answers("register_commands", fresh_app):
+            app_of_plugin = staging[source.plugin]
+            if app_of_plugin.registered_callback is not None:
                 self._fail(
                     source,
                     "register_commands",
                     PluginError("a plugin cannot set the callback of `xai` itself; ignored."),
                 )
-            for info in (*staging.registered_commands, *staging.registered_groups):
+            for info in (*app_of_plugin.registered_commands, *app_of_plugin.registered_groups):
                 name = _command_name(info)
                 if name is None or name in taken:
                     owner = self.commands.get(name or "")
@@ -610,25 +648,24 @@ class Registry:
         self._collecting.add(hook_name)
         try:
             found: dict[str, list[_Entry]] = {}
-            for impl in self._plugin_impls(hook_name):
-                source = self._source(impl.plugin_name)
-                staged: list[_Entry] = []
+            staged: dict[str, list[_Entry]] = {}
 
-                def register(
-                    cls: Any, _staged: list[_Entry] = staged, _source: PluginInfo = source
-                ) -> None:
+            def register_for(source: PluginInfo) -> dict[str, Any]:
+                mine = staged.setdefault(source.plugin, [])
+
+                def register(cls: Any) -> None:
                     try:
                         check(cls)
                     except PluginError as exc:
-                        self._fail(_source, "register", exc)
+                        self._fail(source, "register", exc)
                         return
-                    _staged.append(_Entry(cls, _source))
+                    mine.append(_Entry(cls, source))
 
-                args = {name: register for name in impl.argnames}
-                ok, _ = self._guarded(source, hook_name, impl.function, **args)
-                if not ok:  # nothing this plugin staged is kept: registration is atomic
-                    continue
-                for entry in staged:
+                return {"register": register}
+
+            # A plugin whose hook raises is not yielded: nothing it staged is kept (atomic).
+            for source, _ in self._answers(hook_name, register_for):
+                for entry in staged[source.plugin]:
                     found.setdefault(entry.cls.name, []).append(entry)
         finally:
             self._collecting.discard(hook_name)
@@ -807,33 +844,22 @@ class Registry:
         """
         if isinstance(model, ModelAdapter):
             return model
-        try:
-            adapter = self._core.adapt_model(model=model, options=options)
-        except XaiError:
-            raise
-        except Exception as exc:  # the core's adapter broke on this model: say so, not "wrong type"
-            raise ModelError(
+
+        def broken(exc: Exception) -> Exception:  # the core's adapter broke: say so, not "type"
+            return ModelError(
                 f"xai-core's adapter failed on this {type(model).__name__}: "
                 f"{type(exc).__name__}: {exc}. Please report it; meanwhile pass an "
                 f"xai_core.ModelAdapter (e.g. TorchAdapter(model, input_spec=...))."
-            ) from exc
-        if adapter is not None:
-            return adapter
-        self.load()
+            )
+
         refusal: XaiError | None = None
-        args = {"model": model, "options": options}
-        for impl in self._plugin_impls("adapt_model"):
-            if impl.plugin_name == CORE_PLUGIN:  # asked above, outside the guard
-                continue
-            source = self._source(impl.plugin_name)
-
-            def ask(_impl: Any = impl) -> Any:
-                try:
-                    return _impl.function(**{n: args[n] for n in _impl.argnames})
-                except XaiError as exc:  # recognised the model and says why it cannot use it
-                    return exc
-
-            _, adapter = self._guarded(source, "adapt_model", ask)
+        answers = self._answers(
+            "adapt_model",
+            {"model": model, "options": options},
+            refusals=True,
+            core_failure=broken,
+        )
+        for source, adapter in answers:
             if isinstance(adapter, XaiError):
                 refusal = refusal or adapter
             elif adapter is not None and not isinstance(adapter, ModelAdapter):
@@ -871,26 +897,9 @@ class Registry:
         recognised) or returns something else than ``(model, dict)`` is recorded as a failure
         and skipped, like a raising ``adapt_model``.
         """
-        self.load()
-        args = {"spec": spec, "options": options}
         refusal: XaiError | None = None
-        with self._locked():
-            impls = self._plugin_impls("load_model")
-        for impl in impls:
-            source = self._source(impl.plugin_name)
-
-            def ask(_impl: Any = impl, core: bool = False) -> Any:
-                try:
-                    return _impl.function(**{n: args[n] for n in _impl.argnames})
-                except XaiError as exc:
-                    if core:
-                        raise
-                    return exc
-
-            if impl.plugin_name == CORE_PLUGIN:
-                result = ask(core=True)
-            else:
-                _, result = self._guarded(source, "load_model", ask)
+        answers = self._answers("load_model", {"spec": spec, "options": options}, refusals=True)
+        for source, result in answers:
             if isinstance(result, XaiError):
                 refusal = refusal or result
                 continue
@@ -907,7 +916,7 @@ class Registry:
                 )
                 continue
             model, info = result
-            if impl.plugin_name == CORE_PLUGIN:
+            if source.plugin == CORE_PLUGIN:
                 return model, info
             return model, {"kind": source.plugin, **info, "loader": source.distribution}
         if refusal is not None:
@@ -947,11 +956,7 @@ class Registry:
         and treated as not claiming; the core's readers are asked without a guard (fast).
         """
         for name, reader, source in self.readers():
-            if source.plugin == CORE_PLUGIN:
-                if reader.claims(path):
-                    return name, reader, source
-                continue
-            ok, claimed = self._guarded(source, "claims", lambda r=reader: r.claims(path))
+            ok, claimed = self._ask(source, "claims", lambda r=reader: r.claims(path))
             if ok and not isinstance(claimed, bool):
                 self._fail(
                     source,
@@ -1092,6 +1097,19 @@ class Registry:
             rows.append(_ok_row(f"xai {name}", "command", source))
         rows.extend(f.as_dict() for f in list(self.failures))
         return rows
+
+
+def _returning_refusal(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function`` returning, not raising, the ``XaiError`` by which a plugin says it
+    recognised a model or spec but cannot handle it (shown if no other plugin can)."""
+
+    def call(**kwargs: Any) -> Any:
+        try:
+            return function(**kwargs)
+        except XaiError as exc:
+            return exc
+
+    return call
 
 
 def _ok_row(name: str, kind: str, source: PluginInfo, **extra: Any) -> dict[str, Any]:

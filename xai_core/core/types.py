@@ -3,14 +3,35 @@
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
 from xai_core.core.adapters import ModelAdapter
+from xai_core.core.errors import PluginError
 from xai_core.core.tags import Tags
 from xai_core.core.targets import Targets
+
+# What a registered method, metric, reader or executor may be called (`xai explain -m NAME`).
+NAME = re.compile(r"^[a-z][a-z0-9_\-.]*$")
+
+
+def check_registered_class(cls: Any, kind: str, method: str, example: str) -> None:
+    """The checks every registered explainer or metric class passes first: a class, named by
+    a lower-case identifier, with its ``method``; a :class:`PluginError` saying what is wrong."""
+    if not isinstance(cls, type):
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise PluginError(f"register() takes {article} {kind} class; got {cls!r}.")
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not NAME.match(name):
+        raise PluginError(
+            f"{cls.__qualname__}.name must be a lower-case identifier such as {example!r}; "
+            f"got {name!r}."
+        )
+    if not callable(getattr(cls, method, None)):
+        raise PluginError(f"{cls.__qualname__} has no {method}() method.")
 
 
 @dataclass

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from xai_core.core.errors import InputError, InputFileError, InputTooLargeError, XaiError
+from xai_core.core.explanation import normalize
 from xai_core.core.registry import get_registry
 from xai_core.io import dicom
 from xai_core.io.dicom import describe_exception, to_uint8
@@ -340,9 +341,9 @@ def _pil_arrays(image: Any) -> tuple[np.ndarray, np.ndarray, int]:
         if image.mode.startswith("I;16") or (values.min() >= 0 and values.max() <= 65535):
             unit = values / 65535.0
         else:
-            unit = _min_max(values)
+            unit = normalize(torch.from_numpy(values), values.ndim).numpy()
         # A 12-bit X-ray in a 16-bit file is nearly black at /65535: stretch it for display.
-        return unit[None], to_uint8(_min_max(unit)), 16
+        return unit[None], to_uint8(normalize(torch.from_numpy(unit), unit.ndim).numpy()), 16
     grey = image.mode in ("1", "L", "LA", "La") or (
         image.mode in ("P", "PA") and _palette_is_grey(image)
     )
@@ -430,13 +431,6 @@ def _robust_unit(values: np.ndarray) -> np.ndarray:
         return np.zeros(values.shape, np.float32)
     unit = (np.where(finite, values, low) - low) / (high - low)
     return np.clip(unit, 0.0, 1.0).astype(np.float32)
-
-
-def _min_max(values: np.ndarray) -> np.ndarray:
-    low, high = float(values.min()), float(values.max())
-    if high <= low:
-        return np.zeros(values.shape, np.float32)
-    return ((values - low) / (high - low)).astype(np.float32)
 
 
 def file_stem(path: Path) -> str:

@@ -8,7 +8,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from xai_core.core.explanation import normalize
 from xai_core.io.outputs import atomic_write_text
 from xai_core.report.html import HtmlReport, data_uri, esc
 from xai_core.report.overlay import as_rgb, overlay, to_png
@@ -86,12 +88,15 @@ def write_audit(result: AuditResult, out: str | Path) -> Path:
 def _class_section(
     result: AuditResult, c: int, name: str, boxes: list[tuple[int, int, int, int]]
 ) -> str:
-    image = _unit(result.mean_image[c].numpy())
+    def unit(maps: torch.Tensor) -> np.ndarray:  # min-max over the whole array, for display
+        return normalize(maps, maps.dim()).numpy()
+
+    image = unit(result.mean_image[c])
     panels = [
         ("mean input", as_rgb(image)),
-        ("mean map", overlay(image, _unit(result.mean[c].numpy()))),
-        ("spread (std)", overlay(image, _unit(result.std[c].numpy()))),
-        ("unexplained share", overlay(image, _unit(result.unexplained[c].numpy()))),
+        ("mean map", overlay(image, unit(result.mean[c]))),
+        ("spread (std)", overlay(image, unit(result.std[c]))),
+        ("unexplained share", overlay(image, unit(result.unexplained[c]))),
     ]
     cards = "".join(
         f'<div class="card"><img alt="{esc(title)}" '
@@ -118,8 +123,3 @@ def draw_boxes(
         out[top:b, left : min(left + width, r)] = colour
         out[top:b, max(r - width, left) : r] = colour
     return out
-
-
-def _unit(a: np.ndarray) -> np.ndarray:
-    low, high = float(a.min()), float(a.max())
-    return (a - low) / (high - low) if high > low else np.zeros_like(a)

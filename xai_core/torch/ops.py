@@ -6,7 +6,7 @@ Everything runs on the inputs' device and keeps their dtype; nothing leaves torc
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Annotated, NamedTuple
 
 import torch
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from xai_core.core.errors import CapabilityError
 from xai_core.core.options import Range
+from xai_core.core.progress import ProgressFn
 
 # A blur wider than this is a flat image on any realistic input, while its kernel (6 sigma + 1
 # taps, replicate-padded by 3 sigma per side) would grow without bound: sigma=1e6 asked for
@@ -46,6 +47,42 @@ def gaussian_blur(inputs: torch.Tensor, sigma: Sequence[float]) -> torch.Tensor:
         pad[2 * (rank - 1 - axis)] = pad[2 * (rank - 1 - axis) + 1] = radius
         out = conv(F.pad(out, pad, mode="replicate"), (kernel / kernel.sum()).view(shape))
     return out.reshape(inputs.shape)
+
+
+def evaluate_in_chunks(
+    evaluate: Callable[[torch.Tensor], torch.Tensor],
+    out: torch.Tensor,
+    chunk: int,
+    index: torch.Tensor | None = None,
+    *,
+    progress: ProgressFn | None = None,
+    done: int = 0,
+    total: int | None = None,
+    what: str = "perturbed inputs",
+) -> int:
+    """Fill ``out[index]`` with ``evaluate(part)``, ``chunk`` indices at a time: the one loop
+    that runs a model on many perturbed copies of a batch with peak memory bounded by ``chunk``
+    (occlusion, the perturbation metrics, occlusion's adaptive refinement).
+
+    ``index`` holds flat row indices of ``out`` (default: every row, in order); ``evaluate``
+    builds the perturbed inputs of those rows and returns their ``(len(part), ...)`` results.
+    ``progress(done, total, what)`` is called after each chunk, counting from ``done``
+    (for work done in several calls) up to ``total`` (default: ``done`` + this call's rows).
+    Returns the count done after this call.
+    """
+    rows = out.shape[0] if index is None else index.numel()
+    total = done + rows if total is None else total
+    for start in range(0, rows, chunk):
+        stop = min(start + chunk, rows)
+        if index is None:  # a plain slice: no gather, no scatter
+            out[start:stop] = evaluate(torch.arange(start, stop, device=out.device))
+        else:
+            part = index[start:stop]
+            out[part] = evaluate(part)
+        done += stop - start
+        if progress is not None:
+            progress(done, total, what)
+    return done
 
 
 def target_gradients(

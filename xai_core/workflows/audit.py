@@ -47,13 +47,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from xai_core.core.api import run_explainer
-from xai_core.core.errors import CapabilityError, InputError, OptionError, did_you_mean
+from xai_core.core.api import run_explainer, runnable
+from xai_core.core.errors import InputError, OptionError, did_you_mean
 from xai_core.core.executors import DEFAULT_ENGINE, Executor, Partial, run
 from xai_core.core.explanation import normalize
-from xai_core.core.registry import get_registry
+from xai_core.core.progress import ProgressFn
 from xai_core.core.tags import Scope
-from xai_core.workflows.datasets import ClassMaps, DataStream, Progress, batch_targets
+from xai_core.workflows.datasets import ClassMaps, DataStream, batch_targets
 
 REFERENCES = ("auto", "masks", "uniform", "classes")
 
@@ -271,7 +271,7 @@ def audit(
     min_fraction: float = 0.5,
     min_images: int = 5,
     mask_margin: int | None = None,
-    progress: Progress | None = None,
+    progress: ProgressFn | None = None,
     engine: str | Executor = DEFAULT_ENGINE,
 ) -> AuditResult:
     """Explain every image of ``data`` and flag regions that hold a class's attribution.
@@ -307,18 +307,12 @@ def audit(
         process, the default; plugins add others) or an executor (:mod:`xai_core.core.executors`).
     """
     _check_settings(group_by, reference, min_share, min_lift, min_fraction, min_images, mask_margin)
-    registry = get_registry()
-    info = registry.get_explainer(method)
-    if info.tags.scope is not Scope.LOCAL:
-        raise OptionError(
-            f"{method!r} is a global method; the audit aggregates a local one itself (e.g. "
-            f"'gradcam' or 'occlusion')."
-        )
-    adapter = registry.adapt(model)
-    reason = registry.unsupported_reason(info, adapter)
-    if reason is not None:
-        working = [i.name for i in registry.list_explainers(scope=Scope.LOCAL, model=adapter)]
-        raise CapabilityError(f"{reason}. Methods that can run on this model: {working}.")
+    info, adapter = runnable(
+        method,
+        model,
+        scope=Scope.LOCAL,
+        wrong_scope="the audit aggregates a local one itself (e.g. 'gradcam' or 'occlusion').",
+    )
     options = dict(options or {})
     if isinstance(data, DataStream):  # built by the caller, e.g. with a DICOM window
         stream = data

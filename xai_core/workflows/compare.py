@@ -43,24 +43,20 @@ from xai_core.core.registry import get_registry
 from xai_core.core.tags import Scope
 from xai_core.core.targets import Region, Targets, TargetSpec
 from xai_core.workflows import statistics
+from xai_core.workflows.statistics import Interval
 from xai_core.workflows.verdict import make_verdict
 
 if TYPE_CHECKING:
     from xai_core.workflows.verdict import Verdict
 
-Progress = ProgressFn  # the one protocol: progress(done, total, what)
-
-
 @dataclass
-class Cost:
-    """Wall time and peak memory of one explainer on the batch, measured in this run."""
+class MethodCost:
+    """Wall time and peak memory of one explainer on the batch, measured in this run (the
+    ``cost`` metric, ``xai_metrics.Cost``, turns it into per-sample values)."""
 
     seconds: float
     seconds_per_image: float
     peak_bytes: int | None  # device memory on CUDA, resident-set growth on the CPU
-
-
-Aggregate = statistics.Interval  # mean, 95% interval (Wilson or bootstrap), n, kind, note
 
 
 @dataclass(frozen=True)
@@ -91,7 +87,7 @@ class Comparison:
     values: dict[tuple[str, str], torch.Tensor]  # (method, metric) -> (N,) float64 on the CPU
     details: dict[tuple[str, str], dict[str, Any]]
     explanations: dict[str, Explanation]
-    costs: dict[str, Cost]
+    costs: dict[str, MethodCost]
     targets: torch.Tensor  # (N,) the explained class of each sample
     skipped_methods: dict[str, str] = field(default_factory=dict)
     skipped_metrics: dict[str, str] = field(default_factory=dict)
@@ -112,7 +108,7 @@ class Comparison:
     estimate: dict[str, Any] = field(default_factory=dict)
     economies: list[str] = field(default_factory=list)
 
-    def aggregate(self, method: str, metric: str) -> Aggregate:
+    def aggregate(self, method: str, metric: str) -> Interval:
         """Mean, 95% interval and n of the defined values (see :func:`statistics.interval`)."""
         key = ("aggregate", method, metric)
         if key not in self._cache:
@@ -120,7 +116,7 @@ class Comparison:
             if self.measured_once.get(metric):
                 mean = float(statistics.defined(values).mean())  # NaN when there is none
                 note = "measured once per method: no interval"
-                agg = Aggregate(mean, math.nan, math.nan, 1, "none", note)
+                agg = Interval(mean, math.nan, math.nan, 1, "none", note)
             else:
                 bounds, declared = self.bounds(method, metric), self.ranges.get(metric)
                 agg = statistics.interval(values, bounds)
@@ -276,7 +272,7 @@ def _json_float(value: float) -> float | None:
 
 def mean_ci(
     values: torch.Tensor, bounds: tuple[float, float] | None = None, level: float = 0.95
-) -> Aggregate:
+) -> Interval:
     """Mean of the defined values and its interval within ``bounds`` (statistics.interval)."""
     return statistics.interval(values, bounds, level=level)
 
@@ -338,7 +334,7 @@ def compare(
     options: dict[str, dict[str, Any]] | None = None,
     metric_options: dict[str, dict[str, Any]] | None = None,
     chunk_size: int = 64,
-    progress: Progress | None = None,
+    progress: ProgressFn | None = None,
     budget: float | None = None,
     notice: Callable[[str], None] | None = None,
 ) -> Comparison:
@@ -407,26 +403,16 @@ def compare(
         spec = Region(class_targets, mask=targets.mask, box=targets.box)
 
     probe = measure_probe(adapter, inputs, class_targets)
-    estimate = estimate_cost(
-        registry, tuple(inputs.shape), chosen, metric_classes, options, metric_opts, probe
-    )
+    work = Workload(registry, tuple(inputs.shape), chosen, metric_classes, probe)
+    estimate = estimate_cost(work, options, metric_opts)
     economies: list[str] = []
     if budget is not None:
-        options, metric_opts, economies, estimate = economise(
-            registry,
-            tuple(inputs.shape),
-            chosen,
-            metric_classes,
-            options,
-            metric_opts,
-            probe,
-            budget,
-        )
+        options, metric_opts, economies, estimate = economise(work, options, metric_opts, budget)
     if notice:
         notice(describe_estimate(estimate, budget, economies))
 
     explanations: dict[str, Explanation] = {}
-    costs: dict[str, Cost] = {}
+    costs: dict[str, MethodCost] = {}
     steps, step = len(chosen) * (1 + len(metric_classes)), 0
     for name in chosen:
         info = registry.get_explainer(name)
@@ -447,7 +433,7 @@ def compare(
             skipped_methods[name] = f"{type(exc).__name__}: {exc}"
             continue
         explanations[name] = exp
-        costs[name] = Cost(seconds, seconds / inputs.shape[0], peak["peak_bytes"])
+        costs[name] = MethodCost(seconds, seconds / inputs.shape[0], peak["peak_bytes"])
 
     values: dict[tuple[str, str], torch.Tensor] = {}
     details: dict[tuple[str, str], dict[str, Any]] = {}
@@ -455,6 +441,7 @@ def compare(
     nan = torch.full((inputs.shape[0],), math.nan, dtype=torch.float64)
     steps = step + len(explanations) * len(metric_classes)  # without the skipped methods
     current: dict[str, Any] = {"progress": None}  # the running metric's step, for reruns
+    batch = {"model": adapter, "inputs": inputs, "masks": masks, "chunk_size": chunk_size}
     for method, exp in explanations.items():
         info = registry.get_explainer(method)
         opts = options.get(method, {})
@@ -464,15 +451,13 @@ def compare(
             run_opts = _with_progress(_info.cls, dict(_opts), tracker and tracker.rerun)
             return run_explainer(_info, registry.adapt(model), inputs, targets, run_opts)
 
+        cost = costs[method]
         context = MetricContext(
-            model=adapter,
-            inputs=inputs,
+            **batch,
             explanation=exp,
             method=method,
             rerun=rerun,
-            masks=masks,
-            chunk_size=chunk_size,
-            measurements={"seconds": costs[method].seconds, "peak_bytes": costs[method].peak_bytes},
+            measurements={"seconds": cost.seconds, "peak_bytes": cost.peak_bytes},
         )
         for metric, cls in metric_classes.items():
             label = f"{metric} of {method}"
@@ -566,7 +551,7 @@ def _choose_metrics(registry, adapter, metrics, masks):
 #   metric: ``work(shape, options) -> (images forwarded, re-explanations of the method)``.
 
 
-def _with_progress(cls: type, opts: dict[str, Any], callback: Progress | None) -> dict[str, Any]:
+def _with_progress(cls: type, opts: dict[str, Any], callback: ProgressFn | None) -> dict[str, Any]:
     """``opts`` with ``progress`` added when the plugin takes one and the caller set none."""
     if callback is None or "progress" in opts or not accepts_progress(cls):
         return opts
@@ -578,7 +563,7 @@ class _MetricStep:
     and, inside the current one, the counts of the method it re-runs (occlusion's perturbed
     inputs), so that the step advances monotonically while either reports."""
 
-    def __init__(self, progress: Progress | None, step: int, steps: int, label: str) -> None:
+    def __init__(self, progress: ProgressFn | None, step: int, steps: int, label: str) -> None:
         self.progress, self.step, self.steps, self.label = progress, step, steps, label
         self.sub: tuple[float, int | None, str] = (0, None, "")
         self.own = None if progress is None else self._own
@@ -648,27 +633,37 @@ def _explainer_work(registry, name: str, shape: tuple[int, ...], opts: dict[str,
     return None if hook is None else int(hook(shape, opts))
 
 
+@dataclass(frozen=True)
+class Workload:
+    """What a comparison will run, for estimating its cost before any work: everything but the
+    options, which :func:`economise` varies."""
+
+    registry: Any
+    shape: tuple[int, ...]
+    methods: Sequence[str]
+    metric_classes: dict[str, type]
+    probe: Probe
+
+
 def estimate_cost(
-    registry: Any,
-    shape: tuple[int, ...],
-    methods: Sequence[str],
-    metric_classes: dict[str, type],
+    work: Workload,
     options: dict[str, dict[str, Any]],
     metric_opts: dict[str, dict[str, Any]],
-    probe: Probe,
 ) -> dict[str, Any]:
     """Predicted forward passes (of one image) and seconds of every method and (method, metric),
-    from the measured ``probe``; an estimate, made before any work, to decide whether to go on."""
+    from the measured ``work.probe``; an estimate, made before any work, to decide whether to
+    go on."""
+    shape, probe = work.shape, work.probe
     n = shape[0]
     parts, images, seconds = [], 0, 0.0
-    for method in methods:
-        forwarded = _explainer_work(registry, method, shape, options.get(method, {}))
+    for method in work.methods:
+        forwarded = _explainer_work(work.registry, method, shape, options.get(method, {}))
         if forwarded is None:
             forwarded, explain_s = n, probe.forward_backward
         else:
             explain_s = forwarded / n * probe.forward
         parts.append({"what": method, "forward_images": forwarded, "seconds": explain_s})
-        for metric, cls in metric_classes.items():
+        for metric, cls in work.metric_classes.items():
             hook = getattr(cls, "work", None)
             fwd, reruns = hook(shape, metric_opts.get(metric, {})) if hook else (n, 0)
             s = fwd / n * probe.forward + reruns * explain_s
@@ -707,13 +702,9 @@ ECONOMIES: list[tuple[str, str, Any, bool]] = [
 
 
 def economise(
-    registry: Any,
-    shape: tuple[int, ...],
-    methods: Sequence[str],
-    metric_classes: dict[str, type],
+    work: Workload,
     options: dict[str, dict[str, Any]],
     metric_opts: dict[str, dict[str, Any]],
-    probe: Probe,
     budget: float,
 ) -> tuple[dict, dict, list[str], dict[str, Any]]:
     """Options made cheaper, one economy of :data:`ECONOMIES` at a time, until the estimate
@@ -722,20 +713,18 @@ def economise(
     metric_opts = {k: dict(v) for k, v in metric_opts.items()}
     user_set = {(k, o) for k, v in options.items() for o in v}
     user_set |= {(k, o) for k, v in metric_opts.items() for o in v}
-    estimate = estimate_cost(registry, shape, methods, metric_classes, options, metric_opts, probe)
+    estimate = estimate_cost(work, options, metric_opts)
     applied: dict[tuple[str, str], Any] = {}
     for plugin, option, value, is_method in ECONOMIES:
         if estimate["seconds"] <= budget:
             break
-        present = plugin in methods if is_method else plugin in metric_classes
+        present = plugin in work.methods if is_method else plugin in work.metric_classes
         if not present or (plugin, option) in user_set:
             continue
-        value = value(shape) if callable(value) else value
+        value = value(work.shape) if callable(value) else value
         (options if is_method else metric_opts).setdefault(plugin, {})[option] = value
         applied[(plugin, option)] = value
-        estimate = estimate_cost(
-            registry, shape, methods, metric_classes, options, metric_opts, probe
-        )
+        estimate = estimate_cost(work, options, metric_opts)
     economies = [f"{plugin}.{option}={_show(value)}" for (plugin, option), value in applied.items()]
     return options, metric_opts, economies, estimate
 

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from xai_core.core.api import check_masks, check_options, run_explainer
-from xai_core.core.errors import CapabilityError, InputError, OptionError, XaiError
+from xai_core.core.api import check_masks, run_explainer, runnable
+from xai_core.core.errors import InputError, OptionError, XaiError
 from xai_core.core.executors import DEFAULT_ENGINE, Executor, Partial, run
 from xai_core.core.progress import ProgressFn
 from xai_core.core.registry import get_registry
@@ -32,7 +32,6 @@ from xai_core.io.inputs import MaskFolder, find_inputs, read_item
 from xai_core.io.preprocess import Preprocess
 
 # progress(images done, images in all or None if unknown, what): xai_core.core.progress
-Progress = ProgressFn
 Transform = Callable[[torch.Tensor], torch.Tensor]
 PathLike = str | os.PathLike
 
@@ -389,7 +388,7 @@ def explain_dataset(
     batch_size: int = 32,
     preprocess: Any = None,
     labels: torch.Tensor | Sequence[int] | None = None,
-    progress: Progress | None = None,
+    progress: ProgressFn | None = None,
     engine: str | Executor = DEFAULT_ENGINE,
     **options: Any,
 ) -> Any:
@@ -409,20 +408,18 @@ def explain_dataset(
         default; plugins add others) or an executor (:mod:`xai_core.core.executors`).
     :param options: the global method's options, e.g. ``local="gradcam"`` for ``aggregate``.
     """
-    registry = get_registry()
-    info = registry.get_explainer(method)
-    if info.tags.scope is not Scope.GLOBAL:
-        global_methods = [i.name for i in registry.list_explainers(scope=Scope.GLOBAL)]
-        raise OptionError(
-            f"{method!r} is a local method; explain_dataset runs global ones: "
+    global_methods = [i.name for i in get_registry().list_explainers(scope=Scope.GLOBAL)]
+    info, adapter = runnable(
+        method,
+        model,
+        scope=Scope.GLOBAL,
+        wrong_scope=(
+            f"explain_dataset runs global ones: "
             f"{', '.join(global_methods) or 'none installed (pip install xai-global)'}. To "
             f"average a local method per class use method='aggregate', local={method!r}."
-        )
-    adapter = registry.adapt(model)
-    reason = registry.unsupported_reason(info, adapter)
-    if reason is not None:
-        raise CapabilityError(f"{reason}.")
-    check_options(info, options)
+        ),
+        options=options,
+    )
     stream = DataStream(
         data, batch_size=batch_size, device=adapter.device, preprocess=preprocess, labels=labels
     )

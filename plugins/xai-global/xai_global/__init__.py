@@ -31,8 +31,8 @@ import torch
 import xai_core
 from xai_core import Attribution, Region, Scope, Tags, Targets
 from xai_core.core.adapters import ModelAdapter
-from xai_core.core.api import check_options, run_explainer
-from xai_core.core.errors import CapabilityError, OptionError, TargetError
+from xai_core.core.api import run_explainer, runnable
+from xai_core.core.errors import OptionError, TargetError
 from xai_core.core.explanation import normalize
 from xai_core.core.options import PositiveInt
 from xai_core.torch.ops import BlurSigma
@@ -56,14 +56,13 @@ def per_class(
     Returns an :class:`Attribution` with the ``(N, K, *spatial)`` maps on the input grid
     (normalised or raw) and their :class:`ClassMaps` in ``details["global"]``.
     """
-    registry = xai_core.get_registry()
-    info = registry.get_explainer(local)
-    if info.tags.scope is not Scope.LOCAL:
-        raise OptionError(f"{local!r} is a global method; aggregate a local one (e.g. 'gradcam').")
-    reason = registry.unsupported_reason(info, model)
-    if reason is not None:
-        raise CapabilityError(f"{reason}.")
-    check_options(info, dict(options))  # the local method's options, before any forward pass
+    info, _ = runnable(
+        local,
+        model,
+        scope=Scope.LOCAL,
+        wrong_scope="aggregate a local one (e.g. 'gradcam').",
+        options=dict(options),  # the local method's options, before any forward pass
+    )
     with torch.no_grad():
         scores = model.forward(inputs)
     classes = targets.resolve(scores).indices

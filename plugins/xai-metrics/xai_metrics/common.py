@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from xai_core.core.errors import InputError, OptionError, did_you_mean
+from xai_core.core.explanation import normalize
 from xai_core.core.metrics import MetricContext
 
 KINDS = ("auto", "softmax", "sigmoid", "logit")
@@ -118,15 +119,6 @@ def spearman(original: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return torch.where(norm_a > 0, rho, math.nan)
 
 
-def minmax(maps: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Each map scaled to [0, 1] over its valid pixels (constant: zeros), 0 outside them."""
-    flat, keep = maps.flatten(1), valid.flatten()
-    low = torch.where(keep, flat, math.inf).amin(dim=1, keepdim=True)
-    span = torch.where(keep, flat, -math.inf).amax(dim=1, keepdim=True) - low
-    scaled = torch.where(span > 0, (flat - low) / torch.where(span > 0, span, 1), 0)
-    return torch.where(keep, scaled, 0).reshape(maps.shape)
-
-
 def ssim(
     original: torch.Tensor, other: torch.Tensor, valid: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -153,8 +145,8 @@ def ssim(
     keep = binary_erosion(valid.cpu().numpy(), np.ones((win,) * len(spatial)), border_value=0)
     if not keep.any():
         return torch.full((n,), math.nan, device=original.device)
-    a = minmax(original, valid).to("cpu", torch.float64).numpy()
-    b = minmax(other, valid).to("cpu", torch.float64).numpy()
+    a = normalize(original, original.dim() - 1, valid).to("cpu", torch.float64).numpy()
+    b = normalize(other, other.dim() - 1, valid).to("cpu", torch.float64).numpy()
     values = []
     for x, y in zip(a, b, strict=True):  # one call per sample: skimage has no batch axis
         _, full = structural_similarity(x, y, win_size=win, data_range=1.0, full=True)

@@ -28,7 +28,7 @@ import torch
 from xai_core.core.errors import OptionError
 from xai_core.core.explanation import normalize
 from xai_core.core.metrics import Direction, MetricContext, MetricResult, Need
-from xai_core.torch.ops import gaussian_blur
+from xai_core.torch.ops import evaluate_in_chunks, gaussian_blur
 from xai_metrics.common import (
     exact_float,
     finite_float,
@@ -73,13 +73,15 @@ def perturbation_curve(
     start, end = start.expand_as(inputs), end.expand_as(inputs)
     total = n * (steps + 1)  # row j is step j % (steps + 1) of sample j // (steps + 1)
     curves = torch.empty(total, device=inputs.device, dtype=torch.float32)
+
+    def scores(j: torch.Tensor) -> torch.Tensor:
+        rows, step = j // (steps + 1), j % (steps + 1)
+        changed = (ranks[rows] < counts[step, None]).view(-1, 1, *spatial)
+        x = torch.where(changed, end[rows], start[rows])
+        return context.score(x, rows, kind).float()
+
     with torch.no_grad(), context.model.session():
-        for first in range(0, total, context.chunk_size):
-            j = torch.arange(first, min(first + context.chunk_size, total), device=inputs.device)
-            rows, step = j // (steps + 1), j % (steps + 1)
-            changed = (ranks[rows] < counts[step, None]).view(-1, 1, *spatial)
-            x = torch.where(changed, end[rows], start[rows])
-            curves[first : first + j.numel()] = context.score(x, rows, kind).float()
+        evaluate_in_chunks(scores, curves, context.chunk_size)
     return counts.to(exact_float(inputs.device)) / pixels, curves.view(n, steps + 1)
 
 
@@ -106,6 +108,13 @@ def _baseline(value: object, inputs: torch.Tensor) -> torch.Tensor:
     return inputs.new_full((1,) * inputs.ndim, finite_float(value, "baseline"))
 
 
+def curve_work(shape: tuple[int, ...], options: dict) -> tuple[int, int]:
+    """(images forwarded, re-explanations) of a deletion or insertion curve over a batch of
+    ``shape``: the cost estimate of ``compare()``."""
+    pixels = math.prod(shape[2:])
+    return shape[0] * (min(int(options.get("steps", 100)), pixels) + 1), 0
+
+
 class Deletion:
     """Area under the target probability as the most important pixels are deleted first."""
 
@@ -114,11 +123,7 @@ class Deletion:
     needs: frozenset[Need] = frozenset()
     range = (0.0, 1.0)  # an area under a probability (kind="logit" leaves it: not clipped then)
 
-    @staticmethod
-    def work(shape: tuple[int, ...], options: dict) -> tuple[int, int]:
-        """(images forwarded, re-explanations) for a batch of ``shape``: the cost estimate."""
-        pixels = math.prod(shape[2:])
-        return shape[0] * (min(int(options.get("steps", 100)), pixels) + 1), 0
+    work = staticmethod(curve_work)
 
     def compute(
         self,
@@ -148,11 +153,7 @@ class Insertion:
     needs: frozenset[Need] = frozenset()
     range = (0.0, 1.0)  # as deletion
 
-    @staticmethod
-    def work(shape: tuple[int, ...], options: dict) -> tuple[int, int]:
-        """(images forwarded, re-explanations) for a batch of ``shape``: the cost estimate."""
-        pixels = math.prod(shape[2:])
-        return shape[0] * (min(int(options.get("steps", 100)), pixels) + 1), 0
+    work = staticmethod(curve_work)
 
     def compute(
         self,

@@ -34,7 +34,8 @@ from xai_core import Attribution, Tags, Targets
 from xai_core.core.adapters import ModelAdapter
 from xai_core.core.errors import OptionError, did_you_mean
 from xai_core.core.options import PositiveInt
-from xai_core.torch.ops import BlurSigma, gaussian_blur
+from xai_core.core.progress import ProgressFn
+from xai_core.torch.ops import BlurSigma, evaluate_in_chunks, gaussian_blur
 from xai_occlusion.incremental import (
     adaptive_deltas,
     approximation_settings,
@@ -45,7 +46,6 @@ from xai_occlusion.incremental import (
 __version__ = "0.1.0"
 
 BASELINES = ("zero", "blur", "mean")
-Progress = Callable[[int, int | None, str], object]  # xai_core.core.progress.ProgressFn
 
 
 def _per_axis(value: object, name: str, rank: int, kind: type = numbers.Integral) -> tuple:
@@ -166,7 +166,7 @@ class Occlusion:
         baseline: float | Literal["zero", "blur", "mean"] = "zero",
         sigma: BlurSigma | Sequence[BlurSigma] = 5.0,
         chunk_size: PositiveInt | None = None,
-        progress: Progress | None = None,
+        progress: ProgressFn | None = None,
         incremental: bool | Literal["auto", "exact", "approximate"] = "auto",
         approximation: Mapping[str, float] | None = None,
     ) -> Attribution:
@@ -222,9 +222,8 @@ class Occlusion:
                 deltas, total = adaptive_deltas(drops, n, positions, chunk, settings, progress)
             else:
                 deltas = torch.empty(total, resolved.count, dtype=dtype, device=device)
-                for start in range(0, total, chunk):
-                    stop = min(start + chunk, total)
-                    index = torch.arange(start, stop, device=device)
+
+                def drops(index: torch.Tensor) -> torch.Tensor:
                     rows = index // windows
                     if engine is not None:  # exact incremental inference
                         outputs = engine.forward(rows, index % windows)
@@ -232,9 +231,9 @@ class Occlusion:
                         mask = box_masks(index % windows, boxes).unsqueeze(1)  # every channel
                         occluded = torch.where(mask, fill[rows], inputs[rows])
                         outputs = model.forward(occluded)
-                    deltas[start:stop] = reference[rows] - resolved.select(outputs, rows)
-                    if progress is not None:
-                        progress(stop, total, "perturbed inputs")
+                    return reference[rows] - resolved.select(outputs, rows)
+
+                evaluate_in_chunks(drops, deltas, chunk, progress=progress)
             grid = deltas.view(n, *positions, resolved.count).movedim(-1, 1)  # (N, K, *positions)
             sums = along_axes(grid, boxes)
             counts = along_axes(torch.ones(positions, dtype=dtype, device=device), boxes)

@@ -9,6 +9,10 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from xai_core.core.explanation import normalize
+from xai_core.core.progress import ProgressFn
+from xai_core.torch.ops import evaluate_in_chunks
+
 
 def interpolation(positions: int, coarse: Sequence[int], dtype, device) -> torch.Tensor:
     """``(coarse, positions)`` linear interpolation from the coarse indices to every index."""
@@ -29,7 +33,7 @@ def adaptive_deltas(
     positions: tuple[int, ...],
     chunk: int,
     settings: Mapping[str, float],
-    progress: Callable[[int, int | None, str], object] | None = None,
+    progress: ProgressFn | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Score drops ``(samples * windows, K)`` of every window from a coarse grid of windows
     (every ``settings["coarse"]``-th position per axis, and the last), interpolated
@@ -56,14 +60,11 @@ def adaptive_deltas(
     done = 0
     deltas = torch.empty(samples * windows, count, dtype=dtype, device=device)
 
-    def run(index: torch.Tensor) -> None:
+    def run(index: torch.Tensor) -> None:  # the coarse grid, then the refined windows
         nonlocal done
-        for start in range(0, index.numel(), chunk):
-            part = index[start : start + chunk]
-            deltas[part] = evaluate(part)
-            done += part.numel()
-            if progress is not None:
-                progress(done, total, "perturbed inputs")
+        done = evaluate_in_chunks(
+            evaluate, deltas, chunk, index, progress=progress, done=done, total=total
+        )
 
     sample = torch.arange(samples, device=device)[:, None]
     run((sample * windows + coarse_windows).reshape(-1))
@@ -78,9 +79,7 @@ def adaptive_deltas(
         is_coarse[None, :, None], deltas.view(samples, windows, count), dense.movedim(1, -1)
     )
     if extra:
-        low = dense.amin(-1, keepdim=True)
-        span = (dense.amax(-1, keepdim=True) - low).clamp(min=torch.finfo(dtype).tiny)
-        priority = ((dense - low) / span).amax(1)  # (N, windows): highest over the targets
+        priority = normalize(dense, 1).amax(1)  # (N, windows): highest over the targets
         priority = priority.masked_fill(is_coarse, -1.0)
         chosen = priority.topk(extra, dim=1).indices  # (N, extra)
         run((sample * windows + chosen).reshape(-1))
