@@ -30,6 +30,22 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from xai_core.cli.options import (
+    DEFAULTS,
+    ArchOpt,
+    ClassesOpt,
+    InputsArg,
+    ModelArg,
+    OutOpt,
+    RunOptions,
+    SliceOpt,
+    TargetOpt,
+    caller_options,
+    method_options,
+    nested,
+    run_options,
+    targets,
+)
 from xai_core.core.errors import (
     CapabilityError,
     ChannelMismatchError,
@@ -126,157 +142,6 @@ def plugins(
         typer.echo("No explanation methods are installed; see README.md for the install command.")
 
 
-# -- shared option parsing -------------------------------------------------------------------
-
-
-def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
-    except ValueError:
-        raise typer.BadParameter(
-            f"{what} must be integers separated by commas; got {text!r}."
-        ) from None
-
-
-def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise typer.BadParameter(
-            f"{what} must be numbers separated by commas; got {text!r}."
-        ) from None
-
-
-def _value(text: str) -> Any:
-    """An option value: JSON when it parses (numbers, lists, true/false), else the string."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def _key_values(pairs: list[str] | None, what: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise typer.BadParameter(f"{what} takes KEY=VALUE; got {pair!r}.") from None
-        out[key.strip()] = _value(value)
-    return out
-
-
-def _nested(pairs: list[str] | None, what: str) -> dict[str, dict[str, Any]]:
-    """``name.key=value`` pairs grouped by name."""
-    out: dict[str, dict[str, Any]] = {}
-    for key, value in _key_values(pairs, what).items():
-        name, dot, option = key.partition(".")
-        if not dot:
-            raise typer.BadParameter(f"{what} takes NAME.KEY=VALUE; got {key!r}.") from None
-        out.setdefault(name, {})[option] = value
-    return out
-
-
-def _targets(values: list[str] | None) -> Any:
-    if not values:
-        return None
-    if values == ["all"]:
-        return "all"
-    try:
-        classes = [int(v) for v in values]
-    except ValueError:
-        raise typer.BadParameter(
-            "--target takes class indices (repeat it for several) or 'all'."
-        ) from None
-    return classes[0] if len(classes) == 1 else classes
-
-
-def _per_sample(targets: Any, n: int) -> Any:
-    """Several --target values mean several classes for every sample of the batch."""
-    return [targets] * n if isinstance(targets, list) else targets
-
-
-ModelArg = Annotated[
-    str,
-    typer.Argument(
-        help="An ONNX or TorchScript file, a state_dict with --arch, a HF folder, or demo:NAME."
-    ),
-]
-InputsArg = Annotated[
-    list[Path],
-    typer.Argument(
-        help="Image files (PNG/JPEG), DICOM files or series folders, NIfTI volumes, or folders."
-    ),
-]
-OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder (created).")]
-ArchOpt = Annotated[
-    str | None,
-    typer.Option(help="Architecture of a state_dict: torchvision (resnet18) or timm:NAME."),
-]
-ClassesOpt = Annotated[
-    int | None, typer.Option(help="Number of classes, if it cannot be read from the state_dict.")
-]
-SizeOpt = Annotated[str | None, typer.Option(help="Resize to H,W (or D,H,W for volumes).")]
-MeanOpt = Annotated[str | None, typer.Option(help="Per-channel mean, e.g. 0.485,0.456,0.406.")]
-StdOpt = Annotated[str | None, typer.Option(help="Per-channel std, e.g. 0.229,0.224,0.225.")]
-ChannelsOpt = Annotated[
-    int | None,
-    typer.Option(
-        help="Channels the model takes (1 or 3); grey is repeated to RGB, RGB turned grey."
-    ),
-]
-SliceOpt = Annotated[
-    int | None,
-    typer.Option(help="Explain a volume slice by slice along axis 0 (D), 1 (H) or 2 (W)."),
-]
-WindowOpt = Annotated[
-    str | None,
-    typer.Option(
-        help="DICOM window CENTER,WIDTH overriding the file's (e.g. -600,1500 for lungs)."
-    ),
-]
-TargetOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--target",
-        "-t",
-        help="Class index to explain (repeat for several, or 'all'); default: top.",
-    ),
-]
-DeviceOpt = Annotated[str | None, typer.Option(help="cpu or cuda; default: cuda when available.")]
-
-
-def _setup(model_spec, arch, num_classes, size, mean, std, channels, slice_axis, device):
-    from xai_core.cli.jobs import pick_device
-    from xai_core.io.models import load_model
-    from xai_core.io.preprocess import Preprocess
-
-    dev = pick_device(device)  # a device this machine lacks fails before the model is loaded
-    model, info = load_model(model_spec, arch=arch, num_classes=num_classes)
-    if isinstance(model, torch.nn.Module):
-        model = model.to(dev)
-    sidecar_source = info.get("path") if info.get("kind") != "demo" else None
-    preprocess = Preprocess.from_sidecar(
-        sidecar_source,
-        size=_ints(size, "--size"),
-        mean=_floats(mean, "--mean"),
-        std=_floats(std, "--std"),
-        channels=channels,
-        slice_axis=slice_axis,
-    )
-    if info.get("preprocess"):  # the model's own defaults (demo, timm, Hugging Face)
-        preprocess = Preprocess(
-            **{
-                **info.get("preprocess", {}),
-                **{k: v for k, v in vars(preprocess).items() if v is not None},
-            }
-        )
-    return model, info, preprocess, dev
-
-
 class _Reporter:
     """The CLI's ``progress(done, total, what)`` (:mod:`xai_core.core.progress`): a rich bar
     with the time left on a terminal; elsewhere (a log, CI, a pipe) a plain line on stderr every
@@ -333,16 +198,8 @@ def _seconds(value: float) -> str:
     return f"{value:.0f} s" if value < 90 else f"{value / 60:.1f} min"
 
 
-def _caller_options(options: dict[str, Any], flag: str) -> None:
-    """Callables (``progress``) are supplied by the command itself: refuse them as settings."""
-    if "progress" in options:
-        raise typer.BadParameter(
-            f"progress is drawn by xai itself (a bar on a terminal, lines on stderr otherwise); "
-            f"it cannot be set with {flag}."
-        )
-
-
 @app.command("explain")
+@run_options
 def explain_command(
     model: ModelArg,
     inputs: InputsArg,
@@ -361,15 +218,8 @@ def explain_command(
             "--option", "-O", help="Method option KEY=VALUE, e.g. -O window=16 -O stride=8."
         ),
     ] = None,
-    arch: ArchOpt = None,
-    num_classes: ClassesOpt = None,
-    size: SizeOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    channels: ChannelsOpt = None,
+    shared: RunOptions = DEFAULTS,
     slice_axis: SliceOpt = None,
-    window: WindowOpt = None,
-    device: DeviceOpt = None,
 ) -> None:
     """Explain each input with one method: overlays, raw maps (.npy), scores and an HTML report.
 
@@ -379,29 +229,27 @@ def explain_command(
     import xai_core
     from xai_core.cli.jobs import check_method, explain_files, model_identity
 
-    options = _key_values(option, "--option")
-    _caller_options(options, "-O")
+    options = method_options(option)
     if layer:
         options["layers" if len(layer) > 1 else "layer"] = layer if len(layer) > 1 else layer[0]
     out = out.absolute()  # resolved once: nothing below depends on the working directory
-    net, info, preprocess, dev = _setup(
-        model, arch, num_classes, size, mean, std, channels, slice_axis, device
-    )
+    loaded = shared.load(model, slice_axis=slice_axis)
     items = _find_inputs(inputs, out)
-    check_method(xai_core.adapt(net), method, options)  # a whole-run mistake: once, up front
+    # A whole-run mistake: checked once, up front.
+    check_method(xai_core.adapt(loaded.model), method, options)
     with _Reporter(method) as report:
         summary = explain_files(
-            net,
+            loaded.model,
             items,
             out,
-            model_id=model_identity(info),
+            model_id=model_identity(loaded.info),
             method=method,
-            preprocess=preprocess,
-            targets=_targets(target),
+            preprocess=loaded.preprocess,
+            targets=targets(target),
             options=options,
-            class_names=info.get("class_names"),
-            device=dev,
-            window=_floats(window, "--window"),
+            class_names=loaded.info.get("class_names"),
+            device=loaded.device,
+            window=shared.dicom_window,
             progress=report,
         )
     _print_summary(summary, out)
@@ -473,6 +321,7 @@ def _print_summary(summary, out: Path) -> None:
 
 
 @app.command("compare")
+@run_options
 def compare_command(
     model: ModelArg,
     inputs: InputsArg,
@@ -508,14 +357,7 @@ def compare_command(
             "--metric-option", help="Metric option METRIC.KEY=VALUE, e.g. deletion.steps=20."
         ),
     ] = None,
-    arch: ArchOpt = None,
-    num_classes: ClassesOpt = None,
-    size: SizeOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    channels: ChannelsOpt = None,
-    window: WindowOpt = None,
-    device: DeviceOpt = None,
+    shared: RunOptions = DEFAULTS,
     budget: Annotated[
         float,
         typer.Option(
@@ -530,34 +372,32 @@ def compare_command(
     """
     from xai_core.cli.jobs import compare_files
 
-    method_options = _nested(option, "--option")
-    metric_opts = _nested(metric_option, "--metric-option")
-    for opts in method_options.values():
-        _caller_options(opts, "-O")
+    methods_options = nested(option, "--option")
+    metric_opts = nested(metric_option, "--metric-option")
+    for opts in methods_options.values():
+        caller_options(opts, "-O")
     for opts in metric_opts.values():
-        _caller_options(opts, "--metric-option")
+        caller_options(opts, "--metric-option")
     err = Console(stderr=True, highlight=False, soft_wrap=True)
 
     out = out.absolute()  # resolved once: nothing below depends on the working directory
-    net, info, preprocess, dev = _setup(
-        model, arch, num_classes, size, mean, std, channels, None, device
-    )
+    loaded = shared.load(model)
     items = _find_inputs(inputs, out)
     with _Reporter("compare") as report:
         summary = compare_files(
-            net,
+            loaded.model,
             items,
             out,
-            preprocess=preprocess,
-            targets=_targets(target),
+            preprocess=loaded.preprocess,
+            targets=targets(target),
             methods=None if methods is None else [m.strip() for m in methods.split(",")],
             metrics=None if metrics is None else [m.strip() for m in metrics.split(",")],
             masks=masks,
-            options=method_options,
+            options=methods_options,
             metric_options=metric_opts,
-            class_names=info.get("class_names"),
-            device=dev,
-            window=_floats(window, "--window"),
+            class_names=loaded.info.get("class_names"),
+            device=loaded.device,
+            window=shared.dicom_window,
             progress=report,
             budget=budget if budget > 0 else None,
             notice=lambda text: err.print(_plain(text)),
@@ -610,6 +450,7 @@ def demo_command(
 
 
 @app.command("audit")
+@run_options
 def audit_command(
     model: ModelArg,
     inputs: InputsArg,
@@ -641,14 +482,7 @@ def audit_command(
     fail_on_flags: Annotated[
         bool, typer.Option(help="Exit with status 1 when a region is flagged (for CI).")
     ] = False,
-    arch: ArchOpt = None,
-    num_classes: ClassesOpt = None,
-    size: SizeOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    channels: ChannelsOpt = None,
-    window: WindowOpt = None,
-    device: DeviceOpt = None,
+    shared: RunOptions = DEFAULTS,
 ) -> None:
     """Look for shortcuts: regions holding a class's attribution across the inputs (docs/audit.md).
 
@@ -659,26 +493,23 @@ def audit_command(
     from xai_core.workflows.datasets import DataStream
 
     out = out.absolute()
-    net, info, preprocess, dev = _setup(
-        model, arch, num_classes, size, mean, std, channels, None, device
-    )
+    loaded = shared.load(model)
     stream = DataStream(
         [str(p) for p in inputs],
         batch_size=batch_size,
-        device=dev,
-        preprocess=preprocess,
+        device=loaded.device,
+        preprocess=loaded.preprocess,
         masks=masks,
-        window=_floats(window, "--window"),
+        window=shared.dicom_window,
     )
-    options = _key_values(option, "--option")
-    _caller_options(options, "-O")
+    options = method_options(option)
     with _Reporter(f"audit ({method})") as report:
         result = audit(
-            net,
+            loaded.model,
             stream,
             method=method,
             options=options,
-            class_names=info.get("class_names"),
+            class_names=loaded.info.get("class_names"),
             reference=reference,
             min_share=min_share,
             min_lift=min_lift,

@@ -154,7 +154,13 @@ def run_demo(
             Study(title, note, result, display, truth, classes, overview=overview, labels=labels)
         )
 
-    truth = {"lesion (ground truth)": lesion.numpy()}
+    # The three X-ray studies explain the same images, with the same lesions and settings.
+    xray = {
+        "options": {"occlusion": OCCLUSION_2D},
+        "truth": {"lesion (ground truth)": lesion.numpy()},
+        "display": _display(xrays.images),
+        "labels": xrays.labels,
+    }
     study(
         "X-ray CNN",
         "A small CNN with a global-average-pooling + linear head, trained on clean "
@@ -163,10 +169,7 @@ def run_demo(
         load_model("cnn"),
         x,
         lesion,
-        options={"occlusion": OCCLUSION_2D},
-        truth=truth,
-        display=_display(xrays.images),
-        labels=xrays.labels,
+        **xray,
     )
     study(
         "X-ray ViT",
@@ -176,10 +179,7 @@ def run_demo(
         load_model("vit"),
         x,
         lesion,
-        options={"occlusion": OCCLUSION_2D},
-        truth=truth,
-        display=_display(xrays.images),
-        labels=xrays.labels,
+        **xray,
     )
     study(
         "X-ray CNN (ONNX)",
@@ -188,10 +188,7 @@ def run_demo(
         x,
         lesion,
         methods=["occlusion"],
-        options={"occlusion": OCCLUSION_2D},
-        truth=truth,
-        display=_display(xrays.images),
-        labels=xrays.labels,
+        **xray,
     )
     volumes = data.make_volumes(4, seed=SEED)
     study(

@@ -17,30 +17,16 @@ _CONV_FN = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _MAXPOOL = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}
 _AVGPOOL = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
 _ADAPTIVE = {
-    nn.AdaptiveAvgPool1d: "avg",
-    nn.AdaptiveAvgPool2d: "avg",
-    nn.AdaptiveAvgPool3d: "avg",
-    nn.AdaptiveMaxPool1d: "max",
-    nn.AdaptiveMaxPool2d: "max",
-    nn.AdaptiveMaxPool3d: "max",
+    **dict.fromkeys((nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d), "avg"),
+    **dict.fromkeys((nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d), "max"),
 }
 _MAXPOOL_FN = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3}
 _AVGPOOL_FN = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3}
-_ADAPTIVE_FN = {
-    F.adaptive_avg_pool1d: "avg",
-    F.adaptive_avg_pool2d: "avg",
-    F.adaptive_avg_pool3d: "avg",
-    F.adaptive_max_pool1d: "max",
-    F.adaptive_max_pool2d: "max",
-    F.adaptive_max_pool3d: "max",
-}
+_ADAPTIVE_AVG_FN = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)
+_ADAPTIVE_MAX_FN = (F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d)
+_ADAPTIVE_FN = {**dict.fromkeys(_ADAPTIVE_AVG_FN, "avg"), **dict.fromkeys(_ADAPTIVE_MAX_FN, "max")}
 _ADAPTIVE_FN_RANK = {
-    F.adaptive_avg_pool1d: 1,
-    F.adaptive_avg_pool2d: 2,
-    F.adaptive_avg_pool3d: 3,
-    F.adaptive_max_pool1d: 1,
-    F.adaptive_max_pool2d: 2,
-    F.adaptive_max_pool3d: 3,
+    fn: rank for fns in (_ADAPTIVE_AVG_FN, _ADAPTIVE_MAX_FN) for rank, fn in enumerate(fns, 1)
 }
 # Modules that act on each spatial position on its own (they may mix channels).
 _POINTWISE_MODULES = (
