@@ -34,6 +34,7 @@ from xai_core.core.errors import (
     CapabilityError,
     ChannelMismatchError,
     InputRankError,
+    OptionError,
     SpatialSizeError,
     UnknownLayerError,
     UnknownMethodError,
@@ -247,6 +248,43 @@ TargetOpt = Annotated[
     ),
 ]
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu or cuda; default: cuda when available.")]
+
+
+# Where dataset work runs (`xai audit`): an executor by name, made with the options given
+# (an executor takes its options as keyword arguments, e.g. xai-ray's RayExecutor).
+EngineOpt = Annotated[
+    str,
+    typer.Option(help="Executor of the batches: local (this process) or a plugin's, e.g. ray."),
+]
+AddressOpt = Annotated[
+    str | None,
+    typer.Option(help="--engine ray: a cluster (auto, ray://HOST:10001); default: start one here."),
+]
+WorkersOpt = Annotated[
+    int | None, typer.Option(help="--engine ray: worker processes (default: one per CPU).")
+]
+GpusPerWorkerOpt = Annotated[
+    float | None, typer.Option(help="--engine ray: GPUs each worker reserves (0.5 shares one).")
+]
+
+
+def _engine(name: str, **options: Any) -> Any:
+    """``--engine NAME`` as it is, or with options given an instance of that executor made with
+    them; an option the executor does not take is an OptionError naming the flag."""
+    import inspect
+
+    from xai_core.core.executors import get_executor
+
+    given = {key: value for key, value in options.items() if value is not None}
+    if not given:
+        return name
+    cls = type(get_executor(name))
+    try:
+        inspect.signature(cls).bind(**given)
+    except TypeError as exc:
+        flags = ", ".join("--" + key.replace("_", "-") for key in given)
+        raise OptionError(f"--engine {name} does not take {flags}: {exc}.") from exc
+    return cls(**given)
 
 
 def _setup(model_spec, arch, num_classes, size, mean, std, channels, slice_axis, device):
@@ -649,6 +687,10 @@ def audit_command(
     channels: ChannelsOpt = None,
     window: WindowOpt = None,
     device: DeviceOpt = None,
+    engine: EngineOpt = "local",
+    address: AddressOpt = None,
+    workers: WorkersOpt = None,
+    gpus_per_worker: GpusPerWorkerOpt = None,
 ) -> None:
     """Look for shortcuts: regions holding a class's attribution across the inputs (docs/audit.md).
 
@@ -672,6 +714,9 @@ def audit_command(
     )
     options = _key_values(option, "--option")
     _caller_options(options, "-O")
+    executor = _engine(
+        engine, address=address, workers=workers, gpus_per_worker=gpus_per_worker
+    )
     with _Reporter(f"audit ({method})") as report:
         result = audit(
             net,
@@ -684,6 +729,7 @@ def audit_command(
             min_lift=min_lift,
             min_fraction=min_fraction,
             progress=report,
+            engine=executor,
         )
     written = write_audit(result, out)
     _print_text(result.summary())
