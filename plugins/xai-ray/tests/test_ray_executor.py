@@ -117,11 +117,26 @@ def test_explain_dataset_on_ray_is_bitwise_local_with_bounded_in_flight(ray_sess
     assert len(parts) == 8 and all(taken - merged <= 2 for merged, taken in parts), parts
 
 
+class _CountedStep:
+    """A step that notes in ``log`` each time a process unpickles it (receives the model)."""
+
+    def __init__(self, step, log: Path):
+        self.step, self.log = step, log
+
+    def __call__(self, batch):
+        return self.step(batch)
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        with open(self.log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+
 class _KillOneWorker(RayExecutor):
     """Kills the first actor's process (SIGKILL, from this process) once two parts are back."""
 
-    def start_pool(self, step):
-        actors = super().start_pool(step)
+    def start_pool(self):
+        actors = super().start_pool()
         self.pids = self._ray.get([a.pid.remote() for a in actors])
         return actors
 
@@ -134,8 +149,9 @@ class _KillOneWorker(RayExecutor):
 
 
 def test_a_killed_worker_costs_only_its_batches_and_the_result_is_the_same(
-    ray_session, model, xrays
+    ray_session, model, xrays, tmp_path
 ):
+    import_ray().cloudpickle.register_pickle_by_value(sys.modules[__name__])  # _CountedStep
     x, y = xrays
     registry = xai_core.get_registry()
     step = _AuditStep(
@@ -145,7 +161,11 @@ def test_a_killed_worker_costs_only_its_batches_and_the_result_is_the_same(
     stream = DataStream((x, y), batch_size=2)
     local = run(LocalExecutor(), step, stream)
     executor = _KillOneWorker(workers=2, in_flight=2)
-    distributed = run(executor, step, stream)
+    log = tmp_path / "received"
+    distributed = run(executor, _CountedStep(step, log), stream)
+    # The model went to each actor once, and once more to the restarted one: not per batch.
+    received = log.read_text().split()
+    assert len(received) == 3 and received.count(str(executor.killed)) == 1, received
     with pytest.raises(ProcessLookupError):  # the process really died
         os.kill(executor.killed, 0)
     assert distributed.images == local.images == 16

@@ -5,9 +5,10 @@ How a run goes (docs/scale.md):
 1. Connect: to ``address`` (``"auto"``, ``"ray://head:10001"``) or, without one and when this
    process is not connected yet, start a local Ray in-process: ``workers`` CPUs, no dashboard, no
    usage statistics, its files in a temp dir under the system's (:func:`tempfile.gettempdir`).
-2. The step (the model's adapter, the method, its options) goes into the object store once;
-   each actor receives it once, when it starts, and first rebuilds the registry from this
-   process's snapshot (:meth:`~xai_core.core.registry.Registry.snapshot`): the same plugins.
+2. Each actor starts by rebuilding the registry from this process's snapshot
+   (:meth:`~xai_core.core.registry.Registry.snapshot`): the same plugins. The step (the model's
+   adapter, the method, its options) goes into the object store once; each actor fetches it
+   once, with its first batch (and once more after a restart).
 3. Batches go to the actors in turn, at most ``in_flight`` per actor at a time (backpressure: a
    dataset larger than memory streams through); the parts come back **in batch order**, so the
    reduce adds them in the order the local engine does and the sums are bitwise the same.
@@ -137,19 +138,17 @@ class RayExecutor(LocalExecutor):
             return max(1, int(resources.get("GPU", 0) // self.gpus_per_worker))
         return max(1, int(resources.get("CPU", 1)))
 
-    def start_pool(self, step: Callable[[Any], Any]) -> list[Any]:
-        """``pool_size()`` actors, each given ``step`` once (through the object store)."""
-        ray = self._ray
+    def start_pool(self) -> list[Any]:
+        """``pool_size()`` actors, each with the registry rebuilt from this process's."""
         self.connect()
-        step_ref = ray.put(step)  # one copy in the object store, whatever the number of actors
-        actor = _actor_class(ray).options(
+        actor = _actor_class(self._ray).options(
             num_cpus=1,
             num_gpus=self.gpus_per_worker,
             max_restarts=self.max_retries,
             max_task_retries=self.max_retries,
         )
         snapshot = get_registry().snapshot()
-        return [actor.remote(snapshot, step_ref) for _ in range(self.pool_size())]
+        return [actor.remote(snapshot) for _ in range(self.pool_size())]
 
     # -- the protocol --------------------------------------------------------------------------
 
@@ -157,14 +156,18 @@ class RayExecutor(LocalExecutor):
         """``step(batch)`` on the actors, yielded in batch order (so the reduce is the local
         engine's running sum in the same order: bitwise the same result)."""
         ray = self._ray
-        actors = self.start_pool(step)
+        actors = self.start_pool()
+        # The step (model, method, options) goes into the object store once; an actor fetches
+        # it on its first batch, and again only after a restart. Inside a list, so that Ray
+        # hands the actors the reference, not the step, with every batch.
+        step_ref = [ray.put(step)]
         window = len(actors) * self.in_flight
         pending: deque[Any] = deque()
         try:
             for index, batch in enumerate(batches):
                 if len(pending) >= window:  # backpressure: wait for the oldest batch
                     yield ray.get(pending.popleft())
-                pending.append(actors[index % len(actors)].run.remote(batch))
+                pending.append(actors[index % len(actors)].run.remote(batch, step_ref))
             while pending:
                 yield ray.get(pending.popleft())
         finally:
@@ -184,13 +187,18 @@ def use_registry(snapshot: RegistrySnapshot) -> None:
 
 
 class _Worker:
-    """One actor: the registry rebuilt, the step (model, method, options) received once."""
+    """One actor: the registry rebuilt when it starts, the step fetched once, on first use."""
 
-    def __init__(self, snapshot: RegistrySnapshot, step: Callable[[Any], Any]) -> None:
+    def __init__(self, snapshot: RegistrySnapshot) -> None:
         use_registry(snapshot)
-        self.step = step
+        self.step: Callable[[Any], Any] | None = None
+        self.step_id: str | None = None
 
-    def run(self, batch: Any) -> Any:
+    def run(self, batch: Any, step_ref: list[Any]) -> Any:
+        ref = step_ref[0]
+        if self.step_id != ref.hex():  # the first batch of a run, or the first after a restart
+            self.step = import_ray().get(ref)
+            self.step_id = ref.hex()
         return self.step(batch)
 
     def pid(self) -> int:
