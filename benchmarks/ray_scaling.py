@@ -7,7 +7,8 @@
 
 A folder of demo chest X-rays (PNG, ``--size`` pixels) is written to a temp dir, then audited
 with ``--method`` on the demo CNN: once with the local engine (PyTorch's default threads in this
-process), then with ``engine=RayExecutor(workers=w)`` for each ``w`` of ``--workers``. The local
+process, or ``--threads``), then with ``engine=RayExecutor(workers=w)`` for each ``w`` of
+``--workers`` (one thread per worker). The local
 Ray is started before the timings (it is started once per process); each Ray run includes
 starting its actors (each imports PyTorch and the plugins and receives the model once), since
 every run pays that. Every Ray result is checked to be bitwise the local one. Printed: seconds,
@@ -62,7 +63,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--model", default="cnn", help="a demo model: cnn, cnn_shortcut, vit")
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="torch threads of this process (the local engine); Ray's workers use one each",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     workers = [int(w) for w in args.workers.split(",")]
 
     from xai_ray import RayExecutor  # the plugin; Ray itself is imported by the executor

@@ -175,8 +175,10 @@ def test_a_killed_worker_costs_only_its_batches_and_the_result_is_the_same(
 
 def test_a_failing_step_raises_its_own_typed_error(ray_session, model, xrays):
     x, _ = xrays
-    with pytest.raises(OptionError, match="needs labels"):
+    with pytest.raises(OptionError, match="needs labels") as raised:
         audit(model, x[:4], group_by="label", batch_size=2, engine=RayExecutor(workers=1))
+    assert type(raised.value) is OptionError  # the step's own, not Ray's wrapper
+    assert str(raised.value).startswith("group_by='label' needs labels")
 
 
 def test_the_command_line_audits_on_ray_from_another_folder(tmp_path):

@@ -166,13 +166,24 @@ class RayExecutor(LocalExecutor):
         try:
             for index, batch in enumerate(batches):
                 if len(pending) >= window:  # backpressure: wait for the oldest batch
-                    yield ray.get(pending.popleft())
+                    yield self._result(pending.popleft())
                 pending.append(actors[index % len(actors)].run.remote(batch, step_ref))
             while pending:
-                yield ray.get(pending.popleft())
+                yield self._result(pending.popleft())
         finally:
             for actor in actors:  # also when the caller stops early or a step raised
                 ray.kill(actor, no_restart=True)
+
+    def _result(self, ref: Any) -> Any:
+        """A part, or the step's own exception (an ``OptionError`` stays one, with its message
+        alone, not wrapped in Ray's traceback text)."""
+        try:
+            return self._ray.get(ref)
+        except self._ray.exceptions.RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, Exception):
+                raise cause from exc
+            raise
 
     # reduce(): the local engine's running sum (parts come in batch order, see map()).
 
