@@ -6,6 +6,7 @@ actor pool. The data are the demo's chest X-rays, a few dozen 64-pixel images.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -27,7 +28,7 @@ from xai_core.workflows.audit import _AuditStep, audit
 from xai_core.workflows.datasets import DataStream, explain_dataset
 
 XAI = str(Path(sys.executable).with_name("xai"))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "100"}
+ENV = {"OMP_NUM_THREADS": "1", "COLUMNS": "100"}  # over os.environ, as it is at the call
 AUDIT_MAPS = ("mean", "std", "share", "unexplained", "mean_image")
 
 
@@ -181,7 +182,7 @@ def test_a_failing_step_raises_its_own_typed_error(ray_session, model, xrays):
     assert str(raised.value).startswith("group_by='label' needs labels")
 
 
-def test_the_command_line_audits_on_ray_from_another_folder(tmp_path):
+def test_the_command_line_audits_on_ray_from_another_folder(ray_session, tmp_path):
     images = data.make_xrays(6, seed=2, size=64).images
     work = tmp_path / "work"
     work.mkdir()
@@ -189,15 +190,21 @@ def test_the_command_line_audits_on_ray_from_another_folder(tmp_path):
         pixels = (image * 255).round().to(torch.uint8).numpy()
         Image.fromarray(pixels).save(work / f"x{i}.png")
     args = [XAI, "audit", "demo:cnn", ".", "-m", "gradcam", "--out", "au", "--engine", "ray"]
+    # It joins this module's Ray (--address, with the token this process holds in its env).
+    address = ray_session.address_info["gcs_address"]
+    env = {**os.environ, **ENV}
     ran = subprocess.run(
-        [*args, "--workers", "1"], cwd=work, env=ENV, capture_output=True, text=True, timeout=300
-    )
+        [*args, "--workers", "1", "--address", address],
+        cwd=work, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
     assert ran.returncode == 0, ran.stderr
+    saved = json.loads((work / "au" / "audit.json").read_text())
+    assert saved["images"] == 6
     assert (work / "au" / "audit.json").is_file() and (work / "au" / "report.html").is_file()
     assert not (work / "au" / "au").exists()
     wrong = subprocess.run(
         [XAI, "audit", "demo:cnn", ".", "--out", "au", "--workers", "2"],  # local takes none
-        cwd=work, env=ENV, capture_output=True, text=True, timeout=300,
+        cwd=work, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert wrong.returncode != 0 and "--engine local does not take --workers" in wrong.stderr
 
@@ -220,8 +227,9 @@ def test_without_the_engine_nothing_imports_ray():
         "print('ray' in sys.modules)\n"
     )
     ran = subprocess.run(
-        [sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=120
-    )
+        [sys.executable, "-c", code],
+        env={**os.environ, **ENV}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.strip() == "False"
 
