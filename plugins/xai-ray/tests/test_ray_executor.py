@@ -174,6 +174,14 @@ def test_a_killed_worker_costs_only_its_batches_and_the_result_is_the_same(
         assert torch.equal(getattr(local.value, name).sums, getattr(distributed.value, name).sums)
 
 
+def test_more_workers_than_the_cluster_holds_is_an_error_not_a_hang(ray_session, model, xrays):
+    x, y = xrays
+    with pytest.raises(OptionError, match="the Ray cluster has 2 CPUs and 0 GPUs"):
+        audit(model, (x[:2], y[:2]), engine=RayExecutor(workers=3))
+    with pytest.raises(OptionError, match=r"need 1 CPUs and 0\.5 GPUs"):
+        audit(model, (x[:2], y[:2]), engine=RayExecutor(workers=1, gpus_per_worker=0.5))
+
+
 def test_a_failing_step_raises_its_own_typed_error(ray_session, model, xrays):
     x, _ = xrays
     with pytest.raises(OptionError, match="needs labels") as raised:

@@ -131,12 +131,20 @@ class RayExecutor(LocalExecutor):
 
     def pool_size(self) -> int:
         """How many actors a run starts: ``workers``, or what the cluster's resources allow."""
-        if self.workers is not None:
-            return self.workers
         resources = self._ray.cluster_resources()
-        if self.gpus_per_worker:
-            return max(1, int(resources.get("GPU", 0) // self.gpus_per_worker))
-        return max(1, int(resources.get("CPU", 1)))
+        cpus, gpus = int(resources.get("CPU", 0)), float(resources.get("GPU", 0))
+        if self.workers is None:
+            if self.gpus_per_worker:
+                return max(1, min(cpus, int(gpus // self.gpus_per_worker)))
+            return max(1, cpus)
+        # An actor the cluster cannot place would wait forever, and its batches with it.
+        if self.workers > cpus or self.workers * self.gpus_per_worker > gpus:
+            raise OptionError(
+                f"{self.workers} workers need {self.workers} CPUs and "
+                f"{self.workers * self.gpus_per_worker:g} GPUs; the Ray cluster has {cpus} CPUs "
+                f"and {gpus:g} GPUs. Ask for fewer workers (--workers) or add nodes."
+            )
+        return self.workers
 
     def start_pool(self) -> list[Any]:
         """``pool_size()`` actors, each with the registry rebuilt from this process's."""
