@@ -23,7 +23,7 @@ from xai_ray.executor import import_ray
 import xai_core
 from xai_core.core.errors import MissingDependencyError, OptionError
 from xai_core.core.executors import LocalExecutor, run
-from xai_core.demo import data, load_model, preprocess
+from xai_core.demo import data, load_model, onnx_path, preprocess
 from xai_core.workflows.audit import _AuditStep, audit
 from xai_core.workflows.datasets import DataStream, explain_dataset
 
@@ -116,6 +116,19 @@ def test_explain_dataset_on_ray_is_bitwise_local_with_bounded_in_flight(ray_sess
         assert torch.equal(getattr(local, name), getattr(distributed, name)), name
     # Backpressure: never more than workers x in_flight batches out beyond those merged.
     assert len(parts) == 8 and all(taken - merged <= 2 for merged, taken in parts), parts
+
+
+def test_an_onnx_model_on_ray_gives_the_local_audit(ray_session, xrays):
+    # The ONNX adapter travels as the model's bytes and reopens its session in each actor.
+    x, y = xrays
+    kwargs = dict(
+        method="occlusion", options={"window": 16, "stride": 16}, batch_size=4, min_images=1
+    )
+    local = audit(onnx_path(), (x[:8], y[:8]), **kwargs)
+    distributed = audit(onnx_path(), (x[:8], y[:8]), engine=RayExecutor(workers=2), **kwargs)
+    for name in AUDIT_MAPS:
+        assert torch.equal(getattr(local, name), getattr(distributed, name)), name
+    assert local.flags == distributed.flags
 
 
 class _CountedStep:
