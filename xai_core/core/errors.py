@@ -183,3 +183,8 @@ class UnknownLayerError(LayerNotFoundError):
 
     def __reduce__(self):
         return (type(self), (self.facts, self.python_hint))
+
+
+class ExecutorError(XaiError, RuntimeError):
+    """An executor lost work it could not redo, e.g. a worker process that died more often than
+    its retries allow; the message says what was lost and which setting allows more retries."""

@@ -21,7 +21,7 @@ from xai_ray import RayExecutor
 from xai_ray.executor import import_ray
 
 import xai_core
-from xai_core.core.errors import MissingDependencyError, OptionError
+from xai_core.core.errors import ExecutorError, MissingDependencyError, OptionError
 from xai_core.core.executors import LocalExecutor, run
 from xai_core.demo import data, load_model, onnx_path, preprocess
 from xai_core.workflows.audit import _AuditStep, audit
@@ -193,6 +193,18 @@ def test_more_workers_than_the_cluster_holds_is_an_error_not_a_hang(ray_session,
         audit(model, (x[:2], y[:2]), engine=RayExecutor(workers=3))
     with pytest.raises(OptionError, match=r"need 1 CPUs and 0\.5 GPUs"):
         audit(model, (x[:2], y[:2]), engine=RayExecutor(workers=1, gpus_per_worker=0.5))
+
+
+def test_a_worker_that_dies_beyond_its_retries_is_a_typed_error(ray_session, model, xrays):
+    x, y = xrays
+    registry = xai_core.get_registry()
+    step = _AuditStep(
+        registry.get_explainer("gradcam"), registry.adapt(model), {}, "label", "auto", None,
+        5.0, None,
+    )  # fmt: skip
+    executor = _KillOneWorker(workers=2, in_flight=2, max_retries=0)
+    with pytest.raises(ExecutorError, match=r"max_retries=0"):
+        run(executor, step, DataStream((x, y), batch_size=2))
 
 
 def test_a_failing_step_raises_its_own_typed_error(ray_session, model, xrays):

@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from xai_core.core.errors import MissingDependencyError, OptionError
+from xai_core.core.errors import ExecutorError, MissingDependencyError, OptionError
 from xai_core.core.executors import LocalExecutor
 from xai_core.core.registry import Registry, RegistrySnapshot, get_registry
 
@@ -192,6 +192,14 @@ class RayExecutor(LocalExecutor):
             if isinstance(cause, Exception):
                 raise cause from exc
             raise
+        except self._ray.exceptions.RayActorError as exc:
+            raise ExecutorError(
+                f"A Ray worker died while explaining a batch, and the batch could not be redone "
+                f"(max_retries={self.max_retries}: restarts of a worker and retries of its "
+                f"batches). Allow more with RayExecutor(max_retries=...), or look at the worker's "
+                f"memory (a worker killed for memory dies again). Ray said: "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+            ) from exc
 
     # reduce(): the local engine's running sum (parts come in batch order, see map()).
 
