@@ -33,12 +33,19 @@ AUDIT_MAPS = ("mean", "std", "share", "unexplained", "mean_image")
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    """A local Ray in this process, 2 CPUs, started the way the executor starts one."""
+def ray_session(tmp_path_factory):
+    """A local Ray in this process, 2 CPUs, started the way the executor starts one, with an
+    empty home directory meanwhile (nothing may be written there)."""
     ray = import_ray()
     if ray.is_initialized():  # another module's session: start ours with our settings
         ray.shutdown()
-    context = RayExecutor(workers=2).connect()
+    home, before = tmp_path_factory.mktemp("home"), os.environ.get("HOME")
+    os.environ["HOME"] = str(home)
+    try:
+        context = RayExecutor(workers=2).connect()
+    finally:
+        os.environ["HOME"] = before if before is not None else ""
+    context.home = home
     yield context
     ray.shutdown()
 
@@ -61,6 +68,7 @@ def test_the_local_ray_is_private_and_quiet(ray_session):
     assert os.environ["RAY_USAGE_STATS_ENABLED"] == "0"
     session = Path(ray._private.worker.global_worker.node.get_session_dir_path())
     assert session.is_relative_to(Path(tempfile.gettempdir()) / f"xai-ray-{os.getuid()}")
+    assert not list(ray_session.home.iterdir())  # no token saved in ~/.ray, nothing else
 
 
 def test_audit_on_ray_is_bitwise_the_local_audit_and_reports_corrupt_files(
