@@ -178,8 +178,10 @@ class RayExecutor(LocalExecutor):
                 pending.append(actors[index % len(actors)].run.remote(batch, step_ref))
             while pending:
                 yield self._result(pending.popleft())
-        finally:
-            for actor in actors:  # also when the caller stops early or a step raised
+        finally:  # also when the caller stops early or a step raised
+            for ref in pending:  # batches nobody will merge: not retried, not reported
+                ray.cancel(ref)
+            for actor in actors:
                 ray.kill(actor, no_restart=True)
 
     def _result(self, ref: Any) -> Any:
