@@ -9,8 +9,9 @@ How a run goes (docs/scale.md):
    (:meth:`~xai_core.core.registry.Registry.snapshot`): the same plugins. The step (the model's
    adapter, the method, its options) goes into the object store once; each actor fetches it
    once, with its first batch (and once more after a restart).
-3. Batches go to the actors in turn, at most ``in_flight`` per actor at a time (backpressure: a
-   dataset larger than memory streams through); the parts come back **in batch order**, so the
+3. Batches go to the actors in turn, at most ``workers x in_flight`` out at a time beyond those
+   merged (backpressure: a dataset larger than memory streams through); the parts come back
+   **in batch order**, whatever order the actors finish in, so the
    reduce adds them in the order the local engine does and the sums are bitwise the same.
 4. An actor whose process dies is restarted (it gets the step again) and its in-flight batches
    are retried (``max_retries``); the batches other actors hold are not affected.
