@@ -306,7 +306,7 @@ def test_unknown_and_malformed_engines_are_typed_errors(fresh_registry):
         audit(tiny_cnn(), (x, y), engine="rya")
     with pytest.raises(OptionError, match="engine must be"):
         audit(tiny_cnn(), (x, y), engine=42)
-    assert fresh_registry.executor_names() == ["local"]
+    assert fresh_registry.executor_names() == ["local", "ray"]  # the core's and xai-ray's
 
     class Local:  # the core's engine name cannot be taken over
         name = "local"

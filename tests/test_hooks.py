@@ -222,7 +222,7 @@ def test_hook_register_executors(fresh_registry):
             register(Twice)
 
     fresh_registry.register_plugin(Plugin(), "twice-plugin")
-    assert fresh_registry.executor_names() == ["local", "twice"]
+    assert fresh_registry.executor_names() == ["local", "ray", "twice"]  # with xai-ray
     merged = run("twice", lambda b: Partial(b, 1), [1, 2, 3])
     assert (merged.value, merged.images) == (12, 6)
     assert run("local", lambda b: Partial(b, 1), [1, 2, 3]).value == 6

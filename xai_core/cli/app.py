@@ -32,15 +32,20 @@ from rich.table import Table
 
 from xai_core.cli.options import (
     DEFAULTS,
+    AddressOpt,
     ArchOpt,
     ClassesOpt,
+    EngineOpt,
+    GpusPerWorkerOpt,
     InputsArg,
     ModelArg,
     OutOpt,
     RunOptions,
     SliceOpt,
     TargetOpt,
+    WorkersOpt,
     caller_options,
+    engine_executor,
     method_options,
     nested,
     run_options,
@@ -483,6 +488,10 @@ def audit_command(
         bool, typer.Option(help="Exit with status 1 when a region is flagged (for CI).")
     ] = False,
     shared: RunOptions = DEFAULTS,
+    engine: EngineOpt = "local",
+    address: AddressOpt = None,
+    workers: WorkersOpt = None,
+    gpus_per_worker: GpusPerWorkerOpt = None,
 ) -> None:
     """Look for shortcuts: regions holding a class's attribution across the inputs (docs/audit.md).
 
@@ -503,6 +512,9 @@ def audit_command(
         window=shared.dicom_window,
     )
     options = method_options(option)
+    executor = engine_executor(
+        engine, address=address, workers=workers, gpus_per_worker=gpus_per_worker
+    )
     with _Reporter(f"audit ({method})") as report:
         result = audit(
             loaded.model,
@@ -515,6 +527,7 @@ def audit_command(
             min_lift=min_lift,
             min_fraction=min_fraction,
             progress=report,
+            engine=executor,
         )
     written = write_audit(result, out)
     _print_text(result.summary())

@@ -21,6 +21,9 @@ from typing import Annotated, Any, TypeVar
 import torch
 import typer
 
+from xai_core.core.errors import OptionError
+from xai_core.core.executors import get_executor
+
 ModelArg = Annotated[
     str,
     typer.Argument(
@@ -251,3 +254,36 @@ def run_options(command: Command) -> Command:
     wrapper.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
     wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
     return typing.cast(Command, wrapper)
+
+
+# Where dataset work runs (`xai audit`): an executor by name, made with the options given
+# (an executor takes its options as keyword arguments, e.g. xai-ray's RayExecutor).
+EngineOpt = Annotated[
+    str,
+    typer.Option(help="Executor of the batches: local (this process) or a plugin's, e.g. ray."),
+]
+AddressOpt = Annotated[
+    str | None,
+    typer.Option(help="--engine ray: a cluster (auto, ray://HOST:10001); default: start one here."),
+]
+WorkersOpt = Annotated[
+    int | None, typer.Option(help="--engine ray: worker processes (default: one per CPU).")
+]
+GpusPerWorkerOpt = Annotated[
+    float | None, typer.Option(help="--engine ray: GPUs each worker reserves (0.5 shares one).")
+]
+
+
+def engine_executor(name: str, **options: Any) -> Any:
+    """``--engine NAME`` as it is, or with options given an instance of that executor made with
+    them; an option the executor does not take is an OptionError naming the flag."""
+    given = {key: value for key, value in options.items() if value is not None}
+    if not given:
+        return name
+    cls = type(get_executor(name))
+    try:
+        inspect.signature(cls).bind(**given)
+    except TypeError as exc:
+        flags = ", ".join("--" + key.replace("_", "-") for key in given)
+        raise OptionError(f"--engine {name} does not take {flags}: {exc}.") from exc
+    return cls(**given)

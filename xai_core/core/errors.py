@@ -195,3 +195,8 @@ class AdapterProtocolError(CapabilityError):
 
     def __reduce__(self):
         return (type(self), (str(self), self.missing))
+
+
+class ExecutorError(XaiError, RuntimeError):
+    """An executor lost work it could not redo, e.g. a worker process that died more often than
+    its retries allow; the message says what was lost and which setting allows more retries."""

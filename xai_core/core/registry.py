@@ -74,7 +74,15 @@ ENV_TRACE = "XAI_CORE_TRACE"
 # The first-party distributions under plugins/: the one place that says what is built in. A name
 # one of them registers cannot be taken over by a third-party plugin (see _apply_precedence).
 BUILTIN_DISTRIBUTIONS = frozenset(
-    {"xai-attention", "xai-cam", "xai-global", "xai-gradcam", "xai-metrics", "xai-occlusion"}
+    {
+        "xai-attention",
+        "xai-cam",
+        "xai-global",
+        "xai-gradcam",
+        "xai-metrics",
+        "xai-occlusion",
+        "xai-ray",
+    }
 )
 # The core registers its own model loaders, readers and the local executor as a plugin of this
 # name (xai_core/core_plugin.py), asked before any other; it counts as built in.
