@@ -26,7 +26,9 @@ from xai_core.core.adapters import InputSpec, ModelAdapter, torch_module_of
 from xai_core.core.errors import ConformanceError
 from xai_core.core.tags import Capability
 from xai_core.testing.runner import Check, Report, parametrize_entries, run_checks
-from xai_core.testing.state import model_state, prepare_state, reset_state, state_change
+from xai_core.testing.state import (
+    watched_state,
+)
 
 # The check of each capability an adapter may declare: a declared capability is honoured. The
 # capability protocols (layer access, classifier head, attention) add their checks here, as
@@ -226,9 +228,7 @@ class _Case:
     def _restores(self, fail_inside: bool) -> None:
         adapter = self.make()
         module = torch_module_of(adapter)
-        prepare_state(module)
-        try:
-            before = model_state(module)
+        with watched_state(module) as changed:
             try:
                 with adapter.session() as inside:
                     if not isinstance(inside, ModelAdapter):
@@ -242,12 +242,9 @@ class _Case:
             else:
                 if fail_inside:
                     _fail("session() swallowed an exception raised inside it.")
-            problem = state_change(before, model_state(module))
-            if problem:
+            if problem := changed():
                 when = "an exception inside" if fail_inside else "a"
                 _fail(f"after {when} session, the model's {problem}.")
-        finally:
-            reset_state(module)
 
     def check_session_restores(self) -> None:
         self._restores(fail_inside=False)
@@ -286,4 +283,3 @@ class _Case:
 
 class _Inside(Exception):
     """Raised inside a session by the kit, to see the session restore and let it through."""
-

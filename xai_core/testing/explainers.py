@@ -57,13 +57,8 @@ from xai_core.testing.runner import (
     run_checks,
 )
 from xai_core.testing.state import (
-    model_state,
-    prepare_state,
-    reset_state,
-    rng_change,
-    rng_states,
-    scrambled_rng,
-    state_change,
+    rng_changed_by,
+    watched_state,
 )
 
 CHECKS = (
@@ -212,9 +207,8 @@ class _Case:
             name == "grid" and not self._non_square()
         )
         if evidence and Capability.ATTENTION in tags.requires:
-            return (
-                "the known-answer checks run on a small CNN without attention"
-                + ("; pass non-square inputs= to check the grid" if name == "grid" else "")
+            return "the known-answer checks run on a small CNN without attention" + (
+                "; pass non-square inputs= to check the grid" if name == "grid" else ""
             )
         if name == "onnx":
             if tags.dependence is not Dependence.MODEL_AGNOSTIC:
@@ -352,10 +346,7 @@ class _Case:
             _fail("explain() left requires_grad set on the caller's inputs.")
 
     def check_global_rng(self) -> None:
-        with scrambled_rng():
-            before = rng_states()
-            self.run()
-            changed = rng_change(before, rng_states())
+        changed = rng_changed_by(self.run)
         if changed:
             _fail(
                 f"global RNG: explain() changed the caller's global random state ("
@@ -366,34 +357,24 @@ class _Case:
     def check_state_restored(self) -> None:
         module = self._module()
         assert module is not None  # skipped otherwise
-        prepare_state(module)
-        try:
-            before = model_state(module)
+        with watched_state(module) as changed:
             self.run()
-            problem = state_change(before, model_state(module))
-            if problem:
+            if problem := changed():
                 _fail(f"after a successful call, the model's {problem}.")
-        finally:
-            reset_state(module)
 
     def check_state_restored_on_error(self) -> None:
         module = self._module()
         assert module is not None  # skipped otherwise
         classes = int(self.run().scores.shape[1])
-        prepare_state(module)
-        try:
-            before = model_state(module)
+        with watched_state(module) as changed:
             try:
                 self.run(targets=classes)  # one past the last class: must fail mid-call
             except TargetError:
                 pass
             else:
                 _fail(f"an out-of-range target ({classes}) did not raise TargetError.")
-            problem = state_change(before, model_state(module))
-            if problem:
+            if problem := changed():
                 _fail(f"after a failed call, the model's {problem}.")
-        finally:
-            reset_state(module)
 
     def check_batch_invariance(self) -> None:
         whole = self.run()

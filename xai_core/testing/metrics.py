@@ -42,13 +42,8 @@ from xai_core.core.types import Attribution, ExplainerInfo, PluginInfo
 from xai_core.testing.models import evidence_cnn, evidence_inputs, evidence_masks
 from xai_core.testing.runner import Check, Report, parametrize_entries, run_checks
 from xai_core.testing.state import (
-    model_state,
-    prepare_state,
-    reset_state,
-    rng_change,
-    rng_states,
-    scrambled_rng,
-    state_change,
+    rng_changed_by,
+    watched_state,
 )
 
 CHECKS = (
@@ -326,10 +321,7 @@ class _Case:
             )
 
     def check_global_rng(self) -> None:
-        with scrambled_rng():
-            before = rng_states()
-            self.compute()
-            changed = rng_change(before, rng_states())
+        changed = rng_changed_by(self.compute)
         if changed:
             _fail(
                 f"global RNG: compute() changed the caller's global random state "
@@ -339,15 +331,10 @@ class _Case:
     def check_model_untouched(self) -> None:
         module = self._module()
         assert module is not None  # skipped otherwise
-        prepare_state(module)
-        try:
-            before = model_state(module)
+        with watched_state(module) as changed:
             self.compute()
-            problem = state_change(before, model_state(module))
-            if problem:
+            if problem := changed():
                 _fail(f"after compute(), the model's {problem}.")
-        finally:
-            reset_state(module)
 
     def check_inputs_untouched(self) -> None:
         inputs = self.inputs.clone()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -105,3 +105,24 @@ def _same(a: Any, b: Any) -> bool:
 def rng_change(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     """The global generators whose state differs between two :func:`rng_states`."""
     return [name for name in before if name in after and not _same(before[name], after[name])]
+
+
+@contextmanager
+def watched_state(module: nn.Module) -> Iterator[Callable[[], str | None]]:
+    """Put ``module`` in a state a call must not clobber (:func:`prepare_state`) and yield a
+    function saying what has changed since (or ``None``); the module is reset afterwards."""
+    prepare_state(module)
+    try:
+        before = model_state(module)
+        yield lambda: state_change(before, model_state(module))
+    finally:
+        reset_state(module)
+
+
+def rng_changed_by(call: Callable[[], Any]) -> list[str]:
+    """The global random states ``call()`` changed, run from scrambled states (see
+    :func:`scrambled_rng`), in words; empty when it left them alone."""
+    with scrambled_rng():
+        before = rng_states()
+        call()
+        return rng_change(before, rng_states())
