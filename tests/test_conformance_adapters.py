@@ -95,6 +95,12 @@ class NoForward(Linear):
     capabilities = frozenset({Capability.GRADIENTS})
 
 
+class ClaimsLayers(Linear):
+    """Declares layer access without the LayerAccess methods behind it."""
+
+    capabilities = frozenset({Capability.FORWARD, Capability.LAYERS})
+
+
 class ClaimsPickle(Linear):
     def __init__(self):
         super().__init__()
@@ -123,6 +129,7 @@ def torch_of(cls):
         (BatchDependent, "batch_consistency", "alone differ"),
         (DropsOne, "forward", r"shape \(2, 3\) for 3 inputs"),
         (NoForward, "protocol", "Capability.FORWARD"),
+        (ClaimsLayers, "protocol", r"LayerAccess \(missing default_layer, .*layer_names"),
         (ClaimsPickle, "pickle", "claims to pickle but does not"),
     ],
     ids=lambda v: v.__name__ if callable(v) else v if " " not in v else "",

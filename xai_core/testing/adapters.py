@@ -6,7 +6,8 @@ the protocol (``kind``, ``capabilities`` holding ``forward``, ``device``, ``inpu
 same for a sample alone as within a batch; ``describe()`` is JSON-able and agrees with the
 attributes; ``session()`` yields an adapter and restores the model (PyTorch modules: training
 flags, ``requires_grad``, ``.grad``, parameters, buffers, hooks) after a normal exit and after an
-exception, which it lets through. Then one check per declared capability
+exception, which it lets through; each declared capability has its protocol's methods
+(``LayerAccess`` for ``Capability.LAYERS``, ...). Then one check per declared capability
 (:data:`CAPABILITY_CHECKS`): ``gradients`` reach the input for an adapter declaring
 ``Capability.GRADIENTS``. ``pickle``: an adapter that claims it (defines ``__getstate__`` /
 ``__reduce__``, or ``picklable=True``) survives a pickle round trip with the same scores.
@@ -22,7 +23,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from xai_core.core.adapters import InputSpec, ModelAdapter, torch_module_of
+from xai_core.core.adapters import (
+    InputSpec,
+    ModelAdapter,
+    describe_gaps,
+    protocol_gaps,
+    torch_module_of,
+)
 from xai_core.core.errors import ConformanceError
 from xai_core.core.tags import Capability
 from xai_core.testing.runner import Check, Report, parametrize_entries, run_checks
@@ -167,6 +174,10 @@ class _Case:
             _fail(f"device must be a torch.device; got {adapter.device!r}.")
         if not isinstance(adapter.input_spec, InputSpec):
             _fail(f"input_spec must be an xai_core.InputSpec; got {adapter.input_spec!r}.")
+        # A declared capability promises its protocol's methods (LayerAccess for LAYERS, ...):
+        # the methods that need it call them, so a gap would be an AttributeError mid-call.
+        if gaps := protocol_gaps(adapter):
+            _fail(describe_gaps(adapter, gaps) + ".")
 
     def check_forward(self) -> None:
         adapter = self.make()
