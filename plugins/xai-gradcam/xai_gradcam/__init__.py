@@ -78,14 +78,114 @@ def _not_on_path(layer: str) -> OptionError:
 
 
 class Model(LayerAccess, LayerGradients, Protocol):
-    """What Grad-CAM needs of an adapter: both protocols."""
+    """What the gradient-weighted CAMs need of an adapter: both protocols."""
 
 
-class GradCAM:
+def _layers_asked(
+    model: LayerAccess,
+    inputs: torch.Tensor,
+    layer: str | nn.Module | None,
+    layers: Sequence[str | nn.Module] | None,
+) -> list[str]:
+    if layer is not None and layers is not None:
+        raise OptionError("Give either `layer` or `layers`, not both.")
+    if layers is None and layer is None:
+        layer = model.default_layer(inputs)
+    return model.layer_names_of(layers if layers is not None else layer)
+
+
+def _attribution(
+    model: LayerAccess,
+    inputs: torch.Tensor,
+    hooked: list[str],
+    maps: list[torch.Tensor],
+    scores: torch.Tensor,
+    calls: dict[str, int],
+    grids: list[Layout],
+    multi_layer: bool,
+    relu: bool,
+    **details: object,
+) -> Attribution:
+    return Attribution(
+        maps=[m.clamp(min=0) if relu else m for m in maps],
+        scores=scores,
+        layers=list(hooked),
+        details={
+            **details,
+            "calls": calls,
+            "multi_layer": multi_layer,
+            "token_layers": {
+                n: (g.extra, g.grid) for n, g in zip(hooked, grids, strict=True)
+                if g.kind == "tokens"
+            },
+            "layouts": {n: g.kind for n, g in zip(hooked, grids, strict=True)},
+        },
+    )
+
+
+class GradientWeightedCAM:
+    """The shared path of the gradient-weighted CAMs: one forward pass recording the layers, one
+    backward pass per target, and :meth:`combine` of each layer's feature map ``A`` ``(N, C, *s)``
+    with the gradient ``g = dy/dA`` of one target into that target's map ``(N, *s)``."""
+
+    name = "gradient-weighted-cam"  # overridden by every registered subclass
+    tags = Tags("local", "model-specific", requires={Capability.GRADIENTS, Capability.LAYERS})
+
+    def combine(self, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def details(self) -> dict[str, object]:
+        return {}
+
+    def explain(
+        self,
+        model: Model,
+        inputs: torch.Tensor,
+        targets: Targets,
+        *,
+        layer: str | nn.Module | None = None,
+        layers: Sequence[str | nn.Module] | None = None,
+        relu: bool = True,
+        class_token: bool | int | None = None,
+    ) -> Attribution:
+        """:param layer: one layer (name; a PyTorch model also takes the module); default: the
+            last with a spatial output, or on a transformer the tokens entering the last
+            attention (after it only the class token reaches the head). Token layers
+            ``(N, T, C)`` are laid out on their patch grid.
+        :param layers: several layers, explained from the same forward and backward pass.
+        :param relu: apply the final ReLU (``False`` keeps negative evidence visible).
+        :param class_token: for token layers, token 0 is a class token (dropped, with any
+            register/distillation tokens after it), or an ``int`` count of them; ``None``
+            decides from the token count.
+        """
+        hooked = _layers_asked(model, inputs, layer, layers)
+        run = model.layer_gradients(inputs, hooked, targets)
+        acts = [run.activations[name] for name in hooked]  # a layer used twice: its last call
+        if class_token is None:
+            class_token = model.extra_tokens()
+        grids = [
+            feature_layout_of(name, a, inputs, class_token)
+            for name, a in zip(hooked, acts, strict=True)
+        ]
+        features = [as_feature_map(a, g) for a, g in zip(acts, grids, strict=True)]
+        per_target: list[list[torch.Tensor]] = [[] for _ in acts]  # per layer, (N, *s) per target
+        for grads in run.gradients:
+            for name, f, grid, cams in zip(hooked, features, grids, per_target, strict=True):
+                g = grads[name]
+                if g is None:
+                    raise _not_on_path(name)
+                cams.append(self.combine(f, as_feature_map(g, grid)))
+        maps = [torch.stack(cams, dim=1) for cams in per_target]
+        return _attribution(
+            model, inputs, hooked, maps, run.scores, dict(run.calls), grids,
+            layers is not None, relu, **self.details(),
+        )
+
+
+class GradCAM(GradientWeightedCAM):
     """Gradient-weighted class activation maps at one or several layers."""
 
     name = "gradcam"
-    tags = Tags("local", "model-specific", requires={Capability.GRADIENTS, Capability.LAYERS})
 
     def explain(
         self,
@@ -99,62 +199,113 @@ class GradCAM:
         relu: bool = True,
         class_token: bool | int | None = None,
     ) -> Attribution:
-        """:param layer: one layer (name; a PyTorch model also takes the module); default: the
-            last with a spatial output, or on a transformer the tokens entering the last
-            attention (after it only the class token reaches the head). Token layers
-            ``(N, T, C)`` are laid out on their patch grid.
-        :param layers: several layers, explained from the same forward and backward pass.
-        :param variant: ``"gradcam"``, ``"guided"`` or ``"gradcam++"``.
-        :param relu: apply the final ReLU (``False`` keeps negative evidence visible).
-        :param class_token: for token layers, token 0 is a class token (dropped, with any
-            register/distillation tokens after it), or an ``int`` count of them; ``None``
-            decides from the token count.
-        """
+        """:param variant: ``"gradcam"``, ``"guided"`` or ``"gradcam++"``; the other options
+        as :meth:`GradientWeightedCAM.explain`."""
         if variant not in VARIANTS:
             raise OptionError(f"variant must be one of {VARIANTS}; got {variant!r}.")
-        if layer is not None and layers is not None:
-            raise OptionError("Give either `layer` or `layers`, not both.")
-        if layers is None and layer is None:
-            layer = model.default_layer(inputs)
-        hooked = model.layer_names_of(layers if layers is not None else layer)
-        run = model.layer_gradients(inputs, hooked, targets)
-        acts = [run.activations[name] for name in hooked]  # a layer used twice: its last call
+        self.variant = variant
+        return super().explain(
+            model, inputs, targets, layer=layer, layers=layers, relu=relu, class_token=class_token
+        )
+
+    def combine(self, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+        alpha = channel_weights(self.variant, acts, grads.unsqueeze(0))[0]  # (N, C)
+        return torch.einsum("nc,nc...->n...", alpha, acts)
+
+    def details(self) -> dict[str, object]:
+        return {"variant": self.variant}
+
+
+class HiResCAM(GradientWeightedCAM):
+    """HiResCAM (Draelos and Carin 2020): ``sum_k g_k * A_k``, the gradient kept per position
+    (no spatial averaging), so the map is the exact contribution of each position to
+    ``sum_k <g_k, A_k>``."""
+
+    name = "hirescam"
+
+    def combine(self, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+        return (grads * acts).sum(dim=1)
+
+
+class XGradCAM(GradientWeightedCAM):
+    """XGrad-CAM (Fu et al. 2020): ``alpha_k = sum_ij g_k A_k / sum_ij A_k``; a channel whose
+    activations sum to exactly zero gets weight 0 (pytorch-grad-cam adds ``1e-7`` instead)."""
+
+    name = "xgradcam"
+
+    def combine(self, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+        spatial = tuple(range(2, acts.ndim))
+        total = acts.sum(dim=spatial)
+        alpha = (grads * acts).sum(dim=spatial) / torch.where(total != 0, total, 1.0)
+        return torch.einsum("nc,nc...->n...", alpha * (total != 0), acts)
+
+
+class LayerCAM(GradientWeightedCAM):
+    """LayerCAM (Jiang et al. 2021): ``sum_k ReLU(g_k) * A_k``, each position weighted by its
+    own positive gradient."""
+
+    name = "layercam"
+
+    def combine(self, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+        return (grads.clamp(min=0) * acts).sum(dim=1)
+
+
+def first_component_projection(acts: torch.Tensor) -> torch.Tensor:
+    """Each sample's positions ``(Z, C)``, centred over positions, projected on their first
+    principal direction: ``(N, *s)``. SVD leaves the sign free; it is fixed so that the
+    projection's largest magnitude is positive (flipped when ``|min| > |max|``, the sign
+    correction of pytorch-grad-cam's ``get_2d_projection_with_sign_correction``)."""
+    positions = acts.flatten(2).transpose(1, 2)  # (N, Z, C)
+    centred = positions - positions.mean(dim=1, keepdim=True)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)  # batched over samples
+    projection = centred @ vh[:, 0, :, None]  # (N, Z, 1)
+    flip = projection.amin(dim=(1, 2)).abs() > projection.amax(dim=(1, 2)).abs()
+    projection = torch.where(flip[:, None, None], -projection, projection)
+    return projection.reshape(acts.shape[:1] + acts.shape[2:])
+
+
+class EigenCAM:
+    """EigenCAM (Muhammad and Yeasin 2020): the activations' projection on their first
+    principal component. No gradients and no class: every target gets the same map."""
+
+    name = "eigencam"
+    tags = Tags("local", "model-specific", requires={Capability.LAYERS})
+
+    def explain(
+        self,
+        model: LayerAccess,
+        inputs: torch.Tensor,
+        targets: Targets,
+        *,
+        layer: str | nn.Module | None = None,
+        layers: Sequence[str | nn.Module] | None = None,
+        relu: bool = True,
+        class_token: bool | int | None = None,
+    ) -> Attribution:
+        """Options as Grad-CAM's (:meth:`GradientWeightedCAM.explain`)."""
+        hooked = _layers_asked(model, inputs, layer, layers)
+        record = model.record_layers(inputs, hooked)
+        count = targets.resolve(record.scores).count
         if class_token is None:
             class_token = model.extra_tokens()
+        acts = [record.last(name) for name in hooked]
         grids = [
             feature_layout_of(name, a, inputs, class_token)
             for name, a in zip(hooked, acts, strict=True)
         ]
-        features = [as_feature_map(a, g) for a, g in zip(acts, grids, strict=True)]
-        weights: list[list[torch.Tensor]] = [[] for _ in acts]  # per layer, (1, N, C) per target
-        for grads in run.gradients:
-            for name, f, grid, alphas in zip(hooked, features, grids, weights, strict=True):
-                g = grads[name]
-                if g is None:
-                    raise _not_on_path(name)
-                alphas.append(channel_weights(variant, f, as_feature_map(g, grid).unsqueeze(0)))
         maps = []
-        for f, alphas in zip(features, weights, strict=True):
-            cam = torch.einsum("knc,nc...->nk...", torch.cat(alphas), f)  # alphas: (K, N, C)
-            maps.append(cam.clamp(min=0) if relu else cam)
-        calls = dict(run.calls)
-        return Attribution(
-            maps=maps,
-            scores=run.scores,
-            layers=list(hooked),
-            details={
-                "variant": variant,
-                "calls": calls,
-                "multi_layer": layers is not None,
-                "token_layers": {
-                    n: (g.extra, g.grid) for n, g in zip(hooked, grids, strict=True)
-                    if g.kind == "tokens"
-                },
-                "layouts": {n: g.kind for n, g in zip(hooked, grids, strict=True)},
-            },
+        for a, grid in zip(acts, grids, strict=True):
+            f = as_feature_map(a, grid)
+            # SVD needs at least single precision; float64 stays float64
+            p = first_component_projection(f.to(torch.promote_types(f.dtype, torch.float32)))
+            maps.append(p.to(f.dtype).unsqueeze(1).expand(-1, count, *p.shape[1:]).contiguous())
+        return _attribution(
+            model, inputs, hooked, maps, record.scores,
+            {name: record.calls(name) for name in hooked}, grids, layers is not None, relu,
         )
 
 
 @xai_core.hookimpl
 def register_explainers(register):
-    register(GradCAM)
+    for explainer in (GradCAM, HiResCAM, XGradCAM, LayerCAM, EigenCAM):
+        register(explainer)

@@ -1,0 +1,218 @@
+"""HiResCAM, XGrad-CAM, LayerCAM and EigenCAM: against pytorch-grad-cam 1.5.7 on a torchvision
+ResNet-18, against hand-computed tiny cases, on a 3D CNN, and through the conformance kit."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import pytorch_grad_cam as pgc  # grad-cam==1.5.7, a test-only dependency (the `test` extra)
+import torch
+import torchvision
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection_with_sign_correction
+from torch import nn
+from xai_gradcam import EigenCAM, HiResCAM, LayerCAM, XGradCAM
+
+import xai_core
+from xai_core.testing import parametrize_with_checks
+
+GRADIENT_METHODS = {"hirescam": "HiResCAM", "xgradcam": "XGradCAM", "layercam": "LayerCAM"}
+CLASSES = [[3, 7], [1, 3]]  # two targets per sample, run by pytorch-grad-cam one at a time
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Correlation of each map (flattened trailing axes) of ``a`` with the same map of ``b``."""
+    a, b = a.flatten(2).double(), b.flatten(2).double()
+    a, b = a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True)
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = torchvision.models.resnet18(num_classes=10).eval()
+        x = torch.randn(2, 3, 64, 64)
+    return model, x
+
+
+def reference_raw(model: nn.Module, x: torch.Tensor, method: str) -> torch.Tensor:
+    """pytorch-grad-cam's maps before its ReLU, min-max and resize (its ``get_cam_image``),
+    ``(N, K, h, w)`` for ``CLASSES`` at ``layer3`` (4 x 4 at 64 px)."""
+    model = copy.deepcopy(model)
+    cam = getattr(pgc, method)(model=model, target_layers=[model.layer3])
+    raw = []
+    original = cam.get_cam_image
+    cam.get_cam_image = lambda *a, **k: raw.append(original(*a, **k)) or raw[-1]
+    try:
+        for k in range(len(CLASSES[0])):
+            cam(input_tensor=x, targets=[ClassifierOutputTarget(c[k]) for c in CLASSES])
+    finally:
+        cam.activations_and_grads.release()
+    return torch.from_numpy(np.stack(raw, axis=1))
+
+
+@pytest.mark.parametrize("name", list(GRADIENT_METHODS))
+def test_equals_pytorch_grad_cam_on_resnet18(resnet, name):
+    model, x = resnet
+    reference = reference_raw(model, x, GRADIENT_METHODS[name])
+    exp = xai_core.explain(model, x, method=name, targets=CLASSES, layer="layer3", relu=False)
+    ours = exp.raw[0]
+    assert ours.shape == reference.shape == (2, 2, 4, 4)
+    assert pearson(ours, reference).min() >= 0.999
+    # XGrad-CAM: pytorch-grad-cam divides by sum(A) + 1e-7; sums here are far from 0
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
+    relu = xai_core.explain(model, x, method=name, targets=CLASSES, layer="layer3")
+    torch.testing.assert_close(relu.raw[0], reference.clamp(min=0), rtol=1e-4, atol=1e-5)
+
+
+def test_eigencam_equals_pytorch_grad_cam_on_resnet18(resnet):
+    """pytorch-grad-cam's EigenCAM keeps the sign the SVD happens to return; its
+    ``get_2d_projection_with_sign_correction`` fixes it as we do. Ours equals the latter, and
+    the former up to sign."""
+    model, x = resnet
+    reference = reference_raw(model, x, "EigenCAM")  # (N, 2, h, w), same map for both targets
+    exp = xai_core.explain(model, x, method="eigencam", targets=CLASSES, layer="layer3",
+                           relu=False)
+    assert pearson(exp.raw[0], reference).abs().min() >= 0.999
+    with torch.no_grad():
+        acts = model.layer3(model.layer2(model.layer1(model.maxpool(model.relu(model.bn1(
+            model.conv1(x)))))))
+    corrected = torch.from_numpy(get_2d_projection_with_sign_correction(acts.numpy()))
+    torch.testing.assert_close(exp.raw[0], corrected[:, None].expand(-1, 2, -1, -1),
+                               rtol=1e-4, atol=1e-4)
+
+
+# A hand-computed case with gradients that vary over positions:
+#   A = conv(x) = (x, -x),  y_c = sum_k W[c, k] mean_ij A_k(i,j)^2 / 2,  so g_k = W[c, k] A_k / 4.
+# x = [[1, -2], [3, 2]] (sum 4, sum of squares 18), class 0, W[0] = (2, 1): g = (x/2, -x/4).
+#   HiResCAM:  sum_k g_k A_k = x^2/2 + x^2/4 = 3x^2/4
+#   LayerCAM:  ReLU(x/2) x + ReLU(-x/4)(-x) = x^2/2 where x > 0, x^2/4 where x < 0
+#   XGrad-CAM: alpha = (sum x^2/2 / sum x, sum x^2/4 / sum -x) = (9/4, -9/8): map = 27x/8
+#   EigenCAM:  centred rows (x - 1)(1, -1), first direction (1, -1)/sqrt 2: projection
+#              sqrt2 (x - 1) = sqrt2 [[0, -3], [2, 1]]; |min| > |max|, so flipped
+X = torch.tensor([[[[1.0, -2.0], [3.0, 2.0]]]])
+S2 = math.sqrt(2)
+HAND = {
+    "hirescam": [[0.75, 3.0], [6.75, 3.0]],
+    "layercam": [[0.5, 1.0], [4.5, 2.0]],
+    "xgradcam": [[27 / 8, -27 / 4], [81 / 8, 27 / 4]],
+    "eigencam": [[0.0, 3 * S2], [-2 * S2, -S2]],
+}
+
+
+class SquareHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 2, bias=False)
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return self.fc(a.pow(2).mean(dim=(2, 3)) / 2)
+
+
+def tiny() -> nn.Module:
+    conv = nn.Conv2d(1, 2, 1, bias=False)
+    head = SquareHead()
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([1.0, -1.0]).reshape(2, 1, 1, 1))
+        head.fc.weight.copy_(torch.tensor([[2.0, 1.0], [1.0, 3.0]]))
+    return nn.Sequential(conv, head)
+
+
+@pytest.mark.parametrize("name", list(HAND))
+def test_hand_computed(name):
+    hand = torch.tensor(HAND[name])[None, None]
+    signed = xai_core.explain(tiny(), X, method=name, targets=0, layer="0", relu=False)
+    torch.testing.assert_close(signed.raw[0], hand)
+    exp = xai_core.explain(tiny(), X, method=name, targets=0, layer="0")
+    torch.testing.assert_close(exp.raw[0], hand.clamp(min=0))
+
+
+def test_xgradcam_channel_summing_to_zero_gets_no_weight():
+    """Where sum_ij A_k = 0 the weight is 0, not sum(g A) / 1e-7 as in pytorch-grad-cam."""
+    x = torch.tensor([[[[1.0, -1.0], [2.0, -2.0]]]])
+    exp = xai_core.explain(tiny(), x, method="xgradcam", targets=0, layer="0", relu=False)
+    assert torch.equal(exp.raw[0], torch.zeros(1, 1, 2, 2))
+
+
+class Net3D(nn.Module):
+    """conv -> ReLU -> conv -> squared GAP -> linear: gradients that vary over positions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.a = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.ReLU())
+            self.b = nn.Conv3d(4, 5, 3, padding=1)
+            self.fc = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.b(self.a(x)).relu().pow(2).mean(dim=(2, 3, 4)))
+
+
+@pytest.fixture(scope="module")
+def net3d():
+    model = Net3D().eval()
+    x = torch.randn(2, 2, 4, 5, 3, generator=torch.Generator().manual_seed(1))
+    acts, grads = {}, {}
+    with torch.enable_grad():
+        a = model.a(x).detach().requires_grad_(True)
+        b = model.b(a)
+        scores = model.fc(b.relu().pow(2).mean(dim=(2, 3, 4)))
+        for c in range(3):
+            ga, gb = torch.autograd.grad(scores[:, c].sum(), (a, b), retain_graph=True)
+            grads[c] = {"a": ga, "b": gb}
+    acts = {"a": a.detach(), "b": b.detach()}
+    return model, x, acts, grads
+
+
+@pytest.mark.parametrize("name", [*GRADIENT_METHODS, "eigencam"])
+def test_3d_several_targets_and_layers(net3d, name):
+    """pytorch-grad-cam's per-layer formulas are rank-agnostic: applied to gradients from
+    autograd, they give the 3D reference for several targets at two layers."""
+    model, x, acts, grads = net3d
+    targets = [[2, 0], [1, 2]]
+    exp = xai_core.explain(model, x, method=name, targets=targets, layers=["a", "b"], relu=False)
+    assert exp.maps.shape == (2, 2, 2, 4, 5, 3)  # (N, K, L, *input grid)
+    for layer, ours in zip(["a", "b"], exp.raw, strict=True):
+        if name == "eigencam":
+            ref = get_2d_projection_with_sign_correction(acts[layer].numpy())
+            reference = torch.from_numpy(ref)[:, None].expand(-1, 2, -1, -1, -1)
+        else:
+            cam = getattr(pgc, GRADIENT_METHODS[name])(model=nn.Linear(1, 1), target_layers=[])
+            reference = torch.stack([
+                torch.stack([
+                    torch.from_numpy(cam.get_cam_image(
+                        None, None, None, acts[layer][n : n + 1].numpy(),
+                        grads[c][layer][n : n + 1].numpy(), False,
+                    ))[0]
+                    for c in row
+                ])
+                for n, row in enumerate(targets)
+            ])
+        assert ours.shape == (2, 2, *acts[layer].shape[2:])
+        torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
+
+
+@parametrize_with_checks(
+    [
+        HiResCAM,
+        XGradCAM,
+        LayerCAM,
+        (LayerCAM, {"options": {"relu": False}}),
+        (
+            EigenCAM,
+            {"expected_failures": {
+                "targets_honoured": "EigenCAM is class-agnostic: one map for every target",
+                # the first principal component is the layer's dominant pattern, which on the
+                # kit's model may be another class's evidence than the one asked for
+                "sign": "EigenCAM is class-agnostic: it need not point at class 0's evidence",
+            }},
+        ),
+    ]
+)
+def test_conforms(check):
+    check()
