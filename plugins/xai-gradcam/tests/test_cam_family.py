@@ -14,7 +14,7 @@ import torchvision
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection_with_sign_correction
 from torch import nn
-from xai_gradcam import EigenCAM, HiResCAM, LayerCAM, XGradCAM
+from xai_gradcam import EigenCAM, HiResCAM, LayerCAM, ScoreCAM, XGradCAM
 
 import xai_core
 from xai_core.testing import parametrize_with_checks
@@ -39,11 +39,14 @@ def resnet():
     return model, x
 
 
-def reference_raw(model: nn.Module, x: torch.Tensor, method: str) -> torch.Tensor:
+def reference_raw(
+    model: nn.Module, x: torch.Tensor, method: str, layer: str = "layer3"
+) -> torch.Tensor:
     """pytorch-grad-cam's maps before its ReLU, min-max and resize (its ``get_cam_image``),
-    ``(N, K, h, w)`` for ``CLASSES`` at ``layer3`` (4 x 4 at 64 px)."""
+    ``(N, K, h, w)`` for ``CLASSES`` at ``layer`` (``layer3``: 4 x 4 at 64 px)."""
     model = copy.deepcopy(model)
-    cam = getattr(pgc, method)(model=model, target_layers=[model.layer3])
+    cam = getattr(pgc, method)(model=model, target_layers=[getattr(model, layer)])
+    cam.batch_size = 128  # Score-CAM's masked copies per forward pass (default 16)
     raw = []
     original = cam.get_cam_image
     cam.get_cam_image = lambda *a, **k: raw.append(original(*a, **k)) or raw[-1]
@@ -197,12 +200,99 @@ def test_3d_several_targets_and_layers(net3d, name):
         torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
 
 
+def test_scorecam_equals_pytorch_grad_cam_on_resnet18(resnet):
+    """At ``layer1`` (64 channels, 16 x 16): the reference runs every masked copy for every
+    target, so ``layer3``'s 256 channels would cost ~20 s on one core."""
+    model, x = resnet
+    reference = reference_raw(model, x, "ScoreCAM", layer="layer1")
+    exp = xai_core.explain(model, x, method="scorecam", targets=CLASSES, layer="layer1",
+                           relu=False, batch_size=128)
+    assert pearson(exp.raw[0], reference).min() >= 0.999
+    torch.testing.assert_close(exp.raw[0], reference, rtol=1e-4, atol=1e-5)
+
+
+# Score-CAM by hand on tiny(): the layer's grid is the input's, so H_k is A_k min-max normalised:
+#   H_0 = (x + 2)/5 = [[.6, 0], [1, .8]],  H_1 = (3 - x)/5 = [[.4, 1], [0, .2]].
+#   Both channels of conv(X H) have squares (X H)^2, so y_c = (W[c,0] + W[c,1]) mean((X H)^2)/2:
+#   mask 0: X H = [[.6, 0], [3, 1.6]], mean square / 2 = 1.49  -> y = (4.47, 5.96)
+#   mask 1: X H = [[.4, -2], [0, .4]], mean square / 2 = 0.54  -> y = (1.62, 2.16)
+#   class 0, softmax: alpha = softmax(4.47, 1.62); map = (alpha_0 - alpha_1) x = tanh(1.425) x
+#   probability:      alpha_k = p_0(mask k) = sigmoid(y_0 - y_1) = (sigmoid(-1.49), sigmoid(-.54))
+def sigmoid(v: float) -> float:
+    return 1 / (1 + math.exp(-v))
+
+
+@pytest.mark.parametrize(
+    ("weights", "factor"),
+    [("softmax", math.tanh(1.425)), ("probability", sigmoid(-1.49) - sigmoid(-0.54))],
+)
+def test_scorecam_hand_computed(weights, factor):
+    exp = xai_core.explain(tiny(), X, method="scorecam", targets=0, layer="0", relu=False,
+                           weights=weights)
+    torch.testing.assert_close(exp.raw[0], factor * X)
+
+
+def scorecam_loop(model: nn.Module, x: torch.Tensor, acts: torch.Tensor, classes) -> torch.Tensor:
+    """Score-CAM one sample, one channel at a time (the definition, unbatched)."""
+    maps = []
+    for n, row in enumerate(classes):
+        scores = []
+        for a in acts[n]:
+            up = nn.functional.interpolate(a[None, None], size=x.shape[2:], mode="trilinear",
+                                           align_corners=True)[0, 0]
+            mask = (up - up.min()) / (up.max() - up.min())
+            with torch.no_grad():
+                scores.append(model(x[n : n + 1] * mask)[0, row])
+        alpha = torch.stack(scores).softmax(dim=0)  # (C, K)
+        maps.append(torch.einsum("ck,c...->k...", alpha, acts[n]))
+    return torch.stack(maps)
+
+
+def test_scorecam_3d_several_targets_layers_and_batch_sizes(net3d):
+    model, x, acts, _ = net3d
+    targets = [[2, 0], [1, 2]]
+    exp = xai_core.explain(model, x, method="scorecam", targets=targets, layers=["a", "b"],
+                           relu=False, batch_size=3)  # 3 does not divide 2 x 4 or 2 x 5 rows
+    for layer, ours in zip(["a", "b"], exp.raw, strict=True):
+        torch.testing.assert_close(ours, scorecam_loop(model, x, acts[layer], targets))
+    increase = xai_core.explain(model, x, method="scorecam", targets=targets, layers=["a", "b"],
+                                relu=False, weights="increase")
+    probability = xai_core.explain(model, x, method="scorecam", targets=targets,
+                                   layers=["a", "b"], relu=False, weights="probability")
+    with torch.no_grad():
+        base = model(torch.zeros_like(x)).softmax(dim=1).gather(1, torch.tensor(targets))
+    for layer, inc, prob in zip(["a", "b"], increase.raw, probability.raw, strict=True):
+        # alpha_k - p_c(X_b): the map moves by -p_c(X_b) sum_k A_k
+        shift = base[(...,) + (None,) * 3] * acts[layer].sum(dim=1, keepdim=True)
+        torch.testing.assert_close(inc, prob - shift)
+    whole = xai_core.explain(model, x, method="scorecam", targets=targets, layers=["a", "b"],
+                             relu=False, batch_size=64)
+    for a, b in zip(exp.raw, whole.raw, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+# The kit's evidence CNN has logits of at most 0.06 (means over a 32 x 48 map): masked copies
+# move them by a few hundredths, so softmax weights and class probabilities are near uniform
+# over the two channels and both squares get almost the same mass (0.133 vs 0.133). Weights that
+# subtract the baseline's probability ("increase") are class-discriminative there and pass.
+SCORECAM_FLAT = "near-uniform weights where masking moves the logits by ~0.01 (docs)"
+
+
 @parametrize_with_checks(
     [
         HiResCAM,
         XGradCAM,
         LayerCAM,
         (LayerCAM, {"options": {"relu": False}}),
+        (ScoreCAM, {"expected_failures": {"targets_honoured": SCORECAM_FLAT}}),
+        (
+            ScoreCAM,
+            {
+                "options": {"weights": "probability", "batch_size": 5},
+                "expected_failures": {"targets_honoured": SCORECAM_FLAT},
+            },
+        ),
+        (ScoreCAM, {"options": {"weights": "increase"}}),
         (
             EigenCAM,
             {"expected_failures": {

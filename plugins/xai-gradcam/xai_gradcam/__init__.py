@@ -24,13 +24,16 @@ from collections.abc import Sequence
 from typing import Literal, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import xai_core
 from xai_core import Attribution, Capability, Tags, Targets
 from xai_core.core.adapters import LayerAccess, LayerGradients
 from xai_core.core.errors import CapabilityError, LayerTypeError, OptionError
-from xai_core.torch.ops import Layout, as_feature_map, feature_layout
+from xai_core.core.options import PositiveInt
+from xai_core.core.targets import ResolvedTargets
+from xai_core.torch.ops import Layout, as_feature_map, evaluate_in_chunks, feature_layout
 
 __version__ = "0.1.0"
 
@@ -305,7 +308,95 @@ class EigenCAM:
         )
 
 
+class ScoreCAM:
+    """Score-CAM (Wang et al. 2020): each channel ``A_k``, upsampled to the input and min-max
+    normalised to a mask ``H_k``, is weighted by the target's score on the masked input
+    ``X * H_k``; every sample's ``C`` masked copies go through the model in batches of
+    ``batch_size`` (masks built per batch, so memory is bounded by it)."""
+
+    name = "scorecam"
+    tags = Tags("local", "model-specific", requires={Capability.LAYERS})
+
+    def explain(
+        self,
+        model: LayerAccess,
+        inputs: torch.Tensor,
+        targets: Targets,
+        *,
+        layer: str | nn.Module | None = None,
+        layers: Sequence[str | nn.Module] | None = None,
+        weights: Literal["softmax", "probability", "increase"] = "softmax",
+        batch_size: PositiveInt = 64,
+        relu: bool = True,
+        class_token: bool | int | None = None,
+    ) -> Attribution:
+        """:param weights: ``"softmax"``: ``alpha_k`` = softmax over channels of the target's
+            logit on ``X * H_k`` (pytorch-grad-cam); ``"probability"``: the target's softmax
+            probability on ``X * H_k`` (the authors' code); ``"increase"``: that probability
+            minus the target's probability on a zero baseline ``X_b`` (the paper's eq. 2).
+        :param batch_size: masked inputs per forward pass.
+        The other options as :meth:`GradientWeightedCAM.explain`."""
+        hooked = _layers_asked(model, inputs, layer, layers)
+        record = model.record_layers(inputs, hooked)
+        resolved = targets.resolve(record.scores)
+        if class_token is None:
+            class_token = model.extra_tokens()
+        acts = [record.last(name) for name in hooked]
+        grids = [
+            feature_layout_of(name, a, inputs, class_token)
+            for name, a in zip(hooked, acts, strict=True)
+        ]
+        maps = []
+        for a, grid in zip(acts, grids, strict=True):
+            f = as_feature_map(a, grid)
+            scores = self.masked_scores(model, inputs, f, resolved, weights, batch_size)
+            alpha = scores.softmax(dim=1) if weights == "softmax" else scores  # (N, C, K)
+            if weights == "increase":
+                with torch.no_grad():
+                    baseline = model.forward(torch.zeros_like(inputs)).softmax(dim=1)
+                alpha = alpha - resolved.select(baseline).unsqueeze(1)
+            maps.append(torch.einsum("nck,nc...->nk...", alpha, f))
+        return _attribution(
+            model, inputs, hooked, maps, record.scores,
+            {name: record.calls(name) for name in hooked}, grids, layers is not None, relu,
+            weights=weights,
+        )
+
+    @staticmethod
+    def masked_scores(
+        model: LayerAccess,
+        inputs: torch.Tensor,
+        acts: torch.Tensor,
+        resolved: ResolvedTargets,
+        weights: str,
+        batch_size: int,
+    ) -> torch.Tensor:
+        """The target scores ``(N, C, K)`` of every sample masked by each of its channels."""
+        n, c = acts.shape[:2]
+        channels = acts.flatten(0, 1).unsqueeze(1)  # (N*C, 1, *s): one mask source per row
+        # bilinear / trilinear with aligned corners, as pytorch-grad-cam's UpsamplingBilinear2d
+        mode = "bilinear" if inputs.ndim == 4 else "trilinear"
+        out = torch.empty(n * c, resolved.count, device=inputs.device, dtype=inputs.dtype)
+
+        def evaluate(rows: torch.Tensor) -> torch.Tensor:
+            up = F.interpolate(channels[rows], size=inputs.shape[2:], mode=mode,
+                               align_corners=True).flatten(1)
+            low, high = up.amin(dim=1, keepdim=True), up.amax(dim=1, keepdim=True)
+            # a constant channel masks everything out (pytorch-grad-cam: 0 / 1e-8)
+            masks = torch.where(high > low, (up - low) / (high - low), 0.0)
+            samples = rows // c
+            masked = inputs[samples] * masks.view(len(rows), 1, *inputs.shape[2:])
+            with torch.no_grad():
+                outputs = model.forward(masked)
+            if weights != "softmax":  # class probabilities
+                outputs = outputs.softmax(dim=1)
+            return resolved.select(outputs, samples)
+
+        evaluate_in_chunks(evaluate, out, batch_size)
+        return out.view(n, c, -1)
+
+
 @xai_core.hookimpl
 def register_explainers(register):
-    for explainer in (GradCAM, HiResCAM, XGradCAM, LayerCAM, EigenCAM):
+    for explainer in (GradCAM, HiResCAM, XGradCAM, LayerCAM, EigenCAM, ScoreCAM):
         register(explainer)
