@@ -326,6 +326,16 @@ def test_gradcam_on_a_functional_adapter_equals_the_module(images, options):
     assert ours.details["calls"] == theirs.details["calls"]
 
 
+@pytest.mark.parametrize("method", ["hirescam", "xgradcam", "layercam", "eigencam", "scorecam"])
+def test_the_cam_family_on_a_functional_adapter_equals_the_module(images, method):
+    module, functional = cnn_pair()
+    ours = xai_core.explain(functional, images, method=method, targets="all",
+                            layers=["conv1", "act2"])
+    theirs = xai_core.explain(module, images, method=method, targets="all",
+                              layers=["conv1", "act2"])
+    same(ours, theirs)
+
+
 def test_gradcam_names_a_bad_layer_of_a_functional_adapter(images):
     _, functional = cnn_pair()
     with pytest.raises(UnknownLayerError, match="nope"):

@@ -1,4 +1,6 @@
-"""Grad-CAM (Selvaraju et al. 2017) and two published weightings, as one xai-core plugin.
+"""Grad-CAM (Selvaraju et al. 2017), two published weightings, and the rest of the CAM family
+(HiResCAM, XGrad-CAM, LayerCAM, EigenCAM, Score-CAM: docs/methods/cam-family.md), as one
+xai-core plugin.
 
 For a layer with activations ``A`` (channels ``k``) and a target score ``y`` (a logit)::
 
@@ -15,7 +17,8 @@ the form of the authors' code and of the common libraries, so maps are comparabl
 Several layers share one forward pass; several targets share it too, each with one backward pass
 (:meth:`xai_core.core.adapters.LayerGradients.layer_gradients`; for PyTorch through the retained
 graph, :func:`xai_core.torch.ops.target_gradients` says why not one vmapped backward). The model
-is reached only through the ``LayerAccess`` and ``LayerGradients`` protocols.
+is reached only through the ``LayerAccess`` and ``LayerGradients`` protocols (EigenCAM and
+Score-CAM: ``LayerAccess`` and forward passes only).
 """
 
 from __future__ import annotations
@@ -333,7 +336,8 @@ class ScoreCAM:
         """:param weights: ``"softmax"``: ``alpha_k`` = softmax over channels of the target's
             logit on ``X * H_k`` (pytorch-grad-cam); ``"probability"``: the target's softmax
             probability on ``X * H_k`` (the authors' code); ``"increase"``: that probability
-            minus the target's probability on a zero baseline ``X_b`` (the paper's eq. 2).
+            minus the target's probability on a zero baseline ``X_b`` (the paper's increase of
+            confidence).
         :param batch_size: masked inputs per forward pass.
         The other options as :meth:`GradientWeightedCAM.explain`."""
         hooked = _layers_asked(model, inputs, layer, layers)
