@@ -100,9 +100,23 @@ def _layers_asked(
     return model.layer_names_of(layers if layers is not None else layer)
 
 
-def _attribution(
+def _layouts(
     model: LayerAccess,
     inputs: torch.Tensor,
+    hooked: list[str],
+    acts: list[torch.Tensor],
+    class_token: bool | int | None,
+) -> list[Layout]:
+    """How each layer's output becomes a feature map (:func:`feature_layout_of`)."""
+    if class_token is None:
+        class_token = model.extra_tokens()
+    return [
+        feature_layout_of(name, a, inputs, class_token)
+        for name, a in zip(hooked, acts, strict=True)
+    ]
+
+
+def _attribution(
     hooked: list[str],
     maps: list[torch.Tensor],
     scores: torch.Tensor,
@@ -167,12 +181,7 @@ class GradientWeightedCAM:
         hooked = _layers_asked(model, inputs, layer, layers)
         run = model.layer_gradients(inputs, hooked, targets)
         acts = [run.activations[name] for name in hooked]  # a layer used twice: its last call
-        if class_token is None:
-            class_token = model.extra_tokens()
-        grids = [
-            feature_layout_of(name, a, inputs, class_token)
-            for name, a in zip(hooked, acts, strict=True)
-        ]
+        grids = _layouts(model, inputs, hooked, acts, class_token)
         features = [as_feature_map(a, g) for a, g in zip(acts, grids, strict=True)]
         per_target: list[list[torch.Tensor]] = [[] for _ in acts]  # per layer, (N, *s) per target
         for grads in run.gradients:
@@ -183,7 +192,7 @@ class GradientWeightedCAM:
                 cams.append(self.combine(f, as_feature_map(g, grid)))
         maps = [torch.stack(cams, dim=1) for cams in per_target]
         return _attribution(
-            model, inputs, hooked, maps, run.scores, dict(run.calls), grids,
+            hooked, maps, run.scores, dict(run.calls), grids,
             layers is not None, relu, **self.details(),
         )
 
@@ -292,13 +301,8 @@ class EigenCAM:
         hooked = _layers_asked(model, inputs, layer, layers)
         record = model.record_layers(inputs, hooked)
         count = targets.resolve(record.scores).count
-        if class_token is None:
-            class_token = model.extra_tokens()
         acts = [record.last(name) for name in hooked]
-        grids = [
-            feature_layout_of(name, a, inputs, class_token)
-            for name, a in zip(hooked, acts, strict=True)
-        ]
+        grids = _layouts(model, inputs, hooked, acts, class_token)
         maps = []
         for a, grid in zip(acts, grids, strict=True):
             f = as_feature_map(a, grid)
@@ -306,7 +310,7 @@ class EigenCAM:
             p = first_component_projection(f.to(torch.promote_types(f.dtype, torch.float32)))
             maps.append(p.to(f.dtype).unsqueeze(1).expand(-1, count, *p.shape[1:]).contiguous())
         return _attribution(
-            model, inputs, hooked, maps, record.scores,
+            hooked, maps, record.scores,
             {name: record.calls(name) for name in hooked}, grids, layers is not None, relu,
         )
 
@@ -343,13 +347,8 @@ class ScoreCAM:
         hooked = _layers_asked(model, inputs, layer, layers)
         record = model.record_layers(inputs, hooked)
         resolved = targets.resolve(record.scores)
-        if class_token is None:
-            class_token = model.extra_tokens()
         acts = [record.last(name) for name in hooked]
-        grids = [
-            feature_layout_of(name, a, inputs, class_token)
-            for name, a in zip(hooked, acts, strict=True)
-        ]
+        grids = _layouts(model, inputs, hooked, acts, class_token)
         maps = []
         for a, grid in zip(acts, grids, strict=True):
             f = as_feature_map(a, grid)
@@ -361,7 +360,7 @@ class ScoreCAM:
                 alpha = alpha - resolved.select(baseline).unsqueeze(1)
             maps.append(torch.einsum("nck,nc...->nk...", alpha, f))
         return _attribution(
-            model, inputs, hooked, maps, record.scores,
+            hooked, maps, record.scores,
             {name: record.calls(name) for name in hooked}, grids, layers is not None, relu,
             weights=weights,
         )
