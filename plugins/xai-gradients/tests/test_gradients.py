@@ -358,3 +358,30 @@ NEEDS_LOCAL = {"onnx": "needs what its local method needs (saliency: gradients)"
 )
 def test_conformance(check):
     check()
+
+
+# -- devices ---------------------------------------------------------------------------------
+
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+ON_DEVICE = [
+    ("saliency", {}),
+    ("gradient-x-input", {}),
+    ("integrated-gradients", {"steps": 4, "chunk": 3, "baseline": "blur", "blur_sigma": 1.0}),
+    ("smoothgrad", {"samples": 3, "chunk": 4}),
+    ("vargrad", {"samples": 3, "local": "gradient-x-input"}),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_maps_on_the_models_device_equal_the_cpus(device):
+    model = CNN3D(channels=2).eval()
+    x = torch.rand(2, 2, 6, 5, 4, generator=torch.Generator().manual_seed(8))
+    for method, options in ON_DEVICE:
+        here = xai_core.explain(
+            model.to(device), x.to(device), method=method, targets=TARGETS, **options
+        )
+        assert here.raw[0].device.type == device and here.raw[0].shape == (2, 2, 6, 5, 4)
+        if method in ("smoothgrad", "vargrad"):
+            continue  # the noise comes from the device's own generator
+        cpu = xai_core.explain(model.cpu(), x, method=method, targets=TARGETS, **options)
+        torch.testing.assert_close(here.raw[0].cpu(), cpu.raw[0], rtol=1e-4, atol=1e-6)
