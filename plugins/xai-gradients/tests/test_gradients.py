@@ -385,3 +385,24 @@ def test_maps_on_the_models_device_equal_the_cpus(device):
             continue  # the noise comes from the device's own generator
         cpu = xai_core.explain(model.cpu(), x, method=method, targets=TARGETS, **options)
         torch.testing.assert_close(here.raw[0].cpu(), cpu.raw[0], rtol=1e-4, atol=1e-6)
+
+
+def test_smoothgrad_wraps_a_layer_method():
+    # Grad-CAM's maps on the layer's grid, averaged over the same noisy copies explained directly.
+    model = CNN3D(channels=2).eval()
+    x = torch.rand(2, 2, 6, 5, 4, generator=torch.Generator().manual_seed(9))
+    options = {"layer": "body.2", "relu": False}
+    exp = xai_core.explain(
+        model,
+        x,
+        method="smoothgrad",
+        targets=TARGETS,
+        local="gradcam",
+        local_options=options,
+        samples=3,
+        chunk=4,
+    )
+    assert exp.layers == ["body.2"] and exp.details["local"] == "gradcam"
+    copies, _ = noisy_copies(x, 3, 0.15, 0)
+    direct = xai_core.explain(model, copies, method="gradcam", targets=TARGETS * 3, **options)
+    torch.testing.assert_close(exp.raw[0], direct.raw[0].unflatten(0, (3, 2)).mean(0))
