@@ -406,3 +406,28 @@ def test_smoothgrad_wraps_a_layer_method():
     copies, _ = noisy_copies(x, 3, 0.15, 0)
     direct = xai_core.explain(model, copies, method="gradcam", targets=TARGETS * 3, **options)
     torch.testing.assert_close(exp.raw[0], direct.raw[0].unflatten(0, (3, 2)).mean(0))
+
+
+def test_progress_counts_path_points_and_noisy_copies():
+    model, calls = Linear((3, 5, 4)), []
+    xai_core.explain(
+        model,
+        X2,
+        method="integrated-gradients",
+        steps=3,
+        chunk=4,
+        progress=lambda *a: calls.append(a),
+    )
+    assert calls == [(4, 6, "path points"), (6, 6, "path points")]
+    calls.clear()
+    xai_core.explain(
+        model, X2, method="smoothgrad", samples=3, chunk=5, progress=lambda *a: calls.append(a)
+    )
+    assert calls == [(5, 6, "noisy copies"), (6, 6, "noisy copies")]
+    with pytest.raises(OptionError, match="progress"):
+        xai_core.explain(model, X2, method="integrated-gradients", progress=3)
+
+
+def test_cost_estimate_counts_the_path():
+    assert IntegratedGradients.forward_images((3, 1, 8, 8), {"steps": 10}) == 36
+    assert IntegratedGradients.forward_images((2, 1, 8, 8), {}) == 68

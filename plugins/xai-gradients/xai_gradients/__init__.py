@@ -18,7 +18,7 @@ Several targets share one forward pass, each with one backward pass through the 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Annotated, Any, Literal
 
 import torch
@@ -29,6 +29,7 @@ from xai_core.core.adapters import ModelAdapter
 from xai_core.core.api import run_explainer, runnable
 from xai_core.core.errors import OptionError, TargetError
 from xai_core.core.options import PositiveInt, Range
+from xai_core.core.progress import ProgressFn
 from xai_core.core.targets import ResolvedTargets
 from xai_core.torch.ops import BlurSigma, gaussian_blur, target_gradients
 
@@ -66,6 +67,11 @@ def input_gradients(
     the sample whose targets row ``b`` explains (default: row ``b``'s own)."""
     points = points.detach().requires_grad_(True)
     return _each_target(points, resolved.select(model.forward(points), rows))
+
+
+def _check_progress(progress: object) -> None:
+    if progress is not None and not callable(progress):
+        raise OptionError(f"progress must be a callable(done, total, what); got {progress!r}.")
 
 
 def first_pass(
@@ -157,6 +163,13 @@ class IntegratedGradients:
     name = "integrated-gradients"
     tags = GRADIENT_TAGS
 
+    @staticmethod
+    def forward_images(shape: tuple[int, ...], options: Mapping[str, object]) -> int:
+        """Images a batch of ``shape`` forwards (the cost estimate of ``xai compare``): the path
+        points, the input and the baseline (each path point also goes backward)."""
+        steps = options.get("steps", 32)
+        return shape[0] * (int(steps) + 2)  # type: ignore[call-overload]
+
     def explain(
         self,
         model: ModelAdapter,
@@ -168,6 +181,7 @@ class IntegratedGradients:
         baseline: Literal["zero", "blur", "mean"] | float = "zero",
         blur_sigma: BlurSigma = 5.0,
         chunk: PositiveInt = 64,
+        progress: ProgressFn | None = None,
     ) -> Attribution:
         """:param steps: points on the straight path from the baseline to the input.
         :param rule: the quadrature rule: ``"gauss-legendre"`` (Captum's default) or a Riemann
@@ -176,7 +190,9 @@ class IntegratedGradients:
             ``"mean"`` (each sample's channel means) or a constant value.
         :param blur_sigma: the blur baseline's sigma along every axis, in px.
         :param chunk: path points (samples x steps) per forward pass: bounds the memory.
+        :param progress: ``progress(done, total, "path points")`` after every chunk.
         """
+        _check_progress(progress)
         if isinstance(baseline, str) and baseline not in ("zero", "blur", "mean"):
             raise OptionError(
                 f"baseline must be 'zero', 'blur', 'mean' or a number; got {baseline!r}."
@@ -194,12 +210,15 @@ class IntegratedGradients:
         total = x.new_zeros(resolved.count, *x.shape)  # (K, N, C, *s): the weighted gradients
         shape = (-1, *[1] * (x.ndim - 1))
         for first in range(0, steps * n, chunk):  # row r: step r // n of sample r % n
-            rows = torch.arange(first, min(first + chunk, steps * n), device=x.device)
+            last = min(first + chunk, steps * n)
+            rows = torch.arange(first, last, device=x.device)
             step, sample = rows // n, rows % n
             points = start[sample] + alphas[step].view(shape) * delta[sample]
             grads = input_gradients(model, points, resolved, sample)
             for k, g in enumerate(grads):
                 total[k].index_add_(0, sample, g * weights[step].view(shape))
+            if progress is not None:
+                progress(last, steps * n, "path points")
         attributions = delta * total  # (K, N, C, *s)
         maps = attributions.sum(dim=2).transpose(0, 1)  # (N, K, *s)
         with torch.no_grad():
@@ -258,6 +277,7 @@ class _NoiseTunnel:
         noise: NoiseLevel = 0.15,
         seed: int = 0,
         chunk: PositiveInt = 64,
+        progress: ProgressFn | None = None,
     ) -> Attribution:
         """:param local: the local method to smooth (any installed one).
         :param local_options: its options, e.g. ``{"reduce": "mean"}``.
@@ -266,7 +286,9 @@ class _NoiseTunnel:
             (max - min); Smilkov et al. found 0.1-0.2 best.
         :param seed: seeds the noise's own generator; the same seed gives the same maps.
         :param chunk: noisy copies per call of the local method: bounds the memory.
+        :param progress: ``progress(done, total, "noisy copies")`` after every chunk.
         """
+        _check_progress(progress)
         if local_options is not None and not isinstance(local_options, dict):
             raise OptionError(f"local_options must be a dict; got {type(local_options).__name__}.")
         options = dict(local_options or {})
@@ -294,6 +316,8 @@ class _NoiseTunnel:
             )
             parts.append(list(exp.raw))
             layers = exp.layers
+            if progress is not None:
+                progress(min(first + chunk, copies.shape[0]), copies.shape[0], "noisy copies")
         maps = []
         for per_layer in zip(*parts, strict=True):
             draws = torch.cat(per_layer).unflatten(0, (samples, n))  # (S, N, K, *grid)
