@@ -35,6 +35,8 @@ QUICK_ROWS = [
     "occlusion3d/conv3d/k1",
     "occlusion3d/conv3d/k5",
     "gradcam3d/conv3d/b1",
+    "integrated-gradients/resnet18/b2/k1",
+    "integrated-gradients/resnet18/b2/k5",
     *(
         f"incremental/{case}/{mode}"
         for case in (
@@ -51,6 +53,7 @@ PEERS = [
     "MONAI OcclusionSensitivity (n_batch=32)",
     "pytorch-grad-cam GradCAM",
     "captum LayerGradCam",
+    "captum IntegratedGradients",
 ]
 
 

@@ -79,6 +79,7 @@ BUILTIN_DISTRIBUTIONS = frozenset(
         "xai-cam",
         "xai-global",
         "xai-gradcam",
+        "xai-gradients",
         "xai-metrics",
         "xai-occlusion",
         "xai-ray",
