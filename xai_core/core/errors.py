@@ -195,3 +195,15 @@ class AdapterProtocolError(CapabilityError):
 
     def __reduce__(self):
         return (type(self), (str(self), self.missing))
+
+
+class UnsupportedOperatorError(CapabilityError):
+    """A gradient through an ONNX graph met an operator the ONNX adapter cannot differentiate
+    (``operator``: its ``op_type``; ``node``: the node's name)."""
+
+    def __init__(self, message: str, operator: str = "", node: str = "") -> None:
+        super().__init__(message)
+        self.operator, self.node = operator, node
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.operator, self.node))
