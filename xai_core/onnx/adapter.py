@@ -37,7 +37,7 @@ from xai_core.core.errors import (
 )
 from xai_core.core.tags import Capability
 from xai_core.core.targets import Targets
-from xai_core.onnx.gradients import tail_gradients
+from xai_core.onnx.gradients import differentiable_forward, tail_gradients
 from xai_core.onnx.graph import Graph, Linear, load_proto
 from xai_core.onnx.interpreter import constant
 
@@ -169,6 +169,10 @@ class OnnxAdapter(ModelAdapter):
     # -- running: the model, or a copy with extra outputs ----------------------------------------
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """onnxruntime's scores; when autograd is recording and the input requires grad, the
+        graph re-run in torch from onnxruntime's feeds (:mod:`xai_core.onnx.gradients`)."""
+        if inputs.requires_grad and torch.is_grad_enabled() and self._graph is not None:
+            return differentiable_forward(self, inputs)
         return self.run_outputs(inputs, [self.output_name])[self.output_name].to(torch.float32)
 
     def chunks(self, inputs: torch.Tensor) -> Iterator[tuple[torch.Tensor, int]]:
@@ -189,8 +193,8 @@ class OnnxAdapter(ModelAdapter):
     def run_outputs(self, inputs: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
         """The values ``names`` (the output, or any layer) for a batch, in the model's dtype."""
         parts = [(self.run_chunk(chunk, names), kept) for chunk, kept in self.chunks(inputs)]
-        if len(parts) == 1 and parts[0][1] == inputs.shape[0]:
-            return parts[0][0]
+        if self.fixed_batch is None or (len(parts) == 1 and parts[0][1] == self.fixed_batch):
+            return parts[0][0]  # one unpadded chunk
         return {name: torch.cat([got[name][:kept] for got, kept in parts]) for name in names}
 
     def run_chunk(self, x: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:

@@ -92,6 +92,33 @@ def tail_gradients(
     )
 
 
+def differentiable_forward(adapter: OnnxAdapter, inputs: torch.Tensor) -> torch.Tensor:
+    """Scores that autograd can take back to ``inputs`` (``Capability.GRADIENTS``): the whole
+    graph re-run in torch, checked against onnxruntime's scores of the same batch."""
+    graph = adapter.graph()
+    tail = graph.tail([graph.input])
+    check_supported(tail.nodes)
+    constants = _constants(adapter, tail)
+    output = adapter.output_name
+    x = inputs.to(adapter.torch_dtype)
+    size = adapter.fixed_batch or x.shape[0]
+    parts, reference = [], []
+    for start in range(0, x.shape[0], size):
+        chunk = x[start : start + size]
+        kept = chunk.shape[0]
+        if kept < size:  # a fixed batch size: pad (differentiably), then drop the padding
+            chunk = torch.cat([chunk, chunk[-1:].expand(size - kept, *chunk.shape[1:])])
+        feeds = [f for f in tail.feeds if f != graph.input]
+        fetched = adapter.run_chunk(chunk.detach().contiguous(), [output, *feeds])
+        values = {**constants, **{f: fetched[f] for f in feeds}, graph.input: chunk}
+        run(tail.nodes, values)
+        parts.append(values[output][:kept])
+        reference.append(fetched[output][:kept])
+    scores = torch.cat(parts).to(torch.float32)
+    _check_scores(scores.detach(), torch.cat(reference).to(torch.float32), tail.nodes)
+    return scores
+
+
 def _constants(adapter: OnnxAdapter, tail) -> dict[str, torch.Tensor]:
     """The graph's constants the tail reads, as torch tensors on the adapter's device (cached:
     a network's weights are converted once)."""
