@@ -278,3 +278,14 @@ def test_input_gradients_equal_torch(models):
     assert_same_maps(grads[0], grads[1])
     with torch.no_grad():  # no autograd wanted: onnxruntime alone
         assert not adapter(x.clone().requires_grad_(True)).requires_grad
+
+
+def test_fixed_batch_exports_run_chunk_by_chunk(tmp_path):
+    """Exported with batch 2, explained with 3 samples: the forward and the tail are padded."""
+    model = tiny_cnn().eval()
+    path = tmp_path / "fixed.onnx"
+    torch.onnx.export(model, (torch.randn(2, 3, 16, 16),), str(path), dynamo=False)
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    on_onnx = xai_core.explain(str(path), x, method="gradcam", targets=[[0, 2]] * 3)
+    on_torch = xai_core.explain(model, x, method="gradcam", targets=[[0, 2]] * 3, layer="4")
+    assert_same_maps(on_onnx.raw[0], on_torch.raw[0])
