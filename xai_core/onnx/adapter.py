@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from xai_core.core.adapters import (
+    AttentionGradientResult,
     InputSpec,
     LayerGradientResult,
     LayerRecord,
@@ -149,6 +150,8 @@ class OnnxAdapter(ModelAdapter):
             caps |= {Capability.LAYERS, Capability.GRADIENTS}
             if self._linears():
                 caps.add(Capability.CLASSIFIER_WEIGHTS)
+            if self._graph.attention():
+                caps.add(Capability.ATTENTION)
         self.capabilities = frozenset(caps)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -354,3 +357,44 @@ class OnnxAdapter(ModelAdapter):
         """onnxruntime's forward with the layers as extra outputs, then the tail of the graph
         after them re-run in torch (:mod:`xai_core.onnx.gradients`) for the backward passes."""
         return tail_gradients(self, inputs, list(layers), targets)
+
+    # -- attention (AttentionAccess, AttentionGradients) -----------------------------------------
+
+    def attention_layers(self) -> list[str]:
+        """The outputs of the graph's self-attention softmaxes (:meth:`Graph.attention`)."""
+        return self.graph().attention()
+
+    def windowed_attention(self) -> str | None:
+        return None  # not told by an ONNX graph; windows show as token counts that do not tile
+
+    def attention_weights(
+        self, inputs: torch.Tensor
+    ) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
+        layers = self.attention_layers()
+        record = self.record_layers(inputs, layers)
+        calls = [(name, _attention_shaped(name, w)) for name, w in record.order]
+        return record.scores, calls
+
+    def attention_gradients(
+        self, inputs: torch.Tensor, targets: Targets
+    ) -> AttentionGradientResult:
+        """The softmax outputs captured, then the tail after them re-run in torch (the whole
+        transformer after the first attention) for one backward pass per target."""
+        layers = self.attention_layers()
+        run = tail_gradients(self, inputs, layers, targets)
+        calls = [(name, _attention_shaped(name, run.activations[name])) for name in layers]
+
+        def gradients() -> Iterator[list[torch.Tensor | None]]:
+            for grads in run.gradients:
+                yield [grads[name] for name in layers]
+
+        return AttentionGradientResult(run.scores, calls, gradients())
+
+
+def _attention_shaped(name: str, weights: torch.Tensor) -> torch.Tensor:
+    if weights.ndim != 4 or weights.shape[-1] != weights.shape[-2]:
+        raise CapabilityError(
+            f"The softmax {name!r} of this ONNX graph outputs {tuple(weights.shape)}, not "
+            f"attention weights (N, heads, T, T): xai-core reads attention only in that layout."
+        )
+    return weights

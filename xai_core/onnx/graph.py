@@ -23,6 +23,8 @@ _FLOAT = {1, 10, 11, 16}  # FLOAT, FLOAT16, DOUBLE, BFLOAT16 (onnx.TensorProto)
 # spatial feature map of a classifier.
 _GLOBAL_POOLS = {"GlobalAveragePool", "GlobalMaxPool"}
 _REDUCE_POOLS = {"ReduceMean", "ReduceMax"}
+# Between the query-key product and the softmax of an attention: scaling, masks, biases.
+_ELEMENTWISE = {"Mul", "Div", "Add", "Sub", "Where", "Cast"}
 
 
 def load_proto(source: str | bytes) -> Any:
@@ -148,12 +150,51 @@ class Graph:
                 needed.update(i for i in node.inputs if i)
         return needed
 
+    def attention(self) -> list[str]:
+        """Outputs of the softmaxes of self-attention: a ``Softmax`` over the last axis of a
+        ``MatMul`` of two computed tensors (queries times keys), through element-wise scaling,
+        masking or bias. Their shapes are checked when they are recorded."""
+        found = []
+        for node in self.nodes:
+            if node.op != "Softmax" or node.outputs[0] not in self.live:
+                continue
+            if node.attrs.get("axis", -1) not in (-1, 3) and self.opset >= 13:
+                continue
+            source = self.producer.get(node.inputs[0])
+            while source is not None and source.op in _ELEMENTWISE:
+                live = [i for i in source.inputs if i in self.live]
+                source = self.producer.get(live[0]) if len(live) == 1 else None
+            products = source is not None and source.op == "MatMul"
+            if products and all(i in self.live for i in source.inputs):
+                found.append(node.outputs[0])
+        return found
+
+    def tokens_entering(self, softmax: str) -> str | None:
+        """The tokens the attention of ``softmax`` projects to queries and keys: the input of
+        the nearest linear layer (``MatMul`` / ``Gemm`` with constant weights) above it."""
+        queue, seen = [softmax], set()
+        while queue:
+            name = queue.pop(0)
+            node = self.producer.get(name)
+            if node is None or name in seen:
+                continue
+            seen.add(name)
+            if node.op in ("MatMul", "Gemm") and node.inputs[1] in self.constants:
+                return node.inputs[0]
+            queue.extend(i for i in node.inputs if i in self.live)
+        return None
+
     def default_layer(self) -> str:
-        """The last spatial feature map before global pooling (the input of the last
-        ``GlobalAveragePool`` / spatial ``ReduceMean`` / ``Flatten`` of a feature map on the
-        path to the output), else the last feature map of the input's rank."""
+        """For a transformer, the tokens entering the last self-attention (after it only the
+        class token reaches the head); else the last spatial feature map before global pooling
+        (the input of the last ``GlobalAveragePool`` / spatial ``ReduceMean`` / ``Flatten`` of a
+        feature map on the path to the output), else the last feature map of the input's rank."""
         rank = len(self.shape(self.input) or ())
         needed = self.ancestors_of_output()
+        attention = [a for a in self.attention() if a in needed]
+        tokens = self.tokens_entering(attention[-1]) if attention else None
+        if tokens is not None:
+            return tokens
         for node in reversed(self.nodes):
             if node.outputs[0] not in needed or not node.inputs:
                 continue

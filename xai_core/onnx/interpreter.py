@@ -431,7 +431,7 @@ def _gather(node: Node, a: list[Any]) -> torch.Tensor:
     axis = node.attrs.get("axis", 0) % x.ndim
     index = torch.where(index < 0, index + x.shape[axis], index)
     flat = torch.index_select(x, axis, index.reshape(-1))
-    return flat.reshape(*x.shape[:axis], *index.shape, *x.shape[axis + 1 :])
+    return flat.reshape((*x.shape[:axis], *index.shape, *x.shape[axis + 1 :]))
 
 
 @op("Shape")
