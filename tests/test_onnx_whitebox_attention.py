@@ -1,6 +1,7 @@
 """Attention maps on ONNX transformer exports: the softmax outputs of the attention blocks are
 captured as graph outputs; attention, rollout, gradient rollout and Grad-CAM on the tokens
-entering the last attention equal the same methods on the PyTorch model (a tiny timm ViT)."""
+entering the last attention equal the same methods on the PyTorch model (tiny timm and
+torchvision ViTs)."""
 
 from __future__ import annotations
 
@@ -20,26 +21,43 @@ timm = pytest.importorskip("timm")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 
 
-@pytest.fixture(scope="module")
-def vit(tmp_path_factory) -> tuple[nn.Module, torch.Tensor, Path]:
+def tiny_vit(kind: str) -> nn.Module:
     torch.manual_seed(0)
-    model = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
-        num_classes=10,
-    ).eval()  # fmt: skip
+    if kind == "timm":
+        return timm.create_model(
+            "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+            num_classes=10,
+        )  # fmt: skip
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    model = VisionTransformer(32, 8, 2, 2, 32, 64, num_classes=10)  # nn.MultiheadAttention
+    nn.init.normal_(model.heads.head.weight)  # torchvision starts the head at zero
+    return model
+
+
+# The ONNX names of the tokens entering the last attention (timm: blocks.1.norm1; torchvision:
+# encoder_layer_1.ln_1, before nn.MultiheadAttention's sequence-first transpose).
+TOKENS = {
+    "timm": "/blocks/blocks.1/norm1/LayerNormalization_output_0",
+    "torchvision": "/encoder/layers/encoder_layer_1/ln_1/LayerNormalization_output_0",
+}
+
+
+@pytest.fixture(scope="module", params=["timm", "torchvision"])
+def vit(request, tmp_path_factory) -> tuple[str, nn.Module, torch.Tensor, Path]:
+    model = tiny_vit(request.param).eval()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    return model, x, export(model, x, tmp_path_factory.mktemp("vit") / "vit.onnx")
+    path = export(model, x, tmp_path_factory.mktemp("vit") / "vit.onnx")
+    return request.param, model, x, path
 
 
 def test_attention_layers_and_default_layer(vit):
-    _, x, path = vit
+    kind, _, x, path = vit
     adapter = xai_core.adapt(str(path))
-    assert adapter.attention_layers() == [
-        "/blocks/blocks.0/attn/Softmax_output_0",
-        "/blocks/blocks.1/attn/Softmax_output_0",
-    ]
-    # The tokens entering the last attention (timm's blocks.1.norm1), not the patch embedding.
-    assert adapter.default_layer(x) == "/blocks/blocks.1/norm1/LayerNormalization_output_0"
+    attention = adapter.attention_layers()
+    assert len(attention) == 2 and all(a.endswith("Softmax_output_0") for a in attention)
+    # The tokens entering the last attention, not the patch embedding (the last 4D tensor).
+    assert adapter.default_layer(x) == TOKENS[kind]
     check_protocols(adapter)
     listed = {info.name for info in xai_core.list_explainers(model=str(path))}
     assert {"attention", "rollout", "grad_rollout", "gradcam", "occlusion"} <= listed
@@ -55,7 +73,7 @@ def test_attention_layers_and_default_layer(vit):
     ],
 )
 def test_equals_torch(vit, method, options):
-    model, x, path = vit
+    _, model, x, path = vit
     on_onnx = xai_core.explain(str(path), x, method=method, **options)
     on_torch = xai_core.explain(model, x, method=method, **options)
     assert len(on_onnx.layers) == len(on_torch.layers)

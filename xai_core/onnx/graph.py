@@ -180,7 +180,12 @@ class Graph:
                 continue
             seen.add(name)
             if node.op in ("MatMul", "Gemm") and node.inputs[1] in self.constants:
-                return node.inputs[0]
+                tokens = node.inputs[0]
+                # nn.MultiheadAttention projects sequence-first tokens: the layer is the
+                # batch-first tensor before that transpose (torchvision's ln_1).
+                while tokens in self.producer and self.producer[tokens].op == "Transpose":
+                    tokens = self.producer[tokens].inputs[0]
+                return tokens
             queue.extend(i for i in node.inputs if i in self.live)
         return None
 
