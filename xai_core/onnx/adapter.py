@@ -4,9 +4,13 @@ Inputs and outputs stay torch tensors. On a CUDA provider they are bound to the 
 I/O binding (no host copy); on the CPU provider numpy views share the tensors' memory. A model
 exported with a fixed batch size is run in chunks of that size, the last one padded.
 
+White-box methods read the graph (:mod:`xai_core.onnx.graph`): a layer is a graph tensor
+recorded as an extra output of a copy of the model (one cached session per set of layers), the
+classifier weights are the head's initializers, and gradients come from re-running the graph's
+tail in torch (:mod:`xai_core.onnx.gradients`). The forward itself is always onnxruntime's.
+
 The adapter pickles (to run in a worker process, :mod:`xai_core.core.executors`): what is
-kept is the
-model's path or bytes and the providers asked for; unpickling opens a new session.
+kept is the model's path or bytes and the providers asked for; unpickling opens a new session.
 """
 
 from __future__ import annotations
