@@ -289,3 +289,18 @@ def test_fixed_batch_exports_run_chunk_by_chunk(tmp_path):
     on_onnx = xai_core.explain(str(path), x, method="gradcam", targets=[[0, 2]] * 3)
     on_torch = xai_core.explain(model, x, method="gradcam", targets=[[0, 2]] * 3, layer="4")
     assert_same_maps(on_onnx.raw[0], on_torch.raw[0])
+
+
+def test_cam_through_a_layer_norm_head(tmp_path):
+    """ConvNeXt (timm): pooling, a LayerNormalization whose weight the exporter shares through
+    an Identity node, then Gemm. CAM reads the norm's constants as on PyTorch."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("convnext_atto", pretrained=False, num_classes=10).eval()
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(2))
+    path = export(model, x, tmp_path / "convnext.onnx")
+    for method in ("cam", "gradcam"):
+        on_onnx = xai_core.explain(str(path), x, method=method, targets=TARGETS)
+        on_torch = xai_core.explain(model, x, method=method, targets=TARGETS)
+        assert_same_maps(on_onnx.raw[0], on_torch.raw[0])
+    assert on_onnx.layers == ["/stages/stages.3/blocks/blocks.1/Add_output_0"]

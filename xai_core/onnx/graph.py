@@ -104,6 +104,10 @@ class Graph:
             self.nodes.append(node)
             if node.op == "Constant" and "value" in attrs:
                 self.constants[node.outputs[0]] = numpy_helper.to_array(attrs["value"])
+            elif node.op == "Identity" and node.inputs[0] in self.constants:
+                # The exporter shares equal initializers through Identity nodes (LayerNorm
+                # weights of ones): the copy is a constant too.
+                self.constants[node.outputs[0]] = self.constants[node.inputs[0]]
         self.consumers: dict[str, list[Node]] = {}
         for node in self.nodes:
             for i in node.inputs:
