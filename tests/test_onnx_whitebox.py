@@ -304,3 +304,19 @@ def test_cam_through_a_layer_norm_head(tmp_path):
         on_torch = xai_core.explain(model, x, method=method, targets=TARGETS)
         assert_same_maps(on_onnx.raw[0], on_torch.raw[0])
     assert on_onnx.layers == ["/stages/stages.3/blocks/blocks.1/Add_output_0"]
+
+
+def test_dynamo_exports(models, tmp_path):
+    """The dynamo exporter (torch.export, opset 18: ReduceMean takes its axes as an input,
+    values are named relu_16, ...) gives the same maps."""
+    pytest.importorskip("onnxscript")
+    model, x, _ = models["resnet18"]
+    path = tmp_path / "resnet18_dynamo.onnx"
+    dynamic = {"x": {0: torch.export.Dim("n")}}
+    torch.onnx.export(model, (x,), str(path), dynamic_shapes=dynamic, dynamo=True, verbose=False)
+    adapter = xai_core.adapt(str(path))
+    assert adapter.graph().producer[adapter.default_layer(x)].op == "Relu"
+    for method in ("cam", "gradcam"):
+        on_onnx = xai_core.explain(adapter, x, method=method, targets=TARGETS)
+        on_torch = xai_core.explain(model, x, method=method, targets=TARGETS)
+        assert_same_maps(on_onnx.raw[0], on_torch.raw[0])
