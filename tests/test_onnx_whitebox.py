@@ -124,6 +124,9 @@ def test_capture_uses_a_copy_and_caches_sessions(models):
     adapter.record_layers(x, layers)
     assert adapter._sessions[frozenset(layers)] is session  # cached per set of layers
     assert [o.name for o in adapter.session_.get_outputs()] == ["scores"]
+    for name in adapter.layer_names()[:5]:  # five more sets: the least recently used goes
+        adapter.record_layers(x[:1], [name])
+    assert len(adapter._sessions) == 4 and frozenset(layers) not in adapter._sessions
     assert hashlib.sha256(path.read_bytes()).hexdigest() == before
     with torch.no_grad():
         torch.testing.assert_close(record.scores, model(x), atol=1e-4, rtol=1e-4)
@@ -319,4 +322,22 @@ def test_dynamo_exports(models, tmp_path):
     for method in ("cam", "gradcam"):
         on_onnx = xai_core.explain(adapter, x, method=method, targets=TARGETS)
         on_torch = xai_core.explain(model, x, method=method, targets=TARGETS)
+        assert_same_maps(on_onnx.raw[0], on_torch.raw[0])
+
+
+def test_dynamic_height_and_width(tmp_path):
+    """An export whose spatial size is dynamic: shapes are unknown until run time, the default
+    layer is still the input of the pooling, and any size is explained."""
+    model = tiny_cnn().eval()
+    path = tmp_path / "dynamic_hw.onnx"
+    axes = {"x": {0: "n", 2: "h", 3: "w"}, "scores": {0: "n"}}
+    torch.onnx.export(
+        model, (torch.randn(1, 3, 16, 16),), str(path), input_names=["x"],
+        output_names=["scores"], dynamic_axes=axes, dynamo=False,
+    )  # fmt: skip
+    for size in ((12, 20), (24, 16)):
+        x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(4))
+        on_onnx = xai_core.explain(str(path), x, method="gradcam", targets=[[1, 2]] * 2)
+        on_torch = xai_core.explain(model, x, method="gradcam", targets=[[1, 2]] * 2)
+        assert on_onnx.layers == ["/4/Relu_output_0"]
         assert_same_maps(on_onnx.raw[0], on_torch.raw[0])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -139,7 +140,8 @@ class OnnxAdapter(ModelAdapter):
             channels=shape[1] if len(shape) > 1 else None,
             spatial=tuple(shape[2:]) if len(shape) > 2 else None,
         )
-        self._sessions: dict[frozenset[str], Any] = {}
+        self._sessions: dict[frozenset[str], Any] = {}  # least recently used first
+        self._sessions_lock = threading.Lock()
         self._default: str | None = None
         self._linear_cache: dict[str, Linear] | None = None
         self.torch_constants: dict[str, torch.Tensor] = {}  # the gradient pass's weights
@@ -220,6 +222,10 @@ class OnnxAdapter(ModelAdapter):
         extra = frozenset(names) - {self.output_name}
         if not extra:
             return self.session_
+        with self._sessions_lock:  # explanations in several threads share the cache
+            return self._cached_session(extra)
+
+    def _cached_session(self, extra: frozenset[str]) -> Any:
         session = self._sessions.pop(extra, None)
         if session is None:
             data = self.graph().with_outputs(sorted(extra))

@@ -239,7 +239,8 @@ class Graph:
         if not rank or shape is None or len(shape) != rank or name not in self.live:
             return False
         dims = shape[2:]
-        return all(d is not None for d in dims) and math.prod(dims) > 1
+        # A size unknown until run time (an export with dynamic height and width) may be > 1.
+        return any(d is None for d in dims) or math.prod(dims) > 1
 
     # -- the classifier head --------------------------------------------------------------------
 
