@@ -20,6 +20,7 @@ import xai_core
 from xai_core.cli.app import build_app
 from xai_core.core.adapters import check_protocols
 from xai_core.core.errors import CapabilityError, UnknownLayerError, UnsupportedOperatorError
+from xai_core.core.targets import Targets
 from xai_core.onnx import interpreter
 from xai_core.onnx.adapter import OnnxAdapter
 from xai_core.testing import tiny_cnn
@@ -341,3 +342,15 @@ def test_dynamic_height_and_width(tmp_path):
         on_torch = xai_core.explain(model, x, method="gradcam", targets=[[1, 2]] * 2)
         assert on_onnx.layers == ["/4/Relu_output_0"]
         assert_same_maps(on_onnx.raw[0], on_torch.raw[0])
+
+
+def test_gradient_with_respect_to_the_scores_themselves(models):
+    """The output tensor as a layer: its gradient is the one-hot of each target."""
+    _, x, path = models["cnn3d"]
+    adapter = xai_core.adapt(str(path))
+    targets = Targets([[1, 4], [0, 0]], 2, adapter.device)
+    run = adapter.layer_gradients(x, ["scores"], targets)
+    for k, grads in enumerate(run.gradients):
+        expected = torch.zeros(2, 8)
+        expected[0, [1, 4][k]], expected[1, 0] = 1.0, 1.0
+        torch.testing.assert_close(grads["scores"], expected)

@@ -50,9 +50,10 @@ def tail_gradients(
         runs.append((kept, fetched, values))
 
     scores = torch.cat([f[output][:k] for k, f, _ in runs]).to(torch.float32)
-    if tail.nodes:
+    if all(output in v for _, _, v in runs):  # re-run, or itself a layer (then a leaf)
         recomputed = torch.cat([v[output][:k] for k, _, v in runs]).to(torch.float32)
-        _check_scores(recomputed.detach(), scores, tail.nodes)
+        if tail.nodes:
+            _check_scores(recomputed.detach(), scores, tail.nodes)
     else:
         recomputed = scores
     chosen = targets.resolve(scores).select(recomputed)  # (N, K), differentiable

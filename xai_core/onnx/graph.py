@@ -324,10 +324,8 @@ class Graph:
                 needed.update(i for i in node.inputs if i)
         nodes.reverse()
         produced = {o for n in nodes for o in n.outputs}
+        read = [i for n in nodes for i in n.inputs]
         feeds = dict.fromkeys(
-            i
-            for n in nodes
-            for i in (*n.inputs, *[c for c in captured if c not in produced])
-            if i and i not in produced and i not in self.constants
+            i for i in (*captured, *read) if i and i not in produced and i not in self.constants
         )
         return Tail(tuple(nodes), tuple(feeds))
