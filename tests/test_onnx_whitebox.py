@@ -354,3 +354,18 @@ def test_gradient_with_respect_to_the_scores_themselves(models):
         expected = torch.zeros(2, 8)
         expected[0, [1, 4][k]], expected[1, 0] = 1.0, 1.0
         torch.testing.assert_close(grads["scores"], expected)
+
+
+def test_a_graph_that_cannot_be_read_leaves_the_forward(models, monkeypatch, caplog):
+    _, x, path = models["cnn3d"]
+
+    def broken(source):
+        raise ValueError("an attribute onnx cannot decode")
+
+    monkeypatch.setattr("xai_core.onnx.adapter.load_proto", broken)
+    adapter = xai_core.adapt(str(path))
+    assert adapter.capabilities == {xai_core.Capability.FORWARD}
+    assert "forward only" in caplog.text
+    with pytest.raises(CapabilityError, match="layers"):
+        xai_core.explain(adapter, x, method="gradcam")
+    assert xai_core.explain(adapter, x, method="occlusion", window=4, stride=4).maps.shape[0] == 2

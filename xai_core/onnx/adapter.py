@@ -149,8 +149,8 @@ class OnnxAdapter(ModelAdapter):
         if self._source is not None:
             try:
                 self._graph = Graph(load_proto(self._source))
-            except ModelError as exc:  # onnxruntime runs it; only the white-box part is lost
-                log.warning("ONNX model: forward only (%s)", exc)
+            except Exception as exc:  # onnxruntime runs it; only the white-box part is lost
+                log.warning("ONNX model: forward only, its graph could not be read (%s)", exc)
         caps = {Capability.FORWARD}
         if self._graph is not None:
             caps |= {Capability.LAYERS, Capability.GRADIENTS}
