@@ -1,7 +1,7 @@
 """Attention maps on ONNX transformer exports: the softmax outputs of the attention blocks are
 captured as graph outputs; attention, rollout, gradient rollout and Grad-CAM on the tokens
-entering the last attention equal the same methods on the PyTorch model (tiny timm and
-torchvision ViTs)."""
+entering the last attention equal the same methods on the PyTorch model (tiny timm,
+torchvision and Hugging Face ViTs)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,17 @@ timm = pytest.importorskip("timm")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 
 
+class Logits(nn.Module):
+    """A Hugging Face model whose forward returns the logits (what an ONNX export outputs)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.m = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.m(x).logits
+
+
 def tiny_vit(kind: str) -> nn.Module:
     torch.manual_seed(0)
     if kind == "timm":
@@ -28,6 +39,14 @@ def tiny_vit(kind: str) -> nn.Module:
             "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
             num_classes=10,
         )  # fmt: skip
+    if kind == "huggingface":
+        from transformers import ViTConfig, ViTForImageClassification
+
+        config = ViTConfig(
+            image_size=32, patch_size=8, num_hidden_layers=2, num_attention_heads=2,
+            hidden_size=32, intermediate_size=64, num_labels=10, attn_implementation="eager",
+        )  # fmt: skip
+        return Logits(ViTForImageClassification(config))
     from torchvision.models.vision_transformer import VisionTransformer
 
     model = VisionTransformer(32, 8, 2, 2, 32, 64, num_classes=10)  # nn.MultiheadAttention
@@ -36,14 +55,16 @@ def tiny_vit(kind: str) -> nn.Module:
 
 
 # The ONNX names of the tokens entering the last attention (timm: blocks.1.norm1; torchvision:
-# encoder_layer_1.ln_1, before nn.MultiheadAttention's sequence-first transpose).
+# encoder_layer_1.ln_1, before nn.MultiheadAttention's sequence-first transpose; Hugging Face:
+# layers.1.layernorm_before).
 TOKENS = {
     "timm": "/blocks/blocks.1/norm1/LayerNormalization_output_0",
     "torchvision": "/encoder/layers/encoder_layer_1/ln_1/LayerNormalization_output_0",
+    "huggingface": "/m/vit/layers.1/layernorm_before/LayerNormalization_output_0",
 }
 
 
-@pytest.fixture(scope="module", params=["timm", "torchvision"])
+@pytest.fixture(scope="module", params=["timm", "torchvision", "huggingface"])
 def vit(request, tmp_path_factory) -> tuple[str, nn.Module, torch.Tensor, Path]:
     model = tiny_vit(request.param).eval()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
