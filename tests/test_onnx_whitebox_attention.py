@@ -44,7 +44,7 @@ def tiny_vit(kind: str) -> nn.Module:
 
         config = ViTConfig(
             image_size=32, patch_size=8, num_hidden_layers=2, num_attention_heads=2,
-            hidden_size=32, intermediate_size=64, num_labels=10, attn_implementation="eager",
+            hidden_size=32, intermediate_size=64, num_labels=10, attn_implementation="sdpa",
         )  # fmt: skip
         return Logits(ViTForImageClassification(config))
     from torchvision.models.vision_transformer import VisionTransformer
