@@ -194,8 +194,8 @@ def test_corrupt_file_is_reported_and_the_rest_completes(pngs, onnx_model, tmp_p
         (inputs / name).write_bytes((pngs / name).read_bytes())
     (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     out = tmp_path / "out"
-    with pytest.raises(CapabilityError):  # an ONNX model has no gradients: refused once, up front
-        xai("explain", onnx_model, inputs, "-m", "gradcam", "--out", out)
+    with pytest.raises(CapabilityError):  # a CNN has no attention: refused once, up front
+        xai("explain", onnx_model, inputs, "-m", "rollout", "--out", out)
     assert not out.exists()
     result = xai("explain", onnx_model, inputs, "-m", "occlusion", "--out", out)
     assert result.exit_code == 1

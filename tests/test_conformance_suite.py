@@ -167,14 +167,8 @@ def builtins():
         CAM,
         (Occlusion, {"options": {"window": 3, "stride": 2}}),
         # Aggregate is tagged model-agnostic but needs what its local method needs (Grad-CAM's
-        # gradients and layers); with a local method that needs only forward passes it passes.
-        (
-            Aggregate,
-            {
-                "options": {"local": "gradcam"},
-                "expected_failures": {"onnx": "needs what its local method needs"},
-            },
-        ),
+        # gradients and layers), which the ONNX adapter offers too (its graph's tail in torch).
+        (Aggregate, {"options": {"local": "gradcam"}}),
         (Aggregate, {"options": {"local": "occlusion", "local_options": {"window": 4}}}),
         (GlobalOcclusion, {"options": {"window": 4, "stride": 4}}),
         (RawAttention, vit),

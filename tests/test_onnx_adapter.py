@@ -78,9 +78,10 @@ def test_bytes_and_sessions_are_accepted(model, files):
         )
 
 
-def test_onnx_offers_forward_only(files, images):
-    with pytest.raises(CapabilityError, match="gradients"):
-        xai_core.explain(files["dynamic"], images, method="gradcam")
+def test_onnx_refuses_what_its_graph_lacks(files, images):
+    # Grad-CAM and CAM work on ONNX graphs (tests/test_onnx_whitebox.py); attention needs one.
+    with pytest.raises(CapabilityError, match="attention"):
+        xai_core.explain(files["dynamic"], images, method="rollout")
 
 
 def test_fixed_spatial_size_is_checked(files):

@@ -423,14 +423,20 @@ def layers_command(
     arch: ArchOpt = None,
     num_classes: ClassesOpt = None,
 ) -> None:
-    """List a PyTorch model's layers: the names --layer and -O layer=NAME take, with their types."""
+    """List a model's layers: the names --layer and -O layer=NAME take, with their types (for an
+    ONNX model: its tensors, the operator computing each and its shape)."""
     from xai_core.io.models import load_model
+    from xai_core.onnx.adapter import OnnxAdapter, is_onnx_model
 
     net, _ = load_model(model, arch=arch, num_classes=num_classes)
+    if is_onnx_model(net):
+        rows = OnnxAdapter(net, providers=["CPUExecutionProvider"]).layer_table()
+        _print_text("\n".join(f"{name}\t{op}\t{shape}" for name, op, shape in rows))
+        return
     if not isinstance(net, torch.nn.Module):
         raise CapabilityError(
-            "Only PyTorch models have named layers (an ONNX model does not): use a method "
-            "that needs no layer, such as occlusion."
+            "This model has no named layers (TorchScript): use a method that needs no layer, "
+            "such as occlusion."
         )
     lines = [f"{name}\t{type(module).__name__}" for name, module in net.named_modules() if name]
     _print_text("\n".join(lines))

@@ -200,3 +200,15 @@ class AdapterProtocolError(CapabilityError):
 class ExecutorError(XaiError, RuntimeError):
     """An executor lost work it could not redo, e.g. a worker process that died more often than
     its retries allow; the message says what was lost and which setting allows more retries."""
+
+
+class UnsupportedOperatorError(CapabilityError):
+    """A gradient through an ONNX graph met an operator the ONNX adapter cannot differentiate
+    (``operator``: its ``op_type``; ``node``: the node's name)."""
+
+    def __init__(self, message: str, operator: str = "", node: str = "") -> None:
+        super().__init__(message)
+        self.operator, self.node = operator, node
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.operator, self.node))

@@ -5,7 +5,7 @@ Six studies, each a :func:`xai_core.compare` call on models that ship with the p
 1. the chest-X-ray CNN (GAP + linear head): CAM, Grad-CAM, occlusion, scored against the known
    lesion masks (pointing games) and by every other metric;
 2. the chest-X-ray vision transformer: attention maps, rollouts, Grad-CAM, occlusion;
-3. the same CNN exported to ONNX: occlusion through onnxruntime;
+3. the same CNN exported to ONNX: CAM, Grad-CAM and occlusion on the graph onnxruntime runs;
 4. the 3D CT CNN on small volumes: CAM, Grad-CAM, occlusion in 3D;
 5. the shortcut study: a CNN trained where a corner marker went with the disease. Its maps are
    scored against the marker instead of the lesion: a high share of attribution on the marker is
@@ -183,11 +183,13 @@ def run_demo(
     )
     study(
         "X-ray CNN (ONNX)",
-        "The same CNN exported to ONNX and run by onnxruntime: only model-agnostic methods apply.",
+        "The same CNN exported to ONNX and run by onnxruntime. CAM and Grad-CAM read the graph "
+        "itself (layers captured as extra outputs, gradients through the graph's tail), so "
+        "their maps match the PyTorch CNN's above; occlusion needs only the forward pass.",
         str(onnx_path()),
         x,
         lesion,
-        methods=["occlusion"],
+        methods=["cam", "gradcam", "occlusion"],
         **xray,
     )
     volumes = data.make_volumes(4, seed=SEED)
