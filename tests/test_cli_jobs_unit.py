@@ -300,3 +300,16 @@ def test_explain_on_another_executor_writes_the_same_files_in_input_order(
     with pytest.raises(OptionError, match="batch_size"):
         jobs.explain_files(tiny_cnn(), inputs, tmp_path / "x", method="cam", preprocess=PRE,
                            batch_size=0)  # fmt: skip
+
+
+def test_progress_counts_inputs_in_order_with_finished_ones_between(inputs, tmp_path):
+    out = tmp_path / "out"
+    jobs.explain_files(tiny_cnn(), inputs[2:], out, method="cam", preprocess=PRE)  # c.png done
+    seen = []
+    summary = jobs.explain_files(
+        tiny_cnn(), inputs, out, method="cam", preprocess=PRE,
+        progress=lambda done, total, what: seen.append((done, total)),
+    )  # fmt: skip
+    assert summary.skipped == ["c.png"] and summary.done == ["a.png", "b.png"]
+    counts = [done for done, _ in seen]
+    assert counts == sorted(counts) and counts[-1] == 3 and {t for _, t in seen} == {3}

@@ -15,6 +15,7 @@ import hashlib
 import json
 import pickle
 import time
+from bisect import bisect_right
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field, fields, replace
@@ -258,9 +259,7 @@ def explain_files(
     # What is finished for this request is skipped here, before anything is sent to a worker.
     pending = []
     for index, item in enumerate(items):
-        if ledger.done(f"{item.key}--{method}", request_id):
-            if progress:
-                progress(index, len(items), item.key)
+        if ledger.done(f"{item.key}--{method}", request_id):  # counted with the next part
             summary.skipped.append(item.key)
         else:
             pending.append((index, item))
@@ -275,15 +274,17 @@ def explain_files(
                 ledger.forget(f"{item.key}--{method}", remove_outputs=True)
             yield batch
 
-    skipped = len(summary.skipped)
-    counted = None if progress is None else lambda done, total, what: progress(
-        skipped + done, total, what
-    )
     order = {item.key: index for index, item in enumerate(items)}
+    skipped = sorted(order[key] for key in summary.skipped)
+    sent = 0
     if pending:  # nothing to send: no executor started (a rerun of a finished job)
-        for part in parts(engine, step, batches(), total=len(items), progress=counted, what=method):
+        for part in parts(engine, step, batches()):
             for result in part.value:
                 _write_result(out, ledger, summary, method, request_id, result)
+            sent += part.images
+            if progress and part.value:  # inputs written, and those skipped before them
+                last = max(result.index for result in part.value)
+                progress(sent + bisect_right(skipped, last), len(items), method)
     summary.done.sort(key=order.__getitem__)  # input order, whatever order parts came in
     summary.failed = dict(sorted(summary.failed.items(), key=lambda kv: order[kv[0]]))
     if progress:
