@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import xai_core.cli.jobs as jobs
-from xai_core.core.errors import DeviceError, TargetError, UnknownMethodError
+from xai_core.core.errors import DeviceError, OptionError, TargetError, UnknownMethodError
 from xai_core.io.inputs import find_inputs
 from xai_core.io.preprocess import Preprocess
 from xai_core.testing import tiny_cnn
@@ -184,6 +185,7 @@ def test_a_folder_holding_several_requests_of_one_method_says_so(inputs, tmp_pat
         (["-m", "gradcam", "-O", "windw=3"], "error: The method 'gradcam' has no option 'windw'"),
         (["-m", "cam", "nowhere.png"], "error: Cannot read nowhere.png: no such file or folder"),
         (["-m", "cam", "--size", "a,b"], "error: Invalid value: --size must be integers"),
+        (["-m", "cam", "--workers", "2"], "error: --engine local does not take --workers"),
     ],
 )
 def test_request_mistakes_are_one_clean_error_and_exit_code_2(
@@ -248,3 +250,66 @@ def test_an_input_failing_midway_leaves_no_partial_outputs(inputs, tmp_path, mon
     summary = jobs.explain_files(tiny_cnn(), inputs[:1], out, method="cam", preprocess=PRE)
     assert summary.failed == {"a.png": "ValueError: cannot draw"}
     assert not (out / "a.png").exists()
+
+
+class _PickledReversed:
+    """An executor that sends the step and each batch through pickle (as to a worker) and
+    yields the parts in reverse order (the protocol allows any order)."""
+
+    name = "pickled-reversed"
+
+    def map(self, step, batches):
+        import pickle
+
+        remote = pickle.loads(pickle.dumps(step))  # progress, a lambda here, stays behind
+        assert remote.progress is None
+        parts = [pickle.loads(pickle.dumps(remote(pickle.loads(pickle.dumps(b))))) for b in batches]
+        yield from reversed(parts)
+
+    def reduce(self, parts):
+        raise AssertionError("explain_files writes each part; it never reduces")
+
+
+def test_explain_on_another_executor_writes_the_same_files_in_input_order(
+    inputs, tmp_path, monkeypatch
+):
+    read = jobs.read_item
+
+    def flaky(item, **kwargs):
+        if item.key == "b.png":
+            raise OSError("unreadable")
+        return read(item, **kwargs)
+
+    monkeypatch.setattr(jobs, "read_item", flaky)
+    local = jobs.explain_files(tiny_cnn(), inputs, tmp_path / "local", method="cam", preprocess=PRE)
+    seen = []
+    other = jobs.explain_files(
+        tiny_cnn(), inputs, tmp_path / "other", method="cam", preprocess=PRE,
+        engine=_PickledReversed(), batch_size=2, progress=lambda *a: seen.append(a[:2]),
+    )  # fmt: skip
+    assert other.done == local.done == ["a.png", "c.png"] and other.failed == local.failed
+    for key in other.done:
+        a, b = (np.load(tmp_path / o / key / "maps_cam.npy") for o in ("local", "other"))
+        assert np.array_equal(a, b)
+    assert (3, 3) in seen  # parts counted as they came back
+    again = jobs.explain_files(
+        tiny_cnn(), inputs, tmp_path / "other", method="cam", preprocess=PRE,
+        engine=_PickledReversed(), batch_size=2,
+    )  # fmt: skip
+    assert again.skipped == ["a.png", "c.png"] and list(again.failed) == ["b.png"]
+    with pytest.raises(OptionError, match="batch_size"):
+        jobs.explain_files(tiny_cnn(), inputs, tmp_path / "x", method="cam", preprocess=PRE,
+                           batch_size=0)  # fmt: skip
+
+
+def test_progress_counts_inputs_in_order_with_finished_ones_between(inputs, tmp_path):
+    out = tmp_path / "out"
+    jobs.explain_files(tiny_cnn(), inputs[2:], out, method="cam", preprocess=PRE)  # c.png done
+    seen = []
+    summary = jobs.explain_files(
+        tiny_cnn(), inputs, out, method="cam", preprocess=PRE,
+        progress=lambda done, total, what: seen.append((done, total)),
+    )  # fmt: skip
+    assert summary.skipped == ["c.png"] and summary.done == ["a.png", "b.png"]
+    counts = [done for done, _ in seen]
+    assert counts == sorted(counts) and counts[-1] == 3 and {t for _, t in seen} == {3}

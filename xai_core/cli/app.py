@@ -225,11 +225,17 @@ def explain_command(
     ] = None,
     shared: RunOptions = DEFAULTS,
     slice_axis: SliceOpt = None,
+    engine: EngineOpt = "local",
+    address: AddressOpt = None,
+    workers: WorkersOpt = None,
+    gpus_per_worker: GpusPerWorkerOpt = None,
 ) -> None:
     """Explain each input with one method: overlays, raw maps (.npy), scores and an HTML report.
 
     A rerun skips inputs finished for the same model, method, options, targets and
     preprocessing, and redoes the others; unreadable files are reported and skipped.
+    With --engine ray the inputs are read and explained on Ray workers; the outputs are
+    written here, the same as the local engine's (docs/scale.md).
     """
     import xai_core
     from xai_core.cli.jobs import check_method, explain_files, model_identity
@@ -237,6 +243,9 @@ def explain_command(
     options = method_options(option)
     if layer:
         options["layers" if len(layer) > 1 else "layer"] = layer if len(layer) > 1 else layer[0]
+    executor = engine_executor(
+        engine, address=address, workers=workers, gpus_per_worker=gpus_per_worker
+    )
     out = out.absolute()  # resolved once: nothing below depends on the working directory
     loaded = shared.load(model, slice_axis=slice_axis)
     items = _find_inputs(inputs, out)
@@ -256,6 +265,7 @@ def explain_command(
             device=loaded.device,
             window=shared.dicom_window,
             progress=report,
+            engine=executor,
         )
     _print_summary(summary, out)
     raise typer.Exit(summary.exit_code)

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import time
-from collections.abc import Callable, Sequence
+from bisect import bisect_right
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import suppress
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +33,14 @@ from xai_core.core.errors import (
     DeviceError,
     LayerNotFoundError,
     LayerTypeError,
+    OptionError,
     PluginError,
     TargetError,
     TargetTypeError,
     UnknownMethodError,
     UnknownOptionError,
 )
+from xai_core.core.executors import DEFAULT_ENGINE, Executor, Partial, parts
 from xai_core.core.progress import ProgressFn, accepts_progress, within
 from xai_core.core.types import ExplainerInfo
 from xai_core.io.inputs import InputItem, MaskFolder, find_inputs, read_item
@@ -204,13 +208,19 @@ def explain_files(
     window: tuple[float, float] | None = None,
     progress: ProgressFn | None = None,
     model_id: dict[str, Any] | None = None,
+    engine: str | Executor = DEFAULT_ENGINE,
+    batch_size: int = 1,
 ) -> JobSummary:
     """Explain every input file with one method; see the module docstring for guarantees.
 
     ``model_id`` identifies the model's weights in resume keys (the CLI passes the file's
     sha256, or a demo model's name and manifest digest); by default it is computed from
-    ``model`` (:func:`model_digest`).
+    ``model`` (:func:`model_digest`). ``engine`` runs the reading and explaining of each batch
+    of ``batch_size`` inputs (:class:`ExplainStep`): ``"local"`` here, one after the other, or
+    an executor such as ``"ray"`` on workers; the writing stays here (docs/scale.md).
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise OptionError(f"batch_size must be an int >= 1 (inputs per batch); got {batch_size!r}.")
     out = Path(out).absolute()  # once: every path below is absolute
     adapter = xai_core.adapt(model)
     device = torch.device(device) if device is not None else adapter.device
@@ -232,44 +242,51 @@ def explain_files(
     out.mkdir(parents=True, exist_ok=True)
     ledger = RunLedger(out)
     summary = JobSummary()
-    runs_progress = accepts_progress(info.cls) and "progress" not in options
+    step = ExplainStep(
+        adapter=adapter,
+        method=method,
+        preprocess=preprocess,
+        targets=targets,
+        options=options,
+        class_names=list(class_names) if class_names else None,
+        device=device,
+        window=window,
+        total=len(items),
+        cwd=Path.cwd(),  # a worker reads relative paths from the caller's folder
+        runs_progress=accepts_progress(info.cls) and "progress" not in options,
+        progress=progress,
+    )
+    # What is finished for this request is skipped here, before anything is sent to a worker.
+    pending = []
     for index, item in enumerate(items):
-        if progress:
-            progress(index, len(items), item.key)
-        job_key = f"{item.key}--{method}"  # the same folder can hold several methods' runs
-        if ledger.done(job_key, request_id):
+        if ledger.done(f"{item.key}--{method}", request_id):  # counted with the next part
             summary.skipped.append(item.key)
-            continue
-        # Another request's result for this input and method is removed first, so that a redo
-        # that fails never leaves the earlier result standing as if it answered this request.
-        ledger.forget(job_key, remove_outputs=True)
-        try:
-            loaded = read_item(item, window=window)
-            inner = within(progress, index, len(items), f"{method} of {item.key}")
-            run_options = {**options, "progress": inner} if runs_progress and inner else options
-            record, outputs = _explain_one(
-                adapter,
-                item,
-                loaded,
-                out,
-                method,
-                preprocess,
-                targets,
-                run_options,
-                class_names,
-                device,
-            )
-        except RUN_ERRORS:
-            raise  # the same for every input: stop once, with the typed error
-        except Exception as exc:  # any failure of one input must not end the batch
-            summary.failed[item.key] = f"{type(exc).__name__}: {exc}"
-            summary.errors[item.key] = exc
-            ledger.mark_failed(job_key, exc)
-            _remove_partial(out / item.key, method)
-            continue
-        record["request"] = request_id
-        ledger.mark_done(job_key, record, outputs=outputs, request=request_id)
-        summary.done.append(item.key)
+        else:
+            pending.append((index, item))
+
+    def batches() -> Iterator[list[tuple[int, InputItem]]]:
+        for start in range(0, len(pending), batch_size):
+            batch = pending[start : start + batch_size]
+            for _, item in batch:
+                # Another request's result for this input and method is removed first, so that
+                # a redo that fails never leaves the earlier result standing as if it answered
+                # this request.
+                ledger.forget(f"{item.key}--{method}", remove_outputs=True)
+            yield batch
+
+    order = {item.key: index for index, item in enumerate(items)}
+    skipped = sorted(order[key] for key in summary.skipped)
+    sent = 0
+    if pending:  # nothing to send: no executor started (a rerun of a finished job)
+        for part in parts(engine, step, batches()):
+            for result in part.value:
+                _write_result(out, ledger, summary, method, request_id, result)
+            sent += part.images
+            if progress and part.value:  # inputs written, and those skipped before them
+                last = max(result.index for result in part.value)
+                progress(sent + bisect_right(skipped, last), len(items), method)
+    summary.done.sort(key=order.__getitem__)  # input order, whatever order parts came in
+    summary.failed = dict(sorted(summary.failed.items(), key=lambda kv: order[kv[0]]))
     if progress:
         progress(len(items), len(items), "report")
     summary.report = _write_folder_report(out, ledger, summary)
@@ -318,18 +335,126 @@ def _write_folder_report(out: Path, ledger: RunLedger, summary: JobSummary) -> P
     return path
 
 
+def _write_result(
+    out: Path, ledger: RunLedger, summary: JobSummary, method: str, request_id: str, result
+) -> None:
+    """One input's outputs written atomically, then its completion record (the driver's part);
+    a failure of the input (from the step, or of writing here) recorded, its files removed."""
+    job_key = f"{result.key}--{method}"
+    error = result.error
+    if error is None:
+        try:
+            folder = out / result.key
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_save_npy(folder / f"maps_{method}.npy", result.maps)
+            atomic_write_bytes(folder / f"overlay_{method}.png", result.overlay)
+            atomic_write_text(folder / f"report_{method}.html", result.fragment)
+            atomic_write_text(folder / f"result_{method}.json", json.dumps(result.record, indent=2))
+            record = {**result.record, "request": request_id}
+            outputs = [folder / name for name in output_names(method)]
+            ledger.mark_done(job_key, record, outputs=outputs, request=request_id)
+        except Exception as exc:  # a full disk, say: this input failed, the batch goes on
+            error = exc
+    if error is None:
+        summary.done.append(result.key)
+        return
+    summary.failed[result.key] = f"{type(error).__name__}: {error}"
+    summary.errors[result.key] = error
+    ledger.mark_failed(job_key, error)
+    _remove_partial(out / result.key, method)
+
+
+@dataclass
+class ItemResult:
+    """What explaining one input gives the driver to write: the maps, the overlay PNG, the
+    report fragment and the record; or the input's ``error`` (a failure as data)."""
+
+    index: int
+    key: str
+    record: dict[str, Any] | None = None
+    maps: np.ndarray | None = None
+    overlay: bytes = b""
+    fragment: str = ""
+    error: BaseException | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A third-party exception that does not pickle must not fail the whole batch's return.
+        state = dict(self.__dict__)
+        if self.error is not None:
+            try:
+                pickle.loads(pickle.dumps(self.error))
+            except Exception:
+                state["error"] = RuntimeError(f"{type(self.error).__name__}: {self.error}")
+        return state
+
+
+@dataclass
+class ExplainStep:
+    """One batch of ``(index, item)`` inputs read, preprocessed and explained, one by one: what
+    an executor maps (:mod:`xai_core.core.executors`), here or in a worker. It writes nothing;
+    each input's outputs come back as an :class:`ItemResult` inside a
+    :class:`~xai_core.core.executors.Partial` (``images``: the inputs of the batch). A failure of
+    one input is its result's ``error``; a whole-run mistake (:data:`RUN_ERRORS`) raises."""
+
+    adapter: Any
+    method: str
+    preprocess: Preprocess
+    targets: Any
+    options: dict[str, Any]
+    class_names: list[str] | None
+    device: torch.device
+    window: tuple[float, float] | None
+    total: int
+    cwd: Path
+    runs_progress: bool
+    progress: ProgressFn | None = None  # this process's callback: never sent to a worker
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "progress": None}
+
+    def __call__(self, batch: Sequence[tuple[int, InputItem]]) -> Partial:
+        results = []
+        for index, item in batch:
+            if self.progress:
+                self.progress(index, self.total, item.key)
+            try:
+                results.append(self._explain(index, item))
+            except RUN_ERRORS:
+                raise  # the same for every input: stop once, with the typed error
+            except Exception as exc:  # any failure of one input must not end the batch
+                results.append(ItemResult(index, item.key, error=exc))
+        return Partial(results, len(batch))
+
+    def _explain(self, index: int, item: InputItem) -> ItemResult:
+        paths = tuple(self.cwd / path for path in item.paths)  # absolute stays absolute
+        loaded = read_item(replace(item, paths=paths), window=self.window)
+        inner = within(self.progress, index, self.total, f"{self.method} of {item.key}")
+        options = self.options
+        if self.runs_progress and inner:
+            options = {**options, "progress": inner}
+        return _explain_one(
+            self.adapter,
+            index,
+            item,
+            loaded,
+            self.method,
+            self.preprocess,
+            self.targets,
+            options,
+            self.class_names,
+            self.device,
+        )
+
+
 def _explain_one(
-    adapter, item, loaded, out, method, preprocess, targets, options, class_names, device
-):
+    adapter, index, item, loaded, method, preprocess, targets, options, class_names, device
+) -> ItemResult:
     start = time.perf_counter()
     x = preprocess.to_tensor(loaded).to(device)
     if isinstance(targets, list):  # several classes for every sample (e.g. every slice)
         targets = [targets] * x.shape[0]
     exp = xai_core.explain(adapter, x, method=method, targets=targets, **options)
-    folder = out / item.key
-    folder.mkdir(parents=True, exist_ok=True)
     maps = exp.maps.detach().cpu().numpy()
-    atomic_save_npy(folder / f"maps_{method}.npy", maps.astype(np.float32))
     heat, display, sample = _display_pair(exp, loaded, x)
     scaled, scale = scale_map(heat, method)  # limits from the map as computed
     display, scaled = on_display_grid(display, scaled, heat.ndim)  # the input's own aspect
@@ -340,11 +465,9 @@ def _explain_one(
     shown = (display, scaled) if middle is None else (display[middle], scaled[middle])
     lines = [item.key + ("" if middle is None else f", slice {middle + 1}/{scaled.shape[0]}")]
     png = figure_png(*shown, scale, method=method, lines=lines + fact_lines(facts))
-    atomic_write_bytes(folder / f"overlay_{method}.png", png)
     targets_shown = names[0] if names else [str(t) for t in exp.targets[0].tolist()]
     caption = f"{method}; target: {', '.join(targets_shown)}"  # plain text: "name", "a, b"
     fragment = input_section(item.key, loaded.display, {method: heat}, caption=caption, facts=facts)
-    atomic_write_text(folder / f"report_{method}.html", fragment)
     scores = exp.scores.detach().cpu()
     record = {
         "input": item.key,
@@ -367,8 +490,7 @@ def _explain_one(
             "label": scale.label(method),
         },
     }
-    atomic_write_text(folder / f"result_{method}.json", json.dumps(record, indent=2))
-    return record, [folder / name for name in output_names(method)]
+    return ItemResult(index, item.key, record, maps.astype(np.float32), png, fragment)
 
 
 def output_names(method: str) -> tuple[str, ...]:

@@ -12,6 +12,9 @@ decides where the steps run and how the parts are merged:
 * ``map(step, batches)`` yields ``step(batch)`` for each batch, in any order;
 * ``reduce(parts)`` merges the parts with ``+`` (``None`` when there are none).
 
+:func:`run` maps and reduces; :func:`parts` maps only, for a caller that consumes each part
+as it comes (``xai explain`` writes each batch's outputs and keeps none in memory).
+
 The core's :class:`LocalExecutor` (``engine="local"``, the default) runs them one after the
 other in this process. A plugin adds others with the ``register_executors`` hook (a Ray or
 process-pool executor, say); users pick one by name: ``audit(..., engine="ray")``. A step holds
@@ -94,6 +97,32 @@ def get_executor(engine: str | Executor) -> Executor:
     )
 
 
+def parts(
+    engine: str | Executor,
+    step: Callable[[Any], Partial],
+    batches: Iterable[Any],
+    *,
+    total: int | None = None,
+    progress: ProgressFn | None = None,
+    what: str = "images",
+) -> Iterator[Partial]:
+    """``step`` mapped over ``batches`` with ``engine``: the parts as they come back, unmerged
+    (for a caller that writes each part, such as ``xai explain``). ``progress(done, total,
+    what)`` is called as each part comes back, ``done`` counting its ``images``."""
+    executor = get_executor(engine)
+    done = 0
+    for part in executor.map(step, batches):
+        if not isinstance(part, Partial):
+            raise TypeError(
+                f"the executor {executor.name!r} yielded a {type(part).__name__}; map() must "
+                f"yield what the step returned."
+            )
+        done += part.images
+        if progress is not None:
+            progress(done, total, what)
+        yield part
+
+
 def run(
     engine: str | Executor,
     step: Callable[[Any], Partial],
@@ -106,18 +135,6 @@ def run(
     """Map ``step`` over ``batches`` with ``engine`` and reduce the parts; ``None`` if there
     were no batches. ``progress(images_done, total, what)`` is called as each part comes back."""
     executor = get_executor(engine)
-
-    def counted() -> Iterator[Partial]:
-        done = 0
-        for part in executor.map(step, batches):
-            if not isinstance(part, Partial):
-                raise TypeError(
-                    f"the executor {executor.name!r} yielded a {type(part).__name__}; map() must "
-                    f"yield what the step returned."
-                )
-            done += part.images
-            if progress is not None:
-                progress(done, total, what)
-            yield part
-
-    return executor.reduce(counted())
+    return executor.reduce(
+        parts(executor, step, batches, total=total, progress=progress, what=what)
+    )

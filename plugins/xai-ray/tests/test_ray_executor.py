@@ -1,14 +1,14 @@
 """engine="ray": the same results as the local engine, on a local Ray with 2 CPUs.
 
-One Ray session serves the whole module (starting Ray takes seconds); each run starts its own
-actor pool. The data are the demo's chest X-rays, a few dozen 64-pixel images.
+One Ray session serves every module of these tests (conftest.py; starting Ray takes seconds);
+each run starts its own actor pool. The data are the demo's chest X-rays, a few dozen 64-pixel
+images.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -30,24 +30,6 @@ from xai_core.workflows.datasets import DataStream, explain_dataset
 XAI = str(Path(sys.executable).with_name("xai"))
 ENV = {"OMP_NUM_THREADS": "1", "COLUMNS": "100"}  # over os.environ, as it is at the call
 AUDIT_MAPS = ("mean", "std", "share", "unexplained", "mean_image")
-
-
-@pytest.fixture(scope="module")
-def ray_session(tmp_path_factory):
-    """A local Ray in this process, 2 CPUs, started the way the executor starts one, with an
-    empty home directory meanwhile (nothing may be written there)."""
-    ray = import_ray()
-    if ray.is_initialized():  # another module's session: start ours with our settings
-        ray.shutdown()
-    home, before = tmp_path_factory.mktemp("home"), os.environ.get("HOME")
-    os.environ["HOME"] = str(home)
-    try:
-        context = RayExecutor(workers=2).connect()
-    finally:
-        os.environ["HOME"] = before if before is not None else ""
-    context.home = home
-    yield context
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -154,24 +136,8 @@ class _CountedStep:
             f.write(f"{os.getpid()}\n")
 
 
-class _KillOneWorker(RayExecutor):
-    """Kills the first actor's process (SIGKILL, from this process) once two parts are back."""
-
-    def start_pool(self):
-        actors = super().start_pool()
-        self.pids = self._ray.get([a.pid.remote() for a in actors])
-        return actors
-
-    def map(self, step, batches):
-        for index, part in enumerate(super().map(step, batches)):
-            if index == 1:
-                os.kill(self.pids[0], signal.SIGKILL)
-                self.killed = self.pids[0]
-            yield part
-
-
 def test_a_killed_worker_costs_only_its_batches_and_the_result_is_the_same(
-    ray_session, model, xrays, tmp_path
+    ray_session, model, xrays, tmp_path, kill_one_worker
 ):
     import_ray().cloudpickle.register_pickle_by_value(sys.modules[__name__])  # _CountedStep
     x, y = xrays
@@ -182,7 +148,7 @@ def test_a_killed_worker_costs_only_its_batches_and_the_result_is_the_same(
     )  # fmt: skip
     stream = DataStream((x, y), batch_size=2)
     local = run(LocalExecutor(), step, stream)
-    executor = _KillOneWorker(workers=2, in_flight=2)
+    executor = kill_one_worker(workers=2, in_flight=2)
     log = tmp_path / "received"
     distributed = run(executor, _CountedStep(step, log), stream)
     # The model went to each actor once, and once more to the restarted one: not per batch.
@@ -203,14 +169,16 @@ def test_more_workers_than_the_cluster_holds_is_an_error_not_a_hang(ray_session,
         audit(model, (x[:2], y[:2]), engine=RayExecutor(workers=1, gpus_per_worker=0.5))
 
 
-def test_a_worker_that_dies_beyond_its_retries_is_a_typed_error(ray_session, model, xrays):
+def test_a_worker_that_dies_beyond_its_retries_is_a_typed_error(
+    ray_session, model, xrays, kill_one_worker
+):
     x, y = xrays
     registry = xai_core.get_registry()
     step = _AuditStep(
         registry.get_explainer("gradcam"), registry.adapt(model), {}, "label", "auto", None,
         5.0, None,
     )  # fmt: skip
-    executor = _KillOneWorker(workers=2, in_flight=2, max_retries=0)
+    executor = kill_one_worker(workers=2, in_flight=2, max_retries=0)
     with pytest.raises(ExecutorError, match=r"max_retries=0"):
         run(executor, step, DataStream((x, y), batch_size=2))
 
