@@ -333,21 +333,17 @@ def test_vargrad_and_smoothgrad_saliency_match_captum_on_one_channel():
 
 # -- conformance -----------------------------------------------------------------------------
 
-NEEDS_LOCAL = {"onnx": "needs what its local method needs (saliency: gradients)"}
-
-
 @parametrize_with_checks(
     [
         Saliency,
         GradientXInput,
         (IntegratedGradients, {"options": {"steps": 4}}),
-        (SmoothGrad, {"options": {"samples": 3}, "expected_failures": NEEDS_LOCAL}),
+        (SmoothGrad, {"options": {"samples": 3}}),
         (
             VarGrad,
             {
                 "options": {"samples": 3},
                 "expected_failures": {
-                    **NEEDS_LOCAL,
                     # a variance: near zero where the gradient does not change with the noise,
                     # as on the kit's evidence CNN, whatever the evidence
                     "sign": "maps are the spread of the local method's maps, not evidence",
