@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
+from skimage.transform import resize
 from torch import nn
 from xai_occlusion.rise import Rise, random_masks, rise_saliency
 
@@ -40,6 +42,25 @@ def test_exact_enumeration_on_a_linear_model():
     f = model(x)[0]  # (2,)
     expected = weight * x.flatten() * (1 - p) + p * f[:, None]
     torch.testing.assert_close(maps[0].flatten(1), expected)
+
+
+@pytest.mark.parametrize(
+    ("cells", "size"), [((7, 7), (64, 64)), ((4, 3), (16, 12)), ((1, 5), (9, 23))]
+)
+def test_masks_are_the_authors_masks(cells, size):
+    # The authors' generate_masks: grid = rand(N, *cells) < p, resized with skimage to
+    # (cells + 1) * ceil(size / cells) (order 1, mode "reflect"), cropped at a random shift.
+    count = 12
+    ours = random_masks(count, cells, 0.5, size, seed=1)(torch.arange(count)).numpy()
+    generator = torch.Generator().manual_seed(1)  # the same draws, in the same order
+    grids = (torch.rand((count, *cells), generator=generator) < 0.5).numpy()
+    cell = [-(-s // c) for s, c in zip(size, cells, strict=True)]
+    shifts = [torch.randint(0, c, (count,), generator=generator) for c in cell]
+    up = [(c + 1) * k for c, k in zip(cells, cell, strict=True)]
+    for i in range(count):
+        big = resize(grids[i].astype("float32"), up, order=1, mode="reflect", anti_aliasing=False)
+        (y, x) = (int(shifts[0][i]), int(shifts[1][i]))
+        np.testing.assert_allclose(ours[i], big[y : y + size[0], x : x + size[1]], atol=1e-6)
 
 
 def test_masks_kept_with_probability_p_and_smooth():

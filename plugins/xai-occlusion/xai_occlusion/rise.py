@@ -5,9 +5,9 @@ For ``M`` random masks ``M_i`` whose pixels are kept with probability ``p``::
     S(u) = 1 / (M * p) * sum_i f(x * M_i) * M_i(u)
 
 Each mask is a coarse binary grid of ``cells`` per axis (a cell is on with probability ``p``),
-upsampled (bi/trilinearly) to ``(cells + 1) * ceil(size / cells)`` per axis and cropped to the
-input at a random integer shift in ``[0, ceil(size / cells))`` per axis, as in the authors' code:
-the shift makes the masks smooth and not aligned to one grid.
+upsampled (linearly along each axis, edges mirrored) to ``(cells + 1) * ceil(size / cells)``
+per axis and cropped to the input at a random integer shift in ``[0, ceil(size / cells))`` per
+axis, exactly as the authors' code (tested against it): smooth masks not aligned to one grid.
 
 Only ``model.forward`` is called (PyTorch and ONNX alike). Masks are drawn from a local
 ``torch.Generator`` seeded by ``seed`` (never the global RNG) and do not depend on the batch, so a
@@ -23,7 +23,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated
 
 import torch
-import torch.nn.functional as F
 
 from xai_core import Attribution, Tags, Targets
 from xai_core.core.adapters import ModelAdapter
@@ -50,34 +49,52 @@ def _cells(value: object, rank: int) -> tuple[int, ...]:
     return tuple(items)
 
 
+def interpolation_matrix(cells: int, size: int) -> torch.Tensor:
+    """``(size, cells)``: linear interpolation of ``cells`` values onto ``size`` points, pixel
+    centres aligned (``align_corners=False``) and edges mirrored, as the authors' masks
+    (``skimage.transform.resize(order=1, mode="reflect")``; tested to agree)."""
+    at = (torch.arange(size, dtype=torch.float64) + 0.5) * cells / size - 0.5
+    low = at.floor()
+    frac = at - low
+    matrix = torch.zeros(size, cells, dtype=torch.float64)
+    for index, weight in ((low, 1 - frac), (low + 1, frac)):
+        index = index.long().abs()  # mirrored about the first centre: -1 -> 1
+        last = cells - 1  # and about the last: cells -> cells - 2 (clamped for one cell)
+        index = torch.where(index > last, 2 * last - index, index).clamp(0, last)
+        matrix.index_put_((torch.arange(size), index), weight.to(matrix.dtype), accumulate=True)
+    return matrix.float()
+
+
 def random_masks(
     count: int, cells: Sequence[int], p: float, size: Sequence[int], seed: int
 ) -> MaskFn:
     """RISE's masks for an input of spatial ``size``: a function of mask indices returning the
     ``(B, *size)`` float masks on the indices' device. The coarse grids and shifts are drawn
-    here, once, on the CPU from a generator seeded by ``seed`` (same masks on every device)."""
+    here, once, on the CPU from a generator seeded by ``seed`` (same masks on every device).
+
+    A mask is separable in its upsampling: along each axis the grid is multiplied by the rows
+    ``shift .. shift + size`` of that axis's interpolation matrix, so no full-size upsampled
+    mask is ever built and cropped."""
     generator = torch.Generator().manual_seed(seed)
     grids = torch.rand((count, *cells), generator=generator) < p
     cell = [math.ceil(s / c) for s, c in zip(size, cells, strict=True)]
     shifts = torch.stack(
         [torch.randint(0, c, (count,), generator=generator) for c in cell], dim=1
     )  # (count, rank)
-    up = [(c + 1) * k for c, k in zip(cells, cell, strict=True)]
-    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
+    matrices = [
+        interpolation_matrix(c, (c + 1) * k) for c, k in zip(cells, cell, strict=True)
+    ]
 
     def masks(index: torch.Tensor) -> torch.Tensor:
         device = index.device
-        grid = grids.to(device)[index].unsqueeze(1).float()
-        smooth = F.interpolate(grid, size=up, mode=mode, align_corners=False)[:, 0]
+        mask = grids.to(device)[index].float()  # (B, *cells)
         shift = shifts.to(device)[index]
-        for axis, s in enumerate(size):  # crop each axis at the mask's own shift
-            at = shift[:, axis, None] + torch.arange(s, device=device)  # (B, s)
-            view = [index.shape[0]] + [1] * len(size)
-            view[1 + axis] = s
-            shape = list(smooth.shape)
-            shape[1 + axis] = s
-            smooth = smooth.gather(1 + axis, at.view(view).expand(shape))
-        return smooth
+        for axis, (s, matrix) in enumerate(zip(size, matrices, strict=True)):
+            rows = shift[:, axis, None] + torch.arange(s, device=device)  # (B, s)
+            crop = matrix.to(device)[rows]  # (B, s, cells)
+            mask = torch.einsum("b...c,bsc->b...s", mask.movedim(1 + axis, -1), crop)
+            mask = mask.movedim(-1, 1 + axis)
+        return mask
 
     return masks
 
