@@ -142,3 +142,13 @@ def test_bad_options(options):
 @parametrize_with_checks([(Rise, {"options": {"masks": 300, "cells": 4}})])
 def test_rise_conforms(check):
     check()
+
+
+def test_forward_images_is_the_cost_of_a_call():
+    # xai compare's estimate: every masked input plus the unperturbed batch
+    calls = []
+    model = Linear(torch.ones(2, 16))
+    model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    xai_core.explain(model, torch.ones(2, 1, 4, 4), method="rise", masks=10, cells=2)
+    assert sum(calls) == Rise.forward_images((2, 1, 4, 4), {"masks": 10}) == 22
+    assert Rise.forward_images((1, 1, 4, 4), {}) == 4001
