@@ -17,6 +17,8 @@ from xai_core.core.targets import Targets
 from xai_core.demo import onnx_path
 from xai_core.testing import parametrize_with_checks
 
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
 
 class Linear(nn.Module):
     """``f_k(x) = sum_u w[k, u] x[u]``: RISE's expectation has a closed form."""
@@ -152,3 +154,18 @@ def test_forward_images_is_the_cost_of_a_call():
     xai_core.explain(model, torch.ones(2, 1, 4, 4), method="rise", masks=10, cells=2)
     assert sum(calls) == Rise.forward_images((2, 1, 4, 4), {"masks": 10}) == 22
     assert Rise.forward_images((1, 1, 4, 4), {}) == 4001
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_same_masks_and_maps_on_every_device(device):
+    # masks are drawn on the CPU and copied: the seed means the same masks everywhere
+    draw = random_masks(30, (3, 4), 0.5, (12, 16), seed=5)
+    index = torch.arange(30)
+    torch.testing.assert_close(draw(index.to(device)).cpu(), draw(index), atol=1e-6, rtol=0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Flatten(), nn.Linear(2 * 192, 3))
+    x = torch.randn(2, 1, 12, 16, generator=torch.Generator().manual_seed(4))
+    options = {"method": "rise", "targets": [[0, 2], [1, 0]], "masks": 40, "cells": (3, 4)}
+    on_cpu = xai_core.explain(model, x, **options)
+    here = xai_core.explain(model.to(device), x.to(device), **options)
+    assert here.raw[0].device.type == device
+    torch.testing.assert_close(here.raw[0].cpu(), on_cpu.raw[0], atol=1e-4, rtol=1e-4)

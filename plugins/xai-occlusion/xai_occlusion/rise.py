@@ -85,13 +85,18 @@ def random_masks(
         interpolation_matrix(c, (c + 1) * k) for c, k in zip(cells, cell, strict=True)
     ]
 
+    on: dict[torch.device, tuple] = {}  # the draws, copied once to each device asked for
+
     def masks(index: torch.Tensor) -> torch.Tensor:
         device = index.device
-        mask = grids.to(device)[index].float()  # (B, *cells)
-        shift = shifts.to(device)[index]
-        for axis, (s, matrix) in enumerate(zip(size, matrices, strict=True)):
+        if device not in on:
+            on[device] = (grids.to(device), shifts.to(device), [m.to(device) for m in matrices])
+        grid, shift, matrix = on[device]
+        mask = grid[index].float()  # (B, *cells)
+        shift = shift[index]
+        for axis, s in enumerate(size):
             rows = shift[:, axis, None] + torch.arange(s, device=device)  # (B, s)
-            crop = matrix.to(device)[rows]  # (B, s, cells)
+            crop = matrix[axis][rows]  # (B, s, cells)
             mask = torch.einsum("b...c,bsc->b...s", mask.movedim(1 + axis, -1), crop)
             mask = mask.movedim(-1, 1 + axis)
         return mask
