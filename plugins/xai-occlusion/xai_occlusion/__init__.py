@@ -42,6 +42,7 @@ from xai_occlusion.incremental import (
     incremental_mode,
     prepare,
 )
+from xai_occlusion.rise import Rise
 
 __version__ = "0.1.0"
 
@@ -258,3 +259,4 @@ class Occlusion:
 @xai_core.hookimpl
 def register_explainers(register: Callable[[type], None]) -> None:
     register(Occlusion)
+    register(Rise)
