@@ -161,7 +161,9 @@ def _quantus(metric, a: np.ndarray, s: np.ndarray | None = None) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def quantus():
-    return pytest.importorskip("quantus", reason="quantus (test-only) is not installed")
+    # Not in the test extra (its opencv-python clashes with grad-cam's headless cv2): see
+    # docs/methods/metrics.md, "Agreement with Quantus", for the --no-deps install.
+    return pytest.importorskip("quantus", reason="quantus==0.6.0 (test-only) is not installed")
 
 
 def _signed_maps(n: int = 6, size: int = 16) -> torch.Tensor:
