@@ -7,6 +7,10 @@ name                         better     reference                               
 ``insertion``                higher     Petsiuk et al. 2018 (RISE)
 ``pointing_game``            higher     Zhang et al. 2016                             masks
 ``energy_pointing_game``     higher     Wang et al. 2020 (Score-CAM)                  masks
+``relevance_mass``           higher     Arras et al. 2022 (CLEVR-XAI)                 masks
+``relevance_rank``           higher     Arras et al. 2022 (CLEVR-XAI)                 masks
+``sparseness``               higher     Chalasani et al. 2020 (Gini index)
+``complexity``               lower      Bhatt et al. 2020 (entropy)
 ``randomization``            lower      Adebayo et al. 2018                           torch
 ``avg_drop``                 lower      Chattopadhyay et al. 2018 (Grad-CAM++)
 ``avg_increase``             higher     Chattopadhyay et al. 2018 (Grad-CAM++)
@@ -23,9 +27,15 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import xai_core
+from xai_metrics.complexity import Complexity, Sparseness
 from xai_metrics.cost import Cost
 from xai_metrics.perturbation import AvgDrop, AvgIncrease, Deletion, Insertion
-from xai_metrics.pointing import EnergyPointingGame, PointingGame
+from xai_metrics.pointing import (
+    EnergyPointingGame,
+    PointingGame,
+    RelevanceMassAccuracy,
+    RelevanceRankAccuracy,
+)
 from xai_metrics.sanity import Randomization, Stability
 
 __version__ = "0.1.0"
@@ -35,6 +45,10 @@ METRICS = (
     Insertion,
     PointingGame,
     EnergyPointingGame,
+    RelevanceMassAccuracy,
+    RelevanceRankAccuracy,
+    Sparseness,
+    Complexity,
     Randomization,
     AvgDrop,
     AvgIncrease,
@@ -53,11 +67,15 @@ __all__ = [
     "METRICS",
     "AvgDrop",
     "AvgIncrease",
+    "Complexity",
     "Cost",
     "Deletion",
     "EnergyPointingGame",
     "Insertion",
     "PointingGame",
     "Randomization",
+    "RelevanceMassAccuracy",
+    "RelevanceRankAccuracy",
+    "Sparseness",
     "Stability",
 ]

@@ -10,7 +10,17 @@ Energy-based pointing game (Wang et al., *Score-CAM*, CVPR Workshops 2020)::
 
     share = sum_{u in mask} max(map(u), 0) / sum_u max(map(u), 0)
 
-Both work on 2D and 3D maps alike. A sample whose mask is empty has no value (NaN). A map with no
+Relevance mass accuracy (Arras et al., *CLEVR-XAI: A benchmark dataset for the ground truth
+evaluation of neural network explanations*, Information Fusion 2022) is the energy-based pointing
+game's share under the name the paper gives it. Relevance rank accuracy (same paper)::
+
+    K    = |mask|,   top = the K pixels of highest map value
+    rank = |top  intersect  mask| / K
+
+with tied values at the cut-off sharing the remaining places equally (the expected value under a
+random order of the ties), so a constant map scores the chance level K / P.
+
+All work on 2D and 3D maps alike. A sample whose mask is empty has no value (NaN). A map with no
 maximum (constant) or no positive attribution pointed nowhere: it scores a miss / 0, never NaN,
 so a method cannot improve its mean by returning empty maps.
 """
@@ -115,3 +125,33 @@ class EnergyPointingGame:
             values,
             {**_class_details(values, context), "no_positive": int((total == 0).sum())},
         )
+
+
+class RelevanceMassAccuracy(EnergyPointingGame):
+    """Share of the positive relevance inside the mask (Arras et al. 2022; = energy pointing)."""
+
+    name = "relevance_mass"
+
+
+class RelevanceRankAccuracy:
+    """Share of the ``|mask|`` highest pixels that lie inside the mask (Arras et al. 2022)."""
+
+    name = "relevance_rank"
+    direction = Direction.HIGHER
+    needs = frozenset({Need.MASKS})
+    range = (0.0, 1.0)  # a share
+
+    def compute(self, context: MetricContext) -> MetricResult:
+        maps = single_maps(context).flatten(1)
+        masks = _masks(context, self.name).flatten(1)
+        dtype = exact_float(maps.device)
+        k = masks.sum(dim=1)  # (N,)
+        ordered = maps.sort(dim=1, descending=True).values
+        cut = ordered.gather(1, (k - 1).clamp_min(0)[:, None])  # the K-th highest value
+        above, tied = maps > cut, maps == cut
+        # Places left for the tied block at the cut-off, shared equally among its pixels.
+        left = (k - above.sum(dim=1)).to(dtype)
+        hits = (above & masks).sum(dim=1).to(dtype)
+        hits = hits + (tied & masks).sum(dim=1).to(dtype) * left / tied.sum(dim=1).clamp_min(1)
+        values = torch.where(k > 0, hits / k.clamp_min(1).to(dtype), math.nan)
+        return MetricResult(values.clamp(0, 1), _class_details(values, context))
