@@ -335,6 +335,9 @@ def _print_summary(summary, out: Path) -> None:
             console.print(f"  hint: {_plain(hint)}")
 
 
+COMPARE_BATCH = 8  # images per batch of `xai compare` on another engine than local
+
+
 @app.command("compare")
 @run_options
 def compare_command(
@@ -380,10 +383,22 @@ def compare_command(
             "and backward pass), options you did not set are made cheaper, and listed. 0: no limit."
         ),
     ] = 120.0,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Images per batch; default: all in one batch (local engine), 8 (other engines)."
+        ),
+    ] = None,
+    engine: EngineOpt = "local",
+    address: AddressOpt = None,
+    workers: WorkersOpt = None,
+    gpus_per_worker: GpusPerWorkerOpt = None,
 ) -> None:
     """Run several methods on the inputs and score them with metrics: tables and an HTML report.
 
     The cost is estimated before the work starts (printed on stderr) and kept within --budget.
+    With --engine ray the batches are explained and scored on Ray workers and merged here: the
+    same table as the local engine with the same --batch-size (docs/scale.md).
     """
     from xai_core.cli.jobs import compare_files
 
@@ -394,6 +409,11 @@ def compare_command(
     for opts in metric_opts.values():
         caller_options(opts, "--metric-option")
     err = Console(stderr=True, highlight=False, soft_wrap=True)
+    executor = engine_executor(
+        engine, address=address, workers=workers, gpus_per_worker=gpus_per_worker
+    )
+    if batch_size is None and engine != "local":
+        batch_size = COMPARE_BATCH  # one batch would keep every worker but one idle
 
     out = out.absolute()  # resolved once: nothing below depends on the working directory
     loaded = shared.load(model)
@@ -416,6 +436,8 @@ def compare_command(
             progress=report,
             budget=budget if budget > 0 else None,
             notice=lambda text: err.print(_plain(text)),
+            engine=executor,
+            batch_size=batch_size,
         )
     _print_text(summary.table_markdown)
     if summary.comparison is not None and summary.comparison.economies:

@@ -562,11 +562,13 @@ def compare_files(
     progress: ProgressFn | None = None,
     budget: float | None = None,
     notice: Callable[[str], None] | None = None,
+    engine: str | Executor = DEFAULT_ENGINE,
+    batch_size: int | None = None,
 ) -> CompareSummary:
-    """Compare methods on all readable inputs as one batch; write tables and an HTML report.
+    """Compare methods on all readable inputs; write tables and an HTML report.
 
-    ``progress``, ``budget`` and ``notice`` (the cost estimate, before the work) are those of
-    :func:`xai_core.compare`."""
+    ``progress``, ``budget``, ``notice`` (the cost estimate, before the work), ``engine`` and
+    ``batch_size`` (all inputs in one batch by default) are those of :func:`xai_core.compare`."""
     out = Path(out).absolute()  # once: every path below is absolute
     summary = CompareSummary()
     adapter = xai_core.adapt(model)
@@ -610,6 +612,8 @@ def compare_files(
         progress=progress,
         budget=budget,
         notice=notice,
+        engine=engine,
+        batch_size=batch_size,
     )
     summary.comparison = result
     summary.table_markdown = comparison_markdown(result)

@@ -23,12 +23,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
+from xai_core.core import executors
 from xai_core.core.adapters import ParameterRandomization, torch_module_of
 from xai_core.core.api import check_masks, check_options, run_explainer, validate_inputs
 from xai_core.core.contract import check_metric_result
 from xai_core.core.errors import OptionError, UnknownOptionError, XaiError, did_you_mean
+from xai_core.core.executors import DEFAULT_ENGINE, Executor, Partial
 from xai_core.core.explanation import Explanation
 from xai_core.core.metrics import (
     Direction,
@@ -337,6 +340,8 @@ def compare(
     progress: ProgressFn | None = None,
     budget: float | None = None,
     notice: Callable[[str], None] | None = None,
+    batch_size: int | None = None,
+    engine: str | Executor = DEFAULT_ENGINE,
 ) -> Comparison:
     """Explain ``inputs`` with several methods and score each explanation with several metrics.
 
@@ -358,6 +363,13 @@ def compare(
         cheaper, one economy at a time (:data:`ECONOMIES`), and listed in ``economies``.
         ``None``: no economy, the estimate is still made.
     :param notice: called with the estimate (and economies), in words, before the work starts.
+    :param batch_size: images per batch; ``None`` (default): all of them in one batch. Each
+        batch is explained and scored on its own, and the per-sample values merged in batch
+        order, so any engine given the same ``batch_size`` gives the same values.
+    :param engine: where the batches run: an executor's name (``"local"``, this process, the
+        default; ``"ray"`` with xai-ray) or an executor (:mod:`xai_core.core.executors`).
+        With another engine, ``costs`` (and the ``cost`` metric) are the seconds spent
+        explaining summed over the batches where they ran, not the driver's wall clock.
     """
     registry = get_registry()
     adapter = registry.adapt(model)
@@ -388,39 +400,216 @@ def compare(
     for name in chosen:  # every method's options (names, types, ranges) before any forward pass
         check_options(registry.get_explainer(name), options.get(name, {}))
 
-    # Fix the targets once, so every method explains the same class of each sample.
+    size = _batch_size(batch_size, inputs.shape[0])
+    # Fix the targets once, so every method explains the same class of each sample (the
+    # forward pass batch by batch, as the steps see them).
     request = Targets(targets, inputs.shape[0], adapter.device)
     if request.multi or request.function is not None:
         raise OptionError(
             "compare() explains one class per sample: pass None, an int or one per sample."
         )
     with torch.no_grad(), adapter.session():
-        fixed = request.resolve(adapter.forward(inputs)).indices
+        if size >= inputs.shape[0]:
+            scores = adapter.forward(inputs)
+        else:
+            chunks = range(0, inputs.shape[0], size)
+            scores = torch.cat([adapter.forward(inputs[s : s + size]) for s in chunks])
+        fixed = request.resolve(scores).indices
     assert fixed is not None
     class_targets = fixed[:, 0]
     spec: Any = class_targets
     if isinstance(targets, Region):  # segmentation: keep the user's mask or box with the classes
         spec = Region(class_targets, mask=targets.mask, box=targets.box)
 
-    probe = measure_probe(adapter, inputs, class_targets)
-    work = Workload(registry, tuple(inputs.shape), chosen, metric_classes, probe)
+    # The cost is estimated on the first batch (all of the inputs by default), then scaled.
+    first = inputs[:size]
+    probe = measure_probe(adapter, first, class_targets[:size])
+    work = Workload(registry, tuple(first.shape), chosen, metric_classes, probe)
     estimate = estimate_cost(work, options, metric_opts)
     economies: list[str] = []
     if budget is not None:
-        options, metric_opts, economies, estimate = economise(work, options, metric_opts, budget)
+        scale = inputs.shape[0] / first.shape[0]
+        options, metric_opts, economies, estimate = economise(
+            work, options, metric_opts, budget / scale
+        )
+    if first.shape[0] < inputs.shape[0]:
+        estimate = _scaled(estimate, inputs.shape[0] / first.shape[0])
     if notice:
         notice(describe_estimate(estimate, budget, economies))
 
+    batches = _split(inputs, masks, spec, size)
+    step = CompareStep(
+        chosen=list(chosen),
+        metric_classes=metric_classes,
+        adapter=adapter,
+        options=options,
+        metric_options=metric_opts,
+        chunk_size=chunk_size,
+        batches=len(batches),
+        progress=progress,
+    )
+    merged: list[BatchResult] = []
+    for done, part in enumerate(executors.parts(engine, step, batches), start=1):
+        merged.extend(part.value.batches)
+        if progress and len(batches) > 1:
+            progress(done, len(batches), f"compared {done} of {len(batches)} batches")
+    result = _assemble(sorted(merged, key=lambda b: b.start), chosen)
+    return Comparison(
+        methods=result["methods"],
+        metrics=list(metric_classes),
+        directions={m: cls.direction for m, cls in metric_classes.items()},
+        values=result["values"],
+        details=result["details"],
+        explanations=result["explanations"],
+        costs=result["costs"],
+        targets=class_targets.cpu(),
+        skipped_methods={**skipped_methods, **result["skipped"]},
+        skipped_metrics=skipped_metrics,
+        errors=result["errors"],
+        ranges={m: metric_range(cls) for m, cls in metric_classes.items()},
+        measured_once={m: metric_measured_once(cls) for m, cls in metric_classes.items()},
+        estimate=estimate,
+        economies=economies,
+    )
+
+
+# -- the batch step and the merge --------------------------------------------------------------
+#
+# compare() is one step mapped over batches of the inputs (one batch by default, or
+# ``batch_size`` images each) by an executor (:mod:`xai_core.core.executors`): each batch is
+# explained by every method and scored by every metric, here or on a worker, and its
+# :class:`BatchResult` comes back inside a :class:`ComparePart`. The driver merges them in batch
+# order into the per-sample values the statistics are computed from (docs/scale.md).
+
+
+@dataclass
+class CompareBatch:
+    """Samples ``start:start + len`` of the inputs, with their masks and fixed targets."""
+
+    index: int
+    start: int
+    inputs: torch.Tensor
+    masks: torch.Tensor | None
+    targets: Any  # (B,) class indices, or a Region holding them
+
+    def __len__(self) -> int:
+        return int(self.inputs.shape[0])
+
+
+@dataclass
+class BatchResult:
+    """What one batch gave: explanations, costs and per-sample metric values of each method."""
+
+    start: int
+    size: int
+    explanations: dict[str, Explanation]
+    costs: dict[str, MethodCost]
+    skipped: dict[str, str]  # methods that could not run on this batch, with the reason
+    values: dict[tuple[str, str], torch.Tensor]
+    details: dict[tuple[str, str], dict[str, Any]]
+    errors: dict[tuple[str, str], str]
+
+
+@dataclass
+class ComparePart:
+    """Batch results merged with ``+``: kept apart until the end, where :func:`compare`
+    orders them by their first sample, so the merge does not depend on the order of arrival."""
+
+    batches: list[BatchResult]
+
+    def __add__(self, other: ComparePart) -> ComparePart:
+        return ComparePart(self.batches + other.batches)
+
+
+def _batch_size(batch_size: int | None, n: int) -> int:
+    if batch_size is None:
+        return n
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise OptionError(
+            f"batch_size must be an int >= 1 (images per batch) or None (all in one batch); got "
+            f"{batch_size!r}."
+        )
+    return batch_size
+
+
+def _split(
+    inputs: torch.Tensor, masks: torch.Tensor | None, spec: Any, size: int
+) -> list[CompareBatch]:
+    batches = []
+    for index, start in enumerate(range(0, inputs.shape[0], size)):
+        part = slice(start, start + size)
+        if size >= inputs.shape[0]:
+            targets = spec  # one batch: the targets as they are
+        elif isinstance(spec, Region):
+            box = spec.box
+            if box is not None and torch.as_tensor(box).ndim == 3:  # one box per sample
+                box = torch.as_tensor(box)[part]
+            mask = None if spec.mask is None else spec.mask[part]
+            targets = Region(spec.classes[part], mask=mask, box=box, ignore=spec.ignore)
+        else:
+            targets = spec[part]
+        batch_masks = None if masks is None else masks[part]
+        batches.append(CompareBatch(index, start, inputs[part], batch_masks, targets))
+    return batches
+
+
+def _scaled(estimate: dict[str, Any], factor: float) -> dict[str, Any]:
+    """An estimate made on one batch, for ``factor`` times as many images."""
+    f = factor
+    scaled = [
+        {**p, "forward_images": round(p["forward_images"] * f), "seconds": p["seconds"] * f}
+        for p in estimate["parts"]
+    ]
+    return {
+        **estimate,
+        "forward_images": sum(p["forward_images"] for p in scaled),
+        "seconds": estimate["seconds"] * factor,
+        "parts": scaled,
+    }
+
+
+@dataclass
+class CompareStep:
+    """One batch explained by every method and scored by every metric: what an executor maps,
+    here or on a worker (picklable; the progress callback stays in this process)."""
+
+    chosen: list[str]
+    metric_classes: dict[str, type]
+    adapter: Any
+    options: dict[str, dict[str, Any]]
+    metric_options: dict[str, dict[str, Any]]
+    chunk_size: int
+    batches: int
+    progress: ProgressFn | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "progress": None}
+
+    def __call__(self, batch: CompareBatch) -> Partial:
+        progress = self.progress
+        if progress is not None and self.batches > 1:
+            what = f"batch {batch.index + 1}/{self.batches}"
+            progress = within(progress, batch.index, self.batches, what)
+        result = _compare_batch(self, batch, progress)
+        return Partial(ComparePart([result]), len(batch))
+
+
+def _compare_batch(step: CompareStep, batch: CompareBatch, progress: ProgressFn | None):
+    registry = get_registry()
+    adapter, inputs, spec, masks = step.adapter, batch.inputs, batch.targets, batch.masks
+    metric_classes, chunk_size = step.metric_classes, step.chunk_size
+    options, metric_opts = step.options, step.metric_options
     explanations: dict[str, Explanation] = {}
     costs: dict[str, MethodCost] = {}
-    steps, step = len(chosen) * (1 + len(metric_classes)), 0
-    for name in chosen:
+    skipped_methods: dict[str, str] = {}
+    steps, step_no = len(step.chosen) * (1 + len(metric_classes)), 0
+    for name in step.chosen:
         info = registry.get_explainer(name)
         opts = options.get(name, {})
         if progress:
-            progress(step, steps, f"explaining with {name}")
-        run_opts = _with_progress(info.cls, opts, within(progress, step, steps, name))
-        step += 1
+            progress(step_no, steps, f"explaining with {name}")
+        run_opts = _with_progress(info.cls, opts, within(progress, step_no, steps, name))
+        step_no += 1
         try:
             check_options(info, opts)
             with measure_peak(adapter.device) as peak:
@@ -439,9 +628,9 @@ def compare(
     details: dict[tuple[str, str], dict[str, Any]] = {}
     errors: dict[tuple[str, str], str] = {}
     nan = torch.full((inputs.shape[0],), math.nan, dtype=torch.float64)
-    steps = step + len(explanations) * len(metric_classes)  # without the skipped methods
+    steps = step_no + len(explanations) * len(metric_classes)  # without the skipped methods
     current: dict[str, Any] = {"progress": None}  # the running metric's step, for reruns
-    batch = {"model": adapter, "inputs": inputs, "masks": masks, "chunk_size": chunk_size}
+    shared = {"model": adapter, "inputs": inputs, "masks": masks, "chunk_size": chunk_size}
     for method, exp in explanations.items():
         info = registry.get_explainer(method)
         opts = options.get(method, {})
@@ -453,7 +642,7 @@ def compare(
 
         cost = costs[method]
         context = MetricContext(
-            **batch,
+            **shared,
             explanation=exp,
             method=method,
             rerun=rerun,
@@ -462,10 +651,10 @@ def compare(
         for metric, cls in metric_classes.items():
             label = f"{metric} of {method}"
             if progress:
-                progress(step, steps, label)
-            current["progress"] = tracker = _MetricStep(progress, step, steps, label)
+                progress(step_no, steps, label)
+            current["progress"] = tracker = _MetricStep(progress, step_no, steps, label)
             run_opts = _with_progress(cls, metric_opts.get(metric, {}), tracker.own)
-            step += 1
+            step_no += 1
             try:
                 result = cls().compute(context, **run_opts)
                 n, source = inputs.shape[0], registry.metric_source(metric)
@@ -477,23 +666,131 @@ def compare(
                 errors[(method, metric)] = f"{type(exc).__name__}: {exc}"
     if progress:
         progress(steps, steps, "compared")
+    return BatchResult(
+        batch.start, len(batch), explanations, costs, skipped_methods, values, details, errors
+    )
 
-    return Comparison(
-        methods=list(explanations),
-        metrics=list(metric_classes),
-        directions={m: cls.direction for m, cls in metric_classes.items()},
-        values=values,
-        details=details,
-        explanations=explanations,
-        costs=costs,
-        targets=class_targets.cpu(),
-        skipped_methods=skipped_methods,
-        skipped_metrics=skipped_metrics,
-        errors=errors,
-        ranges={m: metric_range(cls) for m, cls in metric_classes.items()},
-        measured_once={m: metric_measured_once(cls) for m, cls in metric_classes.items()},
-        estimate=estimate,
-        economies=economies,
+
+def _assemble(batches: list[BatchResult], chosen: Sequence[str]) -> dict[str, Any]:
+    """The batches' results, in sample order, as one: a method skipped on any batch is skipped
+    (with the first reason); a metric's error on any batch is its error (values NaN there)."""
+    if len(batches) == 1:  # the default: the batch's result as it is
+        b = batches[0]
+        return {
+            "methods": list(b.explanations),
+            "values": b.values,
+            "details": b.details,
+            "explanations": b.explanations,
+            "costs": b.costs,
+            "skipped": b.skipped,
+            "errors": b.errors,
+        }
+    skipped: dict[str, str] = {}
+    for b in batches:
+        for name, reason in b.skipped.items():
+            skipped.setdefault(name, reason)
+    methods = [m for m in chosen if m not in skipped]
+    keys = [key for key in batches[0].values if key[0] in methods]
+    errors: dict[tuple[str, str], str] = {}
+    for b in batches:
+        for key, error in b.errors.items():
+            if key[0] in methods:
+                errors.setdefault(key, error)
+    sizes = [b.size for b in batches]
+    return {
+        "methods": methods,
+        "values": {key: torch.cat([b.values[key] for b in batches]) for key in keys},
+        "details": {key: merge_details([b.details[key] for b in batches], sizes) for key in keys},
+        "explanations": {
+            m: _concat_explanations([b.explanations[m] for b in batches], sizes) for m in methods
+        },
+        "costs": {m: _total_cost([b.costs[m] for b in batches], sum(sizes)) for m in methods},
+        "skipped": skipped,
+        "errors": errors,
+    }
+
+
+def _total_cost(costs: list[MethodCost], n: int) -> MethodCost:
+    """Seconds summed over the batches (time spent explaining, wherever it ran), the largest
+    peak of one batch."""
+    seconds = sum(c.seconds for c in costs)
+    peaks = [c.peak_bytes for c in costs if c.peak_bytes is not None]
+    return MethodCost(seconds, seconds / n, max(peaks) if peaks else None)
+
+
+def merge_details(details: list[Any], sizes: list[int]) -> Any:
+    """The ``details`` of one (method, metric) over batches of ``sizes`` samples, as one:
+
+    * a dict is merged key by key (keys every batch has);
+    * a tensor or array with one entry per sample (the batch's size on its first axis, else on
+      its last) is concatenated along that axis, in sample order;
+    * a number (a count, a mean, a time: one batch's summary) becomes the list of the batches'
+      numbers, in batch order; summaries over all samples come from the per-sample values;
+    * anything else equal in every batch is kept (a curve's fractions, a name, a setting), and
+      what differs becomes the list of the batches' values.
+    """
+    first = details[0]
+    if all(isinstance(d, dict) for d in details):
+        keys = [k for k in first if all(k in d for d in details)]
+        return {k: merge_details([d[k] for d in details], sizes) for k in keys}
+    if all(isinstance(d, torch.Tensor) for d in details):
+        axis = _sample_axis([tuple(d.shape) for d in details], sizes)
+        if axis is not None:
+            return torch.cat([d.to(first.device) for d in details], dim=axis)
+    if all(isinstance(d, np.ndarray) for d in details):
+        axis = _sample_axis([d.shape for d in details], sizes)
+        if axis is not None:
+            return np.concatenate(details, axis=axis)
+    if all(d is None or isinstance(d, int | float) for d in details):
+        return list(details)
+    if all(_equal(d, first) for d in details[1:]):
+        return first
+    return list(details)
+
+
+def _sample_axis(shapes: list[tuple[int, ...]], sizes: list[int]) -> int | None:
+    if any(len(shape) == 0 for shape in shapes):
+        return None
+    for axis in (0, -1):
+        if all(shape[axis] == n for shape, n in zip(shapes, sizes, strict=True)):
+            rest = {shape[1:] if axis == 0 else shape[:-1] for shape in shapes}
+            if len(rest) == 1:  # the same shape but for the samples
+                return axis
+    return None
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and bool(torch.equal(a.cpu(), b.cpu()))
+        )
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and np.array_equal(a, b)
+    try:
+        return bool(type(a) is type(b) and a == b)
+    except Exception:  # a value whose == is not a truth value
+        return False
+
+
+def _concat_explanations(parts: list[Explanation], sizes: list[int]) -> Explanation:
+    """One method's explanations of the batches as one explanation of all the samples."""
+    first = parts[0]
+
+    def cat(tensors: list[Any]) -> Any:
+        return None if tensors[0] is None else torch.cat([t.to(first.device) for t in tensors])
+
+    return replace(
+        first,
+        raw=[cat([p.raw[i] for p in parts]) for i in range(len(first.raw))],
+        targets=cat([p.targets for p in parts]),
+        scores=cat([p.scores for p in parts]),
+        regions=cat([p.regions for p in parts]),
+        input_shape=(sum(sizes), *first.input_shape[1:]),
+        seconds=sum(p.seconds for p in parts),
+        details=merge_details([p.details for p in parts], sizes),
     )
 
 

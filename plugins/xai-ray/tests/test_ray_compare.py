@@ -1,0 +1,182 @@
+"""compare(engine="ray"): the batches explained and scored on Ray actors, merged in batch order
+into the table the local engine computes (the local Ray of conftest.py, 2 CPUs).
+
+Timing (the ``cost`` metric and ``costs``) is measured where each batch ran and differs from run
+to run: it is left out of the equality checks, and only checked to be there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from xai_ray import RayExecutor
+
+import xai_core
+from xai_core.cli.app import main
+from xai_core.core.errors import MissingDependencyError
+from xai_core.demo import data, load_model, preprocess
+from xai_core.workflows.compare import merge_details
+
+TIMED = "cost"  # the metric that measures time
+KWARGS = dict(
+    methods=["gradcam", "saliency", "occlusion"],  # occlusion: model-agnostic, no gradients
+    metrics=["deletion", "pointing_game", "randomization", "sparseness", TIMED],
+    options={"occlusion": {"window": 16, "stride": 16}},
+    metric_options={"deletion": {"steps": 8}, "randomization": {"stages": 2}},
+)
+
+
+@pytest.fixture(scope="module")
+def study():
+    batch = data.make_xrays(8, seed=3, size=64)
+    x, model = preprocess(batch.images), load_model("cnn")
+    local = xai_core.compare(model, x, masks=batch.masks, batch_size=3, **KWARGS)
+    whole = xai_core.compare(model, x, masks=batch.masks, **KWARGS)  # the default: one batch
+    return model, x, batch.masks, local, whole
+
+
+def _same_values(a, b, *, skip=(TIMED,)):
+    assert a.values.keys() == b.values.keys()
+    for key, value in a.values.items():
+        if key[1] not in skip:  # bitwise, NaN where NaN
+            torch.testing.assert_close(value, b.values[key], rtol=0, atol=0, equal_nan=True)
+
+
+def _same_table(a, b):
+    untimed = [r for r in a.rows() if r["metric"] != TIMED]
+    other = [r for r in b.rows() if r["metric"] != TIMED]
+    assert len(untimed) == len(other) > 0
+    for row, twin in zip(untimed, other, strict=True):
+        for field, value in row.items():
+            if isinstance(value, float) and not math.isnan(value):
+                assert value == pytest.approx(twin[field], abs=1e-6), (row, field)
+            elif isinstance(value, float):
+                assert math.isnan(twin[field]), (row, field)
+            else:
+                assert value == twin[field], (row, field)
+
+
+def _verdict(result):
+    """The verdict without the speed it shows (seconds per image)."""
+    verdict = result.verdict().to_dict()
+    for method in verdict["methods"]:
+        assert method.pop("seconds_per_image") > 0
+    return verdict
+
+
+def test_compare_on_ray_is_the_local_comparison(ray_session, study):
+    model, x, masks, local, _ = study
+    seen = []
+    ray = xai_core.compare(
+        model,
+        x,
+        masks=masks,
+        batch_size=3,
+        engine=RayExecutor(workers=2, in_flight=1),
+        progress=lambda done, total, what: seen.append((done, total)),
+        **KWARGS,
+    )
+    assert ray.methods == local.methods == ["gradcam", "saliency", "occlusion"]
+    assert not ray.errors and not ray.skipped_methods
+    _same_values(ray, local)
+    _same_table(ray, local)
+    for metric in local.metrics:
+        assert ray.pair_tests(metric) == local.pair_tests(metric)
+    assert _verdict(ray) == _verdict(local)
+    assert torch.equal(ray.targets, local.targets)
+    for method, exp in local.explanations.items():  # the maps of every batch, in order
+        assert torch.equal(ray.explanations[method].maps, exp.maps), method
+        assert torch.equal(ray.explanations[method].scores, exp.scores), method
+    curves = ray.details[("gradcam", "deletion")]["curves"]
+    assert curves.shape == (8, 9)
+    assert torch.equal(curves, local.details[("gradcam", "deletion")]["curves"])
+    # Timing is per worker: the seconds spent explaining, summed over the batches.
+    for method in ray.methods:
+        assert ray.costs[method].seconds > 0
+        assert ray.costs[method].seconds_per_image == ray.costs[method].seconds / 8
+        assert ray.values[(method, TIMED)].isfinite().all()
+    # Progress comes from the driver, one call per merged batch (the steps on the workers
+    # report nothing back).
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_batches_merge_into_the_one_batch_comparison(study):
+    # Splitting changes nothing but the timing: the per-sample values of 3 + 3 + 2 images are
+    # those of one batch of 8, in the same order (this demo model on the CPU: bitwise).
+    _, _, _, local, whole = study
+    _same_values(local, whole)
+    _same_table(local, whole)
+    deepest = "abs_spearman_deepest"  # what the verdict's sanity check reads
+    for method in whole.methods:
+        key = (method, "randomization")
+        assert torch.equal(local.details[key][deepest], whole.details[key][deepest])
+    assert _verdict(local) == _verdict(whole)
+
+
+def test_merge_details_rules():
+    first = {"curves": torch.ones(3, 5), "per_stage": torch.zeros(2, 3), "kind": "logit",
+             "fractions": torch.linspace(0, 1, 5), "hits": 2, "nested": {"n": 1.5}}  # fmt: skip
+    second = {"curves": torch.zeros(2, 5), "per_stage": torch.ones(2, 2), "kind": "logit",
+              "fractions": torch.linspace(0, 1, 5), "hits": 2, "nested": {"n": 0.5}}  # fmt: skip
+    merged = merge_details([first, second], [3, 2])
+    assert merged["curves"].shape == (5, 5) and merged["curves"][3:].sum() == 0
+    assert merged["per_stage"].shape == (2, 5)  # samples on the last axis
+    assert merged["kind"] == "logit" and torch.equal(merged["fractions"], first["fractions"])
+    assert merged["hits"] == [2, 2]  # one batch's count each: not a count of all samples
+    assert merged["nested"] == {"n": [1.5, 0.5]}
+
+
+def test_compare_on_ray_from_the_command_line_is_the_local_table(
+    ray_session, tmp_path, monkeypatch, capsys
+):
+    images = data.make_xrays(5, seed=4, size=64).images
+    work = tmp_path / "work"
+    work.mkdir()
+    for i, image in enumerate(images[:, 0]):
+        pixels = (image * 255).round().to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(work / f"x{i}.png")
+    monkeypatch.chdir(work)  # relative inputs and --out, from the data's folder
+    common = ["compare", "demo:cnn", ".", "--methods", "gradcam,saliency",
+              "--metrics", "deletion,sparseness,cost", "--metric-option", "deletion.steps=4",
+              "--budget", "0", "--batch-size", "2"]  # fmt: skip
+    runs = {}
+    # In this process, on the Ray of conftest.py (--workers 1: one actor to start).
+    for name, extra in (("local", []), ("ray", ["--engine", "ray", "--workers", "1"])):
+        with pytest.raises(SystemExit) as exited:
+            main([*common, "--out", name, *extra])
+        assert exited.value.code == 0, capsys.readouterr().err
+        runs[name] = json.loads((work / name / "comparison.json").read_text())
+        assert (work / name / "report.html").is_file()
+    assert not (work / "ray" / "ray").exists()  # the relative --out, once
+
+    def untimed(saved):  # everything but what measures time
+        saved = {k: v for k, v in saved.items() if k not in ("costs", "estimate")}
+        saved["results"] = [r for r in saved["results"] if r["metric"] != TIMED]
+        saved["per_sample"] = {k: v for k, v in saved["per_sample"].items() if TIMED not in k}
+        for method in saved["verdict"]["methods"]:
+            assert method.pop("seconds_per_image") > 0
+        return saved
+
+    local, ray = untimed(runs["local"]), untimed(runs["ray"])
+    assert len(local["per_sample"]["gradcam/deletion"]) == 5
+    assert ray == local
+
+
+def test_without_ray_compare_says_what_to_install(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    x = preprocess(data.make_xrays(2, seed=0, size=64).images)
+    with pytest.raises(MissingDependencyError, match=r"pip install 'xai-core\[ray\]'"):
+        xai_core.compare(load_model("cnn"), x, methods=["gradcam"], metrics=["sparseness"],
+                         engine="ray", batch_size=1)  # fmt: skip
+    image = tmp_path / "x.png"
+    Image.fromarray((x[0, 0] * 255).clamp(0, 255).to(torch.uint8).numpy()).save(image)
+    with pytest.raises(SystemExit) as exited:
+        main(["compare", "demo:cnn", str(image), "--out", str(tmp_path / "o"), "--engine", "ray",
+              "--workers", "1"])  # fmt: skip
+    assert exited.value.code != 0
+    assert "pip install 'xai-core[ray]'" in capsys.readouterr().err
