@@ -525,6 +525,13 @@ def audit_command(
     fail_on_flags: Annotated[
         bool, typer.Option(help="Exit with status 1 when a region is flagged (for CI).")
     ] = False,
+    checkpoint_every: Annotated[
+        float,
+        typer.Option(
+            help="Seconds between saves of the finished batches under --out (a rerun resumes "
+            "from them); 0: after every batch."
+        ),
+    ] = 30.0,
     shared: RunOptions = DEFAULTS,
     engine: EngineOpt = "local",
     address: AddressOpt = None,
@@ -534,6 +541,8 @@ def audit_command(
     """Look for shortcuts: regions holding a class's attribution across the inputs (docs/audit.md).
 
     Images are grouped by the model's predicted class; writes report.html and audit.json.
+    A rerun with the same --out skips the batches finished for the same model, method, options
+    and inputs (killed or interrupted runs included) and gives the same audit.
     """
     from xai_core.report.audit import write_audit
     from xai_core.workflows.audit import audit
@@ -566,12 +575,16 @@ def audit_command(
             min_fraction=min_fraction,
             progress=report,
             engine=executor,
+            resume=out,
+            checkpoint_every=checkpoint_every,
         )
     written = write_audit(result, out)
     _print_text(result.summary())
     errors = Console(stderr=True, highlight=False, soft_wrap=True)
     for key, error in result.failed.items():
         errors.print(f"[red]failed[/red] {_plain(key)}: {_plain(error)}")
+    if result.resumed:
+        errors.print(f"{result.resumed} images were audited by an earlier run into this --out")
     errors.print(f"report: {_plain(written)}")
     raise typer.Exit(1 if fail_on_flags and result.flags else 0)
 

@@ -37,22 +37,30 @@ and cannot tell.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
+import pickle
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from xai_core.core.adapters import torch_module_of
 from xai_core.core.api import run_explainer, runnable
-from xai_core.core.errors import InputError, OptionError, did_you_mean
-from xai_core.core.executors import DEFAULT_ENGINE, Executor, Partial, run
+from xai_core.core.errors import ExecutorError, InputError, OptionError, did_you_mean
+from xai_core.core.executors import DEFAULT_ENGINE, Executor, Partial, parts, run
 from xai_core.core.explanation import normalize
 from xai_core.core.progress import ProgressFn
 from xai_core.core.tags import Scope
+from xai_core.io.outputs import RunLedger, atomic_open, content_digest, request_key
 from xai_core.workflows.datasets import ClassMaps, DataStream, batch_targets
 
 REFERENCES = ("auto", "masks", "uniform", "classes")
@@ -131,6 +139,7 @@ class AuditResult:
     failed: dict[str, str] = field(default_factory=dict)  # unreadable files
     settings: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    resumed: int = 0  # images whose batches a rerun took from the saved sum (resume=)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly: flags, counts, settings (no maps)."""
@@ -149,6 +158,7 @@ class AuditResult:
             "failed": self.failed,
             "settings": self.settings,
             "seconds": self.seconds,
+            "resumed": self.resumed,
         }
 
     def summary(self) -> str:
@@ -273,6 +283,8 @@ def audit(
     mask_margin: int | None = None,
     progress: ProgressFn | None = None,
     engine: str | Executor = DEFAULT_ENGINE,
+    resume: str | os.PathLike | None = None,
+    checkpoint_every: float = 30.0,
 ) -> AuditResult:
     """Explain every image of ``data`` and flag regions that hold a class's attribution.
 
@@ -305,8 +317,17 @@ def audit(
         (occlusion's perturbed inputs).
     :param engine: where the batches are explained: an executor's name (``"local"``, this
         process, the default; plugins add others) or an executor (:mod:`xai_core.core.executors`).
+    :param resume: a folder (``xai audit --out``) where the sum of the finished batches is kept
+        (under ``.xai-run/``): a rerun with the same folder, model, method, options and data skips
+        the batches it holds, and gives the result of an uninterrupted run, bitwise; anything
+        else starts again. ``min_share``, ``min_fraction``, ``min_images`` and ``reference``
+        act after the sums: changing them reuses every batch.
+    :param checkpoint_every: with ``resume``, seconds between saves of the sum (0: after every
+        batch); a kill costs at most the batches of that time. Ctrl-C saves before it stops.
     """
     _check_settings(group_by, reference, min_share, min_lift, min_fraction, min_images, mask_margin)
+    if not isinstance(checkpoint_every, int | float) or not checkpoint_every >= 0:
+        raise OptionError(f"checkpoint_every must be seconds >= 0; got {checkpoint_every!r}.")
     info, adapter = runnable(
         method,
         model,
@@ -330,9 +351,28 @@ def audit(
     step = _AuditStep(
         info, adapter, options, group_by, reference, class_names, min_lift, mask_margin
     )
-    merged = run(
-        engine, step, stream, total=stream.total, progress=progress, what=f"{method}: images"
-    )
+    what, resumed = f"{method}: images", 0
+    if resume is None:
+        merged = run(engine, step, stream, total=stream.total, progress=progress, what=what)
+    else:
+        from xai_core import __version__  # the package's version, set before any import
+
+        request = {
+            "model": model_fingerprint(adapter),
+            "method": method,
+            "plugin": info.distribution or info.plugin,
+            "plugin_version": info.version,
+            "core_version": __version__,
+            "options": {k: repr(v) for k, v in sorted(options.items())},
+            "group_by": group_by,
+            "class_names": None if class_names is None else [str(n) for n in class_names],
+            "min_lift": min_lift,
+            "mask_margin": mask_margin,
+        }
+        merged, resumed = _run_resumable(
+            engine, step, stream, Path(resume).absolute(), request,
+            every=checkpoint_every, progress=progress, what=what,
+        )  # fmt: skip
     if merged is None:
         raise InputError("The dataset is empty: no batch came out of it.")
     sums, done, without = merged.value, merged.images, merged.value.without
@@ -342,6 +382,7 @@ def audit(
     result.images = done
     result.without_attribution = without
     result.failed = dict(stream.failed)
+    result.resumed = resumed
     result.settings = {
         "method": method,
         "options": {k: repr(v) for k, v in options.items()},
@@ -530,3 +571,204 @@ def _reference(
     if reference == "classes" and others:
         return "classes", share[others].mean(dim=0), hits
     return "uniform", torch.full_like(share[c], 1 / share[c].numel()), hits
+
+
+# -- resume: the running sum saved under the output folder --------------------------------------
+#
+# The reduce adds the batches' parts in batch order, one running sum. With ``resume=DIR`` the
+# sum of the first k batches is saved under DIR/.xai-run/ (written atomically, then recorded in
+# the folder's RunLedger, the one `xai explain` keeps), with the key of each batch it holds: a
+# digest of the request (model, method, options...) and of the batch's tensors as read and
+# preprocessed. A rerun reads the data again; when its first k batches have those keys, it
+# loads the sum and explains only the batches after them. Adding the rest to it repeats the
+# additions of an uninterrupted run in the same order: the result is bitwise the same.
+
+RESUME_KEY = "audit"  # the ledger entry of the saved sum
+
+
+def model_fingerprint(adapter: Any) -> dict[str, Any]:
+    """What identifies the model's weights, for resume keys: a digest of a PyTorch module's
+    parameters and buffers, of an ONNX model's file or bytes, or of the pickled adapter."""
+    module = torch_module_of(adapter)
+    if module is not None:
+        digest = hashlib.sha256(type(module).__qualname__.encode())
+        for name, tensor in module.state_dict().items():
+            flat = tensor.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+            digest.update(flat.view(torch.uint8).numpy().tobytes())
+        return {"module": type(module).__qualname__, "sha256": digest.hexdigest()}
+    source = getattr(adapter, "_source", None)  # an ONNX adapter's path or bytes
+    if isinstance(source, str | os.PathLike) and Path(source).is_file():
+        return {"file": content_digest(source)}
+    if isinstance(source, bytes | bytearray):
+        return {"bytes": hashlib.sha256(source).hexdigest()}
+    try:
+        return {"pickle": hashlib.sha256(pickle.dumps(adapter)).hexdigest()}
+    except Exception as exc:
+        raise OptionError(
+            f"resume= needs a model it can identify (a PyTorch module, an ONNX file or bytes, or "
+            f"a picklable adapter); this {type(adapter).__name__} is none of those ({exc})."
+        ) from exc
+
+
+def _batch_key(request: str, batch: Any) -> str:
+    digest = hashlib.sha256(request.encode())
+    for tensor in (batch.inputs, batch.labels, batch.masks):
+        if tensor is None:
+            digest.update(b"-")
+            continue
+        flat = tensor.detach().cpu().contiguous()
+        digest.update(f"{tuple(flat.shape)}{flat.dtype}".encode())
+        digest.update(flat.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+@dataclass
+class _KeyedStep:
+    """The audit's step on ``(key, batch)``: the part comes back with its batch's key."""
+
+    step: _AuditStep
+
+    def __call__(self, item: tuple[str, Any]) -> Partial:
+        key, batch = item
+        part = self.step(batch)
+        return Partial((key, part.value), part.images)
+
+
+_MAPS = ("maps", "positive", "hits", "image", "off", "off_hits")
+
+
+def _state(total: Partial) -> dict[str, Any]:
+    """The running sum as tensors, numbers and strings only (loaded with weights_only=True)."""
+    sums = total.value
+    state: dict[str, Any] = {"images": total.images, "without": sums.without}
+    for name in _MAPS:
+        maps = getattr(sums, name)
+        state[name] = None if maps is None else {
+            "sums": maps.sums.cpu(), "squares": maps.squares.cpu(), "counts": maps.counts.cpu()
+        }  # fmt: skip
+    state["masked"] = None if sums.masked is None else sums.masked.cpu()
+    return state
+
+
+def _from_state(state: dict[str, Any], device: torch.device) -> Partial:
+    def maps(name: str) -> ClassMaps | None:
+        saved = state[name]
+        if saved is None:
+            return None
+        return ClassMaps(*(saved[k].to(device) for k in ("sums", "squares", "counts")))
+
+    masked = state["masked"]
+    sums = _Sums(
+        *(maps(name) for name in _MAPS),
+        masked=None if masked is None else masked.to(device),
+        without=int(state["without"]),
+    )
+    return Partial(sums, int(state["images"]))
+
+
+def _reiterable(stream: DataStream) -> bool:
+    data = stream.data
+    return isinstance(data, torch.Tensor) or stream._files or iter(data) is not data
+
+
+def _run_resumable(
+    engine: str | Executor,
+    step: _AuditStep,
+    stream: DataStream,
+    folder: Path,
+    request: dict[str, Any],
+    *,
+    every: float,
+    progress: ProgressFn | None,
+    what: str,
+) -> tuple[Partial | None, int]:
+    """The merged parts, as :func:`~xai_core.core.executors.run` gives them, with the running
+    sum saved under ``folder`` as it grows; also how many images came from a saved sum."""
+    if not _reiterable(stream):
+        raise OptionError(
+            "resume= reads the data again to recognise finished batches: pass a folder, files, "
+            "a tensor or a DataLoader, not a one-shot iterator."
+        )
+    ledger = RunLedger(folder)
+    request_id = request_key(request)
+    record = ledger.record(RESUME_KEY) if ledger.done(RESUME_KEY, request_id) else None
+    saved: list[str] = list(record["record"]["batches"]) if record else []
+    state: dict[str, Any] = {"prefix": False}
+    sent: deque[str] = deque()
+
+    def pending() -> Iterator[tuple[str, Any]]:
+        batches = iter(stream)
+        if saved:
+            for matched, batch in enumerate(batches, start=1):
+                if _batch_key(request_id, batch) != saved[matched - 1]:
+                    break
+                if matched == len(saved):
+                    state["prefix"] = True
+                    break
+            if not state["prefix"]:  # other data than the saved sum's: start again
+                stream.failed.clear()
+                batches = iter(stream)
+            elif progress:
+                progress(int(record["record"]["images"]), stream.total, f"{what} (done before)")
+        for batch in batches:
+            key = _batch_key(request_id, batch)
+            sent.append(key)
+            yield key, batch
+
+    def start() -> tuple[Partial | None, list[str]]:
+        if not state["prefix"]:
+            return None, []
+        path = folder / next(iter(record["outputs"]))
+        with open(path, "rb") as f:  # tensors only: never unpickles objects
+            loaded = torch.load(f, map_location="cpu", weights_only=True)
+        return _from_state(loaded, step.adapter.device), list(saved)
+
+    total: Partial | None = None
+    keys: list[str] = []
+    started, last = False, time.monotonic()
+    try:
+        for part in parts(engine, _KeyedStep(step), pending()):
+            if not started:
+                total, keys = start()
+                started = True
+            key, sums = part.value
+            if key != sent.popleft():
+                raise ExecutorError(
+                    "resume= needs an executor that yields the parts in batch order; this one "
+                    "did not. Run without resume, or use the local or ray engine."
+                )
+            if total is None:
+                total = Partial(sums, part.images)
+            else:
+                total += Partial(sums, part.images)
+            keys.append(key)
+            if progress:
+                progress(total.images, stream.total, what)
+            if time.monotonic() - last >= every:
+                _save(ledger, request_id, total, keys)
+                last = time.monotonic()
+    except KeyboardInterrupt:  # Ctrl-C: keep what is merged, for the next run
+        if total is not None and keys and len(keys) > len(saved):
+            _save(ledger, request_id, total, keys)
+        raise
+    if not started:  # nothing left to explain
+        total, keys = start()
+    if total is not None and keys != saved:
+        _save(ledger, request_id, total, keys)
+    resumed = int(record["record"]["images"]) if state["prefix"] else 0
+    return total, resumed
+
+
+def _save(ledger: RunLedger, request_id: str, total: Partial, keys: list[str]) -> None:
+    """The running sum, written atomically, then recorded; the sum it replaces, removed."""
+    before = ledger.record(RESUME_KEY) or {}
+    path = ledger.folder / f"audit-sums-{request_id}-{len(keys)}.pt"
+    with atomic_open(path) as f:
+        torch.save(_state(total), f)
+    record = {"batches": keys, "images": total.images}
+    ledger.mark_done(RESUME_KEY, record, outputs=[path], request=request_id)
+    for name in before.get("outputs", {}):
+        if ledger.root / name != path:
+            with suppress(OSError):
+                (ledger.root / name).unlink()
