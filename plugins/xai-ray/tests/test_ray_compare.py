@@ -20,13 +20,11 @@ import xai_core
 from xai_core.cli.app import main
 from xai_core.core.errors import MissingDependencyError
 from xai_core.demo import data, load_model, preprocess
-from xai_core.workflows.compare import merge_details
 
 TIMED = "cost"  # the metric that measures time
 KWARGS = dict(
-    methods=["gradcam", "saliency", "occlusion"],  # occlusion: model-agnostic, no gradients
+    methods=["gradcam", "saliency"],
     metrics=["deletion", "pointing_game", "randomization", "sparseness", TIMED],
-    options={"occlusion": {"window": 16, "stride": 16}},
     metric_options={"deletion": {"steps": 8}, "randomization": {"stages": 2}},
 )
 
@@ -36,8 +34,7 @@ def study():
     batch = data.make_xrays(8, seed=3, size=64)
     x, model = preprocess(batch.images), load_model("cnn")
     local = xai_core.compare(model, x, masks=batch.masks, batch_size=3, **KWARGS)
-    whole = xai_core.compare(model, x, masks=batch.masks, **KWARGS)  # the default: one batch
-    return model, x, batch.masks, local, whole
+    return model, x, batch.masks, local
 
 
 def _same_values(a, b, *, skip=(TIMED,)):
@@ -70,7 +67,7 @@ def _verdict(result):
 
 
 def test_compare_on_ray_is_the_local_comparison(ray_session, study):
-    model, x, masks, local, _ = study
+    model, x, masks, local = study
     seen = []
     ray = xai_core.compare(
         model,
@@ -81,7 +78,7 @@ def test_compare_on_ray_is_the_local_comparison(ray_session, study):
         progress=lambda done, total, what: seen.append((done, total)),
         **KWARGS,
     )
-    assert ray.methods == local.methods == ["gradcam", "saliency", "occlusion"]
+    assert ray.methods == local.methods == ["gradcam", "saliency"]
     assert not ray.errors and not ray.skipped_methods
     _same_values(ray, local)
     _same_table(ray, local)
@@ -103,32 +100,6 @@ def test_compare_on_ray_is_the_local_comparison(ray_session, study):
     # Progress comes from the driver, one call per merged batch (the steps on the workers
     # report nothing back).
     assert seen == [(1, 3), (2, 3), (3, 3)]
-
-
-def test_batches_merge_into_the_one_batch_comparison(study):
-    # Splitting changes nothing but the timing: the per-sample values of 3 + 3 + 2 images are
-    # those of one batch of 8, in the same order (this demo model on the CPU: bitwise).
-    _, _, _, local, whole = study
-    _same_values(local, whole)
-    _same_table(local, whole)
-    deepest = "abs_spearman_deepest"  # what the verdict's sanity check reads
-    for method in whole.methods:
-        key = (method, "randomization")
-        assert torch.equal(local.details[key][deepest], whole.details[key][deepest])
-    assert _verdict(local) == _verdict(whole)
-
-
-def test_merge_details_rules():
-    first = {"curves": torch.ones(3, 5), "per_stage": torch.zeros(2, 3), "kind": "logit",
-             "fractions": torch.linspace(0, 1, 5), "hits": 2, "nested": {"n": 1.5}}  # fmt: skip
-    second = {"curves": torch.zeros(2, 5), "per_stage": torch.ones(2, 2), "kind": "logit",
-              "fractions": torch.linspace(0, 1, 5), "hits": 2, "nested": {"n": 0.5}}  # fmt: skip
-    merged = merge_details([first, second], [3, 2])
-    assert merged["curves"].shape == (5, 5) and merged["curves"][3:].sum() == 0
-    assert merged["per_stage"].shape == (2, 5)  # samples on the last axis
-    assert merged["kind"] == "logit" and torch.equal(merged["fractions"], first["fractions"])
-    assert merged["hits"] == [2, 2]  # one batch's count each: not a count of all samples
-    assert merged["nested"] == {"n": [1.5, 0.5]}
 
 
 def test_compare_on_ray_from_the_command_line_is_the_local_table(
@@ -180,3 +151,27 @@ def test_without_ray_compare_says_what_to_install(monkeypatch, capsys, tmp_path)
               "--workers", "1"])  # fmt: skip
     assert exited.value.code != 0
     assert "pip install 'xai-core[ray]'" in capsys.readouterr().err
+
+
+def test_an_audit_stopped_here_resumes_on_ray_to_the_same_result(ray_session, tmp_path):
+    # The saved sum does not depend on the engine: stopped on the local engine after 2 of 4
+    # batches, resumed on Ray (only the last two batches go to the actors), the result is the
+    # uninterrupted local audit, bitwise.
+    demo = data.make_xrays(8, seed=6, size=64)
+    xrays, model = (preprocess(demo.images), demo.labels), load_model("cnn")
+    kwargs = dict(method="gradcam", batch_size=2, min_images=1)
+    local = xai_core.audit(model, xrays, **kwargs)
+
+    def stop(done, _total, _what):
+        if done >= 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        xai_core.audit(model, xrays, resume=tmp_path, progress=stop, **kwargs)
+    resumed = xai_core.audit(
+        model, xrays, resume=tmp_path, engine=RayExecutor(workers=2), **kwargs
+    )
+    assert resumed.resumed == 4 and resumed.images == 8
+    for name in ("mean", "std", "share", "unexplained", "mean_image"):
+        assert torch.equal(getattr(resumed, name), getattr(local, name)), name
+    assert resumed.flags == local.flags
