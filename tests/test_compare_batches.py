@@ -134,3 +134,16 @@ def test_batch_size_is_checked(xrays):
     for bad in (0, -1, True, 2.5):
         with pytest.raises(OptionError, match="batch_size"):
             xai_core.compare(model, x, methods=["gradcam"], metrics=[], batch_size=bad)
+
+
+def test_a_batch_carries_only_its_own_samples():
+    # What an executor sends to a worker: a batch pickles to its own size, not the inputs'.
+    import pickle
+
+    from xai_core.workflows.compare import _split
+
+    x = torch.zeros(64, 3, 32, 32)
+    masks = torch.zeros(64, 32, 32, dtype=torch.bool)
+    batches = _split(x, masks, torch.zeros(64, dtype=torch.long), 8)
+    assert [len(b) for b in batches] == [8] * 8 and batches[3].start == 24
+    assert len(pickle.dumps(batches[0])) < len(pickle.dumps(x)) / 4

@@ -535,21 +535,26 @@ def _batch_size(batch_size: int | None, n: int) -> int:
 def _split(
     inputs: torch.Tensor, masks: torch.Tensor | None, spec: Any, size: int
 ) -> list[CompareBatch]:
+    if size >= inputs.shape[0]:  # one batch: everything as it is
+        return [CompareBatch(0, 0, inputs, masks, spec)]
+
+    def cut(tensor: Any, part: slice) -> Any:
+        # A copy, not a view: a pickled view carries its whole storage, i.e. every batch
+        # would send all of the inputs to a worker.
+        return None if tensor is None else torch.as_tensor(tensor)[part].clone()
+
     batches = []
     for index, start in enumerate(range(0, inputs.shape[0], size)):
         part = slice(start, start + size)
-        if size >= inputs.shape[0]:
-            targets = spec  # one batch: the targets as they are
-        elif isinstance(spec, Region):
+        if isinstance(spec, Region):
             box = spec.box
             if box is not None and torch.as_tensor(box).ndim == 3:  # one box per sample
-                box = torch.as_tensor(box)[part]
-            mask = None if spec.mask is None else spec.mask[part]
-            targets = Region(spec.classes[part], mask=mask, box=box, ignore=spec.ignore)
+                box = cut(box, part)
+            mask = cut(spec.mask, part)
+            targets = Region(cut(spec.classes, part), mask=mask, box=box, ignore=spec.ignore)
         else:
-            targets = spec[part]
-        batch_masks = None if masks is None else masks[part]
-        batches.append(CompareBatch(index, start, inputs[part], batch_masks, targets))
+            targets = cut(spec, part)
+        batches.append(CompareBatch(index, start, cut(inputs, part), cut(masks, part), targets))
     return batches
 
 
