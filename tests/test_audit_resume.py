@@ -112,6 +112,12 @@ def test_a_damaged_saved_sum_is_redone_not_trusted(model, xrays, uninterrupted, 
     result = audit(model, xrays, resume=tmp_path, **KWARGS)
     assert result.resumed == 0
     _same(result, uninterrupted)
+    (saved,) = (tmp_path / ".xai-run").glob("audit-sums-*.pt")
+    size = saved.stat().st_size
+    saved.write_bytes(b"\0" * size)  # the size the ledger recorded, and garbage
+    result = audit(model, xrays, resume=tmp_path, **KWARGS)
+    assert result.resumed == 0
+    _same(result, uninterrupted)
 
 
 def test_resume_needs_data_it_can_read_again(model, xrays, tmp_path):

@@ -693,7 +693,8 @@ def _run_resumable(
     ledger = RunLedger(folder)
     request_id = request_key(request)
     record = ledger.record(RESUME_KEY) if ledger.done(RESUME_KEY, request_id) else None
-    saved: list[str] = list(record["record"]["batches"]) if record else []
+    loaded = None if record is None else _load(folder / next(iter(record["outputs"])))
+    saved: list[str] = list(record["record"]["batches"]) if loaded is not None else []
     state: dict[str, Any] = {"prefix": False}
     sent: deque[str] = deque()
 
@@ -710,7 +711,7 @@ def _run_resumable(
                 stream.failed.clear()
                 batches = iter(stream)
             elif progress:
-                progress(int(record["record"]["images"]), stream.total, f"{what} (done before)")
+                progress(int(loaded["images"]), stream.total, f"{what} (done before)")
         for batch in batches:
             key = _batch_key(request_id, batch)
             sent.append(key)
@@ -719,9 +720,6 @@ def _run_resumable(
     def start() -> tuple[Partial | None, list[str]]:
         if not state["prefix"]:
             return None, []
-        path = folder / next(iter(record["outputs"]))
-        with open(path, "rb") as f:  # tensors only: never unpickles objects
-            loaded = torch.load(f, map_location="cpu", weights_only=True)
         return _from_state(loaded, step.adapter.device), list(saved)
 
     total: Partial | None = None
@@ -756,8 +754,20 @@ def _run_resumable(
         total, keys = start()
     if total is not None and keys != saved:
         _save(ledger, request_id, total, keys)
-    resumed = int(record["record"]["images"]) if state["prefix"] else 0
+    resumed = int(loaded["images"]) if state["prefix"] else 0
     return total, resumed
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    """A saved sum, or ``None`` when it cannot be read (damaged by something other than us:
+    the batches are redone, never trusted)."""
+    try:
+        with open(path, "rb") as f:  # tensors only: never unpickles objects
+            state = torch.load(f, map_location="cpu", weights_only=True)
+        _from_state(state, torch.device("cpu"))  # every part there, of the right kind
+    except Exception:
+        return None
+    return state
 
 
 def _save(ledger: RunLedger, request_id: str, total: Partial, keys: list[str]) -> None:
