@@ -169,7 +169,7 @@ def test_an_audit_stopped_here_resumes_on_ray_to_the_same_result(ray_session, tm
     with pytest.raises(KeyboardInterrupt):
         xai_core.audit(model, xrays, resume=tmp_path, progress=stop, **kwargs)
     resumed = xai_core.audit(
-        model, xrays, resume=tmp_path, engine=RayExecutor(workers=2), **kwargs
+        model, xrays, resume=tmp_path, engine=RayExecutor(workers=1), **kwargs
     )
     assert resumed.resumed == 4 and resumed.images == 8
     for name in ("mean", "std", "share", "unexplained", "mean_image"):
