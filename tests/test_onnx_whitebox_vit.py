@@ -78,19 +78,29 @@ def export_vit(model: nn.Module, x: torch.Tensor, path: Path, exporter: str) -> 
 
 
 @pytest.fixture(scope="module")
-def timm_vit():
+def timm_vit(tmp_path_factory):
+    """A tiny timm ViT (timm's default ``fused_attn``: F.scaled_dot_product_attention) and its
+    exports, made once per module when first asked for."""
     model = tiny_vit("timm").eval()
-    assert model.blocks[0].attn.fused_attn  # timm's default: F.scaled_dot_product_attention
-    return model, torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert model.blocks[0].attn.fused_attn
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    folder, paths = tmp_path_factory.mktemp("fused"), {}
+
+    def exported(exporter: str) -> Path:
+        if exporter not in paths:
+            paths[exporter] = export_vit(model, x, folder / f"{exporter}.onnx", exporter)
+        return paths[exporter]
+
+    return model, x, exported
 
 
 @pytest.mark.parametrize("exporter", ["legacy", "dynamo", "dynamo-opset23"])
-def test_fused_attention_exports_equal_torch(timm_vit, exporter, tmp_path):
+def test_fused_attention_exports_equal_torch(timm_vit, exporter):
     """scaled_dot_product_attention: the legacy and dynamo exporters write it out (MatMul,
     Softmax); opset 23 makes it one ``Attention`` node, which the adapter writes out in its
     copy of the graph so that the probabilities can be captured and differentiated."""
-    model, x = timm_vit
-    path = export_vit(model, x, tmp_path / "vit.onnx", exporter)
+    model, x, exported = timm_vit
+    path = exported(exporter)
     fused = [n for n in onnx.load(str(path)).graph.node if n.op_type == "Attention"]
     assert len(fused) == (2 if exporter == "dynamo-opset23" else 0)
     adapter = xai_core.adapt(str(path))
@@ -104,9 +114,8 @@ def test_fused_attention_exports_equal_torch(timm_vit, exporter, tmp_path):
 def test_fused_attention_that_cannot_be_written_out_is_refused_by_name(timm_vit, tmp_path):
     """A causal opset-23 ``Attention`` (no written-out form here): onnxruntime still runs the
     model; attention maps and gradients through it name the operator and say how to export."""
-    model, x = timm_vit
-    path = export_vit(model, x, tmp_path / "vit23.onnx", "dynamo-opset23")
-    proto = onnx.load(str(path))
+    _, x, exported = timm_vit
+    proto = onnx.load(str(exported("dynamo-opset23")))
     for node in proto.graph.node:
         if node.op_type == "Attention":
             for a in node.attribute:
