@@ -74,6 +74,7 @@ def _inferred(model: Any) -> Any:
 
     lite = onnx.ModelProto(ir_version=model.ir_version)
     lite.opset_import.extend(model.opset_import)
+    lite.functions.extend(model.functions)  # the dynamo exporter's local functions
     graph = lite.graph
     for part in ("node", "input", "output", "value_info"):
         getattr(graph, part).extend(getattr(model.graph, part))
