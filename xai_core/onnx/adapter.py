@@ -386,9 +386,12 @@ class OnnxAdapter(ModelAdapter):
         self, inputs: torch.Tensor
     ) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
         layers = self.attention_layers()
-        record = self.record_layers(inputs, layers)
-        calls = [(name, _attention_shaped(name, w)) for name, w in record.order]
-        return record.scores, calls
+        # The outputs gradient rollout asks for (the tail's feeds too, a few small tensors):
+        # attention maps and gradient rollout then share one session, opened once per model.
+        names = [self.output_name, *layers, *self.graph().tail(layers).feeds]
+        got = self.run_outputs(inputs, names)
+        calls = [(name, _attention_shaped(name, got[name])) for name in layers]
+        return got[self.output_name].to(torch.float32), calls
 
     def attention_gradients(
         self, inputs: torch.Tensor, targets: Targets
