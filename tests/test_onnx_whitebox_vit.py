@@ -169,7 +169,8 @@ def _tensor(name: str, array: np.ndarray) -> onnx.TensorProto:
 
 def if_model(condition: str) -> bytes:
     """conv -> If(then: Relu, else: Sigmoid) -> GlobalAveragePool -> Flatten -> Gemm, with a
-    constant condition (``"constant"``) or one computed from the input (``"data"``)."""
+    constant condition (``"constant"``) or one computed from the input (``"data"``); or
+    (``"loop"``) a ``Loop`` of one iteration computing the Relu in place of the ``If``."""
     rng = np.random.default_rng(0)
     then_graph = helper.make_graph(
         [helper.make_node("Relu", ["conv"], ["relu"], name="then_relu")],
@@ -186,7 +187,32 @@ def if_model(condition: str) -> bytes:
         _tensor("fc_w", rng.normal(size=(5, 4))),
         _tensor("fc_b", rng.normal(size=5)),
     ]
-    if condition == "constant":
+    if condition == "loop":  # one iteration whose scan output is relu(conv): then squeezed
+        body = helper.make_graph(
+            [
+                helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+                helper.make_node("Relu", ["conv"], ["scan"], name="body_relu"),
+            ],
+            "body",
+            [
+                helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            ],
+            [
+                helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+                helper.make_tensor_value_info("scan", TensorProto.FLOAT, None),
+            ],
+        )
+        initializers += [
+            numpy_helper.from_array(np.array(1, dtype=np.int64), "trips"),
+            numpy_helper.from_array(np.array(True), "cond"),
+            numpy_helper.from_array(np.array([0], dtype=np.int64), "first"),
+        ]
+        nodes += [
+            helper.make_node("Loop", ["trips", "cond"], ["scanned"], body=body, name="loop"),
+            helper.make_node("Squeeze", ["scanned", "first"], ["features"]),
+        ]
+    elif condition == "constant":
         initializers.append(numpy_helper.from_array(np.array(True), "cond"))
     else:  # the sign of the input's sum: decided at run time
         initializers.append(_tensor("zero", np.zeros(())))
@@ -194,11 +220,14 @@ def if_model(condition: str) -> bytes:
             helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
             helper.make_node("Greater", ["total", "zero"], ["cond"]),
         ]
+    if condition != "loop":
+        nodes.append(
+            helper.make_node(
+                "If", ["cond"], ["features"], then_branch=then_graph, else_branch=else_graph,
+                name="if",
+            )
+        )
     nodes += [
-        helper.make_node(
-            "If", ["cond"], ["features"], then_branch=then_graph, else_branch=else_graph,
-            name="if",
-        ),
         helper.make_node("GlobalAveragePool", ["features"], ["pooled"]),
         helper.make_node("Flatten", ["pooled"], ["flat"]),
         helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["scores"], transB=1),
@@ -256,12 +285,59 @@ def test_if_with_a_constant_condition_is_folded():
         assert_same_maps(on_onnx.raw[0], on_torch.raw[0])
 
 
-def test_if_decided_at_run_time_is_refused_by_name():
-    adapter = xai_core.adapt(if_model("data"))
-    assert "If" in {n.op for n in adapter.graph().nodes}
+@pytest.mark.parametrize(("kind", "op"), [("data", "If"), ("loop", "Loop")])
+def test_if_decided_at_run_time_and_loop_are_refused_by_name(kind, op):
+    """The branches read ``conv`` from the outer graph: the tail from ``conv`` crosses the node."""
+    adapter = xai_core.adapt(if_model(kind))
+    assert op in {n.op for n in adapter.graph().nodes}
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    with pytest.raises(UnsupportedOperatorError, match="'If'") as error:
+    with pytest.raises(UnsupportedOperatorError, match=f"'{op}'") as error:
         xai_core.explain(adapter, x, method="gradcam", layer="conv")
-    assert error.value.operator == "If" and error.value.node == "if"
+    assert error.value.operator == op and error.value.node == op.lower()
     # After the If every operator is known: a layer there still works.
     assert xai_core.explain(adapter, x, method="gradcam", layer="features").maps.shape[0] == 2
+
+
+def contrib_attention_model() -> bytes:
+    """patches -> q, k, v projections -> onnxruntime's fused ``com.microsoft.MultiHeadAttention``
+    (what its transformer optimiser leaves) -> mean over tokens -> Gemm."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Conv", ["x", "patch_w"], ["patches"], strides=[4, 4], name="embed"),
+        helper.make_node("Reshape", ["patches", "shape"], ["flat"]),
+        helper.make_node("Transpose", ["flat"], ["tokens"], perm=[0, 2, 1]),
+        *[helper.make_node("MatMul", ["tokens", f"w{p}"], [p]) for p in "qkv"],
+        helper.make_node(
+            "MultiHeadAttention", ["q", "k", "v"], ["attended"], num_heads=2,
+            domain="com.microsoft", name="mha",
+        ),
+        helper.make_node("ReduceMean", ["attended"], ["pooled"], axes=[1], keepdims=0),
+        helper.make_node("Gemm", ["pooled", "fc_w"], ["scores"], transB=1),
+    ]  # fmt: skip
+    initializers = [
+        _tensor("patch_w", rng.normal(size=(8, 3, 4, 4))),
+        numpy_helper.from_array(np.array([0, 8, 4], dtype=np.int64), "shape"),
+        *[_tensor(f"w{p}", rng.normal(size=(8, 8))) for p in "qkv"],
+        _tensor("fc_w", rng.normal(size=(5, 8))),
+    ]
+    graph = helper.make_graph(
+        nodes, "contrib",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n", 5])],
+        initializers,
+    )  # fmt: skip
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def test_onnxruntime_fused_attention_is_refused_by_name():
+    adapter = xai_core.adapt(contrib_attention_model())
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert adapter(x).shape == (2, 5)  # onnxruntime runs it
+    with pytest.raises(UnsupportedOperatorError, match="transformer optimiser") as error:
+        xai_core.explain(adapter, x, method="rollout")
+    assert error.value.operator == "com.microsoft.MultiHeadAttention"
+    with pytest.raises(UnsupportedOperatorError, match=r"com\.microsoft\.MultiHeadAttention"):
+        xai_core.explain(adapter, x, method="gradcam", layer="tokens")
