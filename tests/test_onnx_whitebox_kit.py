@@ -16,6 +16,8 @@ from xai_gradients import Saliency
 from xai_core.core.errors import ConformanceError
 from xai_core.testing import SkipCheck, explainer_checks, tiny_cnn
 
+from .test_onnx_whitebox import CumulativeNet
+
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 
 
@@ -68,6 +70,12 @@ def test_what_cannot_run_on_onnx_gets_its_reason():
     assert check.skip is None
     with pytest.raises(SkipCheck, match="offers no attention"):
         check()
+    # Grad-CAM at a layer whose tail has an operator the gradient pass lacks (CumSum).
+    cumulative = onnx_check(
+        GradCAM, model=CumulativeNet(), inputs=torch.randn(2, 3, 8, 8), options={"layer": "conv"}
+    )
+    with pytest.raises(SkipCheck, match=r"refused the model's ONNX export.*'CumSum'"):
+        cumulative()
     # onnxruntime has no float64 convolution: the export cannot run, said so.
     double = onnx_check(CAM, model=tiny_cnn().double(), inputs=torch.randn(2, 3, 16, 16).double())
     with pytest.raises(SkipCheck, match="onnxruntime cannot run the model's ONNX export"):
