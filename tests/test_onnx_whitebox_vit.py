@@ -341,3 +341,46 @@ def test_onnxruntime_fused_attention_is_refused_by_name():
     assert error.value.operator == "com.microsoft.MultiHeadAttention"
     with pytest.raises(UnsupportedOperatorError, match=r"com\.microsoft\.MultiHeadAttention"):
         xai_core.explain(adapter, x, method="gradcam", layer="tokens")
+
+
+@pytest.mark.parametrize(
+    ("mask", "scale"), [(None, None), (TensorProto.BOOL, None), (TensorProto.FLOAT, 0.3)]
+)
+def test_opset23_attention_written_out_equals_onnxruntimes(mask, scale):
+    """The written-out form (scale, boolean or additive mask, softmax) computes what
+    onnxruntime's fused ``Attention`` computes."""
+    import onnxruntime as ort
+
+    from xai_core.onnx.graph import load_proto
+
+    shape = [2, 3, 5, 8]  # (N, heads, T, head size)
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in "qkv"]
+    names = ["q", "k", "v"]
+    if mask is not None:
+        inputs.append(helper.make_tensor_value_info("mask", mask, [2, 3, 5, 5]))
+        names.append("mask")
+    attrs = {} if scale is None else {"scale": scale}
+    node = helper.make_node("Attention", names, ["y"], name="attn", **attrs)
+    graph = helper.make_graph(
+        [node], "a", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)]
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    model.ir_version = 10
+    rng = np.random.default_rng(0)
+    feeds = {n: rng.normal(size=shape).astype(np.float32) for n in "qkv"}
+    if mask == TensorProto.BOOL:
+        feeds["mask"] = rng.random((2, 3, 5, 5)) > 0.3
+        feeds["mask"][..., 0] = True  # every query may attend somewhere
+    elif mask == TensorProto.FLOAT:
+        feeds["mask"] = rng.normal(size=(2, 3, 5, 5)).astype(np.float32)
+    written = load_proto(model.SerializeToString())
+    assert [n.op_type for n in written.graph.node] == [
+        "Transpose", "MatMul", "Mul", *(["Where"] if mask == TensorProto.BOOL else []),
+        *(["Add"] if mask == TensorProto.FLOAT else []), "Softmax", "MatMul",
+    ]  # fmt: skip
+    run = [
+        ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        for m in (model, written)
+    ]
+    fused, decomposed = (s.run(["y"], feeds)[0] for s in run)
+    np.testing.assert_allclose(decomposed, fused, atol=1e-5, rtol=1e-4)
