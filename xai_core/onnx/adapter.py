@@ -46,6 +46,7 @@ from xai_core.core.targets import Targets
 from xai_core.onnx.gradients import differentiable_forward, tail_gradients
 from xai_core.onnx.graph import Graph, Linear, load_proto
 from xai_core.onnx.interpreter import constant
+from xai_core.onnx.rewrite import fused_attention_error
 
 log = logging.getLogger("xai_core")
 
@@ -156,8 +157,8 @@ class OnnxAdapter(ModelAdapter):
             caps |= {Capability.LAYERS, Capability.GRADIENTS}
             if self._linears():
                 caps.add(Capability.CLASSIFIER_WEIGHTS)
-            if self._graph.attention():
-                caps.add(Capability.ATTENTION)
+            if self._graph.attention() or self._graph.fused:
+                caps.add(Capability.ATTENTION)  # fused: refused by name when it is asked for
         self.capabilities = frozenset(caps)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -371,19 +372,26 @@ class OnnxAdapter(ModelAdapter):
     # -- attention (AttentionAccess, AttentionGradients) -----------------------------------------
 
     def attention_layers(self) -> list[str]:
-        """The outputs of the graph's self-attention softmaxes (:meth:`Graph.attention`)."""
-        return self.graph().attention()
+        """The outputs of the graph's self-attention softmaxes (:meth:`Graph.attention`);
+        ``UnsupportedOperatorError`` naming a fused attention operator the graph still has."""
+        graph = self.graph()
+        if graph.fused:
+            raise fused_attention_error(graph.fused[0], graph.fused_reason(graph.fused[0]))
+        return graph.attention()
 
     def windowed_attention(self) -> str | None:
-        return None  # not told by an ONNX graph; windows show as token counts that do not tile
+        return self.graph().windowed_attention()  # a window partition before the attention
 
     def attention_weights(
         self, inputs: torch.Tensor
     ) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
         layers = self.attention_layers()
-        record = self.record_layers(inputs, layers)
-        calls = [(name, _attention_shaped(name, w)) for name, w in record.order]
-        return record.scores, calls
+        # The outputs gradient rollout asks for (the tail's feeds too, a few small tensors):
+        # attention maps and gradient rollout then share one session, opened once per model.
+        names = [self.output_name, *layers, *self.graph().tail(layers).feeds]
+        got = self.run_outputs(inputs, names)
+        calls = [(name, _attention_shaped(name, got[name])) for name in layers]
+        return got[self.output_name].to(torch.float32), calls
 
     def attention_gradients(
         self, inputs: torch.Tensor, targets: Targets

@@ -18,7 +18,7 @@ import torch
 from xai_core.core.adapters import LayerGradientResult
 from xai_core.core.errors import CapabilityError
 from xai_core.core.targets import Targets
-from xai_core.onnx.interpreter import check_supported, constant, run
+from xai_core.onnx.interpreter import check_supported, run, shared_constant
 
 if TYPE_CHECKING:
     from xai_core.onnx.adapter import OnnxAdapter
@@ -128,7 +128,7 @@ def _constants(adapter: OnnxAdapter, tail) -> dict[str, torch.Tensor]:
     for node in tail.nodes:
         for name in node.inputs:
             if name and name in graph.constants and name not in cache:
-                cache[name] = constant(graph.constants[name], adapter.device)
+                cache[name] = shared_constant(graph.constants[name], adapter.device)
     return cache
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from xai_core.core.errors import LayerNotFoundError, ModelError
+from xai_core.onnx.rewrite import FUSED_ATTENTION, rewrite, why_fused
 
 _FLOAT = {1, 10, 11, 16}  # FLOAT, FLOAT16, DOUBLE, BFLOAT16 (onnx.TensorProto)
 # Operators that average (or max) every spatial position: what precedes them is the last
@@ -25,10 +26,29 @@ _GLOBAL_POOLS = {"GlobalAveragePool", "GlobalMaxPool"}
 _REDUCE_POOLS = {"ReduceMean", "ReduceMax"}
 # Between the query-key product and the softmax of an attention: scaling, masks, biases.
 _ELEMENTWISE = {"Mul", "Div", "Add", "Sub", "Where", "Cast"}
+# What lies between a window partition and the attention's query projection: reshapes, the
+# shift of shifted windows (Slice + Concat, or Gather), padding.
+_LARGE = 4096  # bytes: an initializer larger than this holds weights, not a shape
+_WINDOW_OPS = {"Reshape", "Transpose", "Slice", "Concat", "Pad", "Identity", "Gather", "Flatten"}
+
+
+def _outer_references(node: Any) -> tuple[str, ...]:
+    """The values of the enclosing graph that the subgraphs of ``node`` read."""
+    found: dict[str, None] = {}
+    for a in node.attribute:
+        for sub in [a.g] if a.HasField("g") else list(a.graphs):
+            local = {i.name for i in sub.input} | {t.name for t in sub.initializer}
+            for inner in sub.node:
+                reads = [*inner.input, *_outer_references(inner)]
+                found.update(dict.fromkeys(r for r in reads if r and r not in local))
+                local.update(inner.output)
+    return tuple(name for name in found if name not in node.input)
 
 
 def load_proto(source: str | bytes) -> Any:
-    """The ``ModelProto`` of a path or bytes, with shapes inferred (external data loaded)."""
+    """The ``ModelProto`` of a path or bytes, with shapes inferred (external data loaded) and
+    the rewrites of :mod:`xai_core.onnx.rewrite` applied (constant ``If`` folded, opset-23
+    ``Attention`` written out)."""
     import onnx
 
     try:
@@ -39,10 +59,39 @@ def load_proto(source: str | bytes) -> Any:
         )
     except Exception as exc:  # a file onnxruntime opened but onnx cannot parse
         raise ModelError(f"onnx could not read the model's graph: {exc}") from exc
+    model = _inferred(model)
+    rewritten = rewrite(model)
+    return model if rewritten is model else _inferred(rewritten)
+
+
+def _inferred(model: Any) -> Any:
+    """``model`` with the shapes onnx infers recorded in it (``value_info``).
+
+    onnx's inference serialises the whole model twice (hundreds of MB for a ViT-B), so it runs
+    on a copy without the weights' bytes (their shapes come from their dims; the small
+    constants that shape computations read keep their values)."""
+    import onnx
+
+    lite = onnx.ModelProto(ir_version=model.ir_version)
+    lite.opset_import.extend(model.opset_import)
+    lite.functions.extend(model.functions)  # the dynamo exporter's local functions
+    graph = lite.graph
+    for part in ("node", "input", "output", "value_info"):
+        getattr(graph, part).extend(getattr(model.graph, part))
+    for tensor in model.graph.initializer:
+        if tensor.ByteSize() > _LARGE:
+            graph.initializer.add(name=tensor.name, dims=tensor.dims, data_type=tensor.data_type)
+        else:
+            graph.initializer.add().CopyFrom(tensor)
     try:
-        return onnx.shape_inference.infer_shapes(model)
+        inferred = onnx.shape_inference.infer_shapes(lite)
     except Exception:  # shapes are a convenience: the graph still works without them
         return model
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
+    for mine, theirs in zip(model.graph.output, inferred.graph.output, strict=True):
+        mine.CopyFrom(theirs)
+    return model
 
 
 @dataclass(frozen=True)
@@ -87,6 +136,7 @@ class Graph:
         from onnx import helper, numpy_helper
 
         self.proto = proto
+        self._serialized: bytes | None = None  # the model's bytes, for copies with outputs
         graph = proto.graph
         self.opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
         self.constants: dict[str, np.ndarray] = {
@@ -98,9 +148,10 @@ class Graph:
         self.nodes: list[Node] = []
         for n in graph.node:
             attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-            node = Node(
-                n.op_type, n.name, tuple(n.input), tuple(n.output), attrs, n.domain, self.opset
-            )
+            # If / Loop / Scan read values of the graph inside their branches, not as inputs:
+            # listed as inputs here, so that they are downstream of them (then refused by name).
+            inputs = (*n.input, *_outer_references(n))
+            node = Node(n.op_type, n.name, inputs, tuple(n.output), attrs, n.domain, self.opset)
             self.nodes.append(node)
             if node.op == "Constant" and "value" in attrs:
                 self.constants[node.outputs[0]] = numpy_helper.to_array(attrs["value"])
@@ -128,6 +179,8 @@ class Graph:
             if any(i in live for i in node.inputs):
                 live.update(o for o in node.outputs if o)
         self.live = live
+        # Fused attention left after the rewrites: its probabilities are no tensor of the graph.
+        self.fused = [n for n in self.nodes if n.op in FUSED_ATTENTION and n.outputs[0] in live]
 
     # -- layers ---------------------------------------------------------------------------------
 
@@ -173,6 +226,35 @@ class Graph:
                 found.append(node.outputs[0])
         return found
 
+    def fused_reason(self, node: Node) -> str | None:
+        """Why the fused attention ``node`` was left fused (opset 23's ``Attention``)."""
+        if node.op != "Attention" or node.domain not in ("", "ai.onnx"):
+            return None
+        shapes = {name: shape for name, (_, shape) in self.types.items()}
+        return why_fused(node.inputs, node.outputs, node.attrs, shapes)
+
+    def windowed(self, softmax: str) -> bool:
+        """Whether the tokens of the attention of ``softmax`` were split into windows (Swin,
+        MaxViT): on their way to the query projection they pass a ``Transpose`` of a tensor of
+        rank 6 or more, the window partition ``(N, H/w, w, W/w, w, C) -> (N, H/w, W/w, w, w,
+        C)``, through reshapes, shifts and padding only."""
+        tokens = self.tokens_entering(softmax)
+        seen = set()
+        while tokens is not None and tokens not in seen:
+            seen.add(tokens)
+            node = self.producer.get(tokens)
+            if node is None or node.op not in _WINDOW_OPS:
+                return False
+            if node.op == "Transpose" and len(node.attrs.get("perm", ())) >= 6:
+                return True
+            live = [i for i in node.inputs if i in self.live]
+            tokens = live[0] if live else None
+        return False
+
+    def windowed_attention(self) -> str | None:
+        """The first self-attention softmax whose tokens come in windows, or ``None``."""
+        return next((a for a in self.attention() if self.windowed(a)), None)
+
     def tokens_entering(self, softmax: str) -> str | None:
         """The tokens the attention of ``softmax`` projects to queries and keys: the input of
         the nearest linear layer (``MatMul`` / ``Gemm`` with constant weights) above it."""
@@ -200,7 +282,7 @@ class Graph:
         feature map on the path to the output), else the last feature map of the input's rank."""
         rank = len(self.shape(self.input) or ())
         needed = self.ancestors_of_output()
-        attention = [a for a in self.attention() if a in needed]
+        attention = [a for a in self.attention() if a in needed and not self.windowed(a)]
         tokens = self.tokens_entering(attention[-1]) if attention else None
         if tokens is not None:
             return tokens
@@ -253,8 +335,9 @@ class Graph:
                 a = node.attrs
                 if a.get("transA", 0):
                     continue
-                w = self.constants[node.inputs[1]].astype(np.float32)
-                w = (w if a.get("transB", 0) else w.T) * a.get("alpha", 1.0)
+                w = self.constants[node.inputs[1]].astype(np.float32, copy=False)
+                w = w if a.get("transB", 0) else w.T
+                w = w * a["alpha"] if a.get("alpha", 1.0) != 1.0 else w
                 b = None
                 if len(node.inputs) > 2 and node.inputs[2] in self.constants:
                     b = self.constants[node.inputs[2]].astype(np.float32) * a.get("beta", 1.0)
@@ -262,7 +345,7 @@ class Graph:
                         b = np.broadcast_to(b, (w.shape[0],)).copy()
                 found[node.outputs[0]] = Linear(node.outputs[0], node.inputs[0], w, b)
             elif node.op == "MatMul" and node.inputs[1] in self.constants:
-                w = self.constants[node.inputs[1]].astype(np.float32)
+                w = self.constants[node.inputs[1]].astype(np.float32, copy=False)
                 if w.ndim != 2:
                     continue
                 name, b = node.outputs[0], None
@@ -272,7 +355,7 @@ class Graph:
                     bias = self.constants.get(other[0]) if other else None
                     if bias is not None and bias.shape == (w.shape[1],):
                         name, b = after[0].outputs[0], bias.astype(np.float32)
-                found[name] = Linear(name, node.inputs[0], np.ascontiguousarray(w.T), b)
+                found[name] = Linear(name, node.inputs[0], w.T, b)  # a view: copied when used
         return found
 
     def layer_norms(self) -> dict[str, tuple[tuple[int, ...], Any, Any, float]]:
@@ -293,19 +376,22 @@ class Graph:
     # -- capture and the tail -------------------------------------------------------------------
 
     def with_outputs(self, names: Sequence[str]) -> bytes:
-        """The model serialised with ``names`` added as graph outputs (after the existing ones)."""
+        """The model serialised with ``names`` added as graph outputs (after the existing ones).
+
+        Protobuf merges concatenated messages (repeated fields are appended), so the model is
+        serialised once and each copy is those bytes followed by a small message holding
+        only the extra outputs: no copy of the weights is built per set of layers."""
         from onnx import ModelProto, helper
 
-        copy = ModelProto()
-        copy.CopyFrom(self.proto)
-        present = {o.name for o in copy.graph.output}
-        for name in names:
-            if name in present:
-                continue
-            elem = self.types.get(name, (1, None))[0] or 1
-            copy.graph.output.append(helper.make_tensor_value_info(name, elem, None))
-            present.add(name)
-        return copy.SerializeToString()
+        if self._serialized is None:
+            self._serialized = self.proto.SerializeToString()
+        extra = ModelProto()
+        present = {o.name for o in self.proto.graph.output}
+        for name in dict.fromkeys(names):
+            if name not in present:
+                elem = self.types.get(name, (1, None))[0] or 1
+                extra.graph.output.append(helper.make_tensor_value_info(name, elem, None))
+        return self._serialized + extra.SerializeToString()
 
     def tail(self, captured: Sequence[str]) -> Tail:
         """The nodes downstream of ``captured`` that the output depends on, and what else they

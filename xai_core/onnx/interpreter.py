@@ -9,6 +9,7 @@ Integer tensors (shape computations) are computed too, without gradients.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from xai_core.core.errors import UnsupportedOperatorError
 from xai_core.onnx.graph import Node
+from xai_core.onnx.rewrite import FUSED_ATTENTION, fused_attention_error
 
 Op = Callable[[Node, list[Any]], Any]
 OPS: dict[str, Op] = {}
@@ -35,6 +37,8 @@ def op(*names: str) -> Callable[[Op], Op]:
 def check_supported(nodes: Iterable[Node]) -> None:
     """Raise ``UnsupportedOperatorError`` for the first node no operator here implements."""
     for node in nodes:
+        if node.op in FUSED_ATTENTION:
+            raise fused_attention_error(node)
         if node.domain not in ("", "ai.onnx") or node.op not in OPS:
             name = f"{node.domain}.{node.op}" if node.domain not in ("", "ai.onnx") else node.op
             raise UnsupportedOperatorError(
@@ -61,6 +65,17 @@ def run(nodes: Iterable[Node], values: dict[str, Any]) -> dict[str, Any]:
 
 
 def constant(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.array(array, copy=True)).to(device)
+
+
+def shared_constant(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``array`` as a tensor for the interpreter, sharing its memory on the CPU: a graph's
+    weights are read-only views of the model's bytes, and the interpreter never writes into
+    its inputs, so a ViT-B's 330 MB are not copied for the gradient pass."""
+    if not array.flags.writeable and device.type == "cpu":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "the array is not writable"
+            return torch.from_numpy(array)
     return torch.from_numpy(np.array(array, copy=True)).to(device)
 
 
@@ -123,6 +138,11 @@ def _variadic(node: Node, a: list[Any]) -> torch.Tensor:
         else:
             out = out + t
     return out / len(a) if node.op == "Mean" else out
+
+
+@op("CastLike")
+def _cast_like(node: Node, a: list[Any]) -> torch.Tensor:
+    return a[0].to(a[1].dtype)
 
 
 @op("Where")

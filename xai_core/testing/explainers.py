@@ -11,8 +11,10 @@ one target at a time. Two known-answer checks run on :func:`~xai_core.testing.mo
 whose class evidence lies in known squares: the map of a requested class is where that class's
 evidence is (not the top class's), and it is positive there (higher means more important).
 
-Chosen by tags: a model-agnostic method that needs only forward passes also runs on the model
-exported to ONNX and must give the same maps; a global method's summary (``details["global"]``)
+Chosen by tags: a model-agnostic method that needs only forward passes, and a method reading
+layers, classifier weights or attention (CAM, the Grad-CAM family, attention maps: what the ONNX
+adapter reads from a graph), also runs on the model exported to ONNX and must give the same maps
+(on the same layers, found in the graph by value); a global method's summary (``details["global"]``)
 must merge: two halves of a batch added give the summary of the whole batch.
 """
 
@@ -32,6 +34,7 @@ from xai_core.core.errors import (
     CapabilityError,
     ConformanceError,
     InputError,
+    ModelError,
     PluginContractError,
     PluginError,
     TargetError,
@@ -137,6 +140,17 @@ def parametrize_with_checks(
     return parametrize_entries(explainer_checks, explainers, expected_failures)
 
 
+# What the ONNX adapter offers from a graph: the white-box capabilities a method may read there.
+ONNX_WHITE_BOX = frozenset({Capability.LAYERS, Capability.CLASSIFIER_WEIGHTS, Capability.ATTENTION})
+ONNX_CAPABILITIES = ONNX_WHITE_BOX | {Capability.FORWARD, Capability.GRADIENTS}
+
+
+def _layer_names(value: Any) -> bool:
+    return isinstance(value, str) or (
+        isinstance(value, list | tuple) and all(isinstance(v, str) for v in value)
+    )
+
+
 def _fail(message: str) -> None:
     raise ConformanceError(message)
 
@@ -211,15 +225,38 @@ class _Case:
                 "; pass non-square inputs= to check the grid" if name == "grid" else ""
             )
         if name == "onnx":
-            if tags.dependence is not Dependence.MODEL_AGNOSTIC:
-                return "a model-specific method: it is not expected to run on an ONNX model"
-            extra = sorted(c.value for c in tags.requires - {Capability.FORWARD})
-            if extra:
-                return f"needs {', '.join(extra)}, which an ONNX model does not offer"
-            if self._module() is None:
-                return f"the model under test is a {self.adapter.kind} model already"
+            return self._onnx_skip_reason()
         if name == "global_summary" and tags.scope is not Scope.GLOBAL:
             return "a local method: it has no dataset summary to merge"
+        return None
+
+    def _onnx_skip_reason(self) -> str | None:
+        """Why the method is not run on the model's ONNX export, or ``None``: model-agnostic
+        methods that need only forward passes run there, and so do methods reading layers,
+        classifier weights or attention (CAM, the Grad-CAM family, attention maps), which the
+        ONNX adapter offers from the graph."""
+        assert self.tags is not None
+        requires = self.tags.requires
+        white_box = requires & ONNX_WHITE_BOX
+        if not white_box:
+            if self.tags.dependence is not Dependence.MODEL_AGNOSTIC:
+                return (
+                    "a model-specific method that reads no layer, classifier weights or "
+                    "attention: it is not expected to run on an ONNX model"
+                )
+            extra = sorted(c.value for c in requires - {Capability.FORWARD})
+            if extra:
+                return (
+                    f"needs {', '.join(extra)} only: on ONNX that re-runs the whole exported graph "
+                    f"in torch; the kit compares forward-only methods and those reading layers, "
+                    f"classifier weights or attention"
+                )
+        else:
+            beyond = sorted(c.value for c in requires - ONNX_CAPABILITIES)
+            if beyond:
+                return f"needs {', '.join(beyond)}, which the ONNX adapter does not offer"
+        if self._module() is None:
+            return f"the model under test is a {self.adapter.kind} model already"
         return None
 
     # -- running ----------------------------------------------------------------------------------
@@ -437,19 +474,84 @@ class _Case:
         assert module is not None  # skipped otherwise
         # The kit's default model is exported once per process; a model passed in, each time.
         data = onnx_bytes() if self.default_model else onnx_bytes(module, self.inputs)
-        onnx = OnnxAdapter(data, providers=["CPUExecutionProvider"])
-        x = self.inputs.cpu()
         try:
-            on_onnx = self.run(x, adapter=onnx)
-        except XaiError as exc:
-            _fail(
-                f"onnx: a model-agnostic method must run on any model with a forward pass; on "
-                f"the model exported to ONNX it raised {type(exc).__name__}: {exc}"
-            )
+            onnx = OnnxAdapter(data, providers=["CPUExecutionProvider"])
+        except ModelError as exc:  # e.g. a float64 model: onnxruntime has no such kernels
+            raise SkipCheck(f"onnxruntime cannot run the model's ONNX export: {exc}") from exc
+        x = self.inputs.cpu()
+        assert self.tags is not None and self.info is not None
+        white_box = bool(self.tags.requires & ONNX_WHITE_BOX)
+        if white_box:
+            missing = sorted(c.value for c in self.tags.requires - onnx.capabilities)
+            if missing:
+                raise SkipCheck(f"the model's ONNX export offers no {', '.join(missing)}")
+            reason = Registry(entry_points_group=None).unsupported_reason(self.info, onnx)
+            if reason is not None:
+                raise SkipCheck(f"the method cannot run on the model's ONNX export: {reason}")
         on_torch = self.run()
-        self._allclose(
-            on_onnx.maps, on_torch.maps.cpu(), "onnx: maps on the ONNX export vs PyTorch", 1e-3
-        )
+        options = self._onnx_options(onnx, x, on_torch) if white_box else self.options
+        try:
+            on_onnx = self.run(x, adapter=onnx, options=options)
+        except XaiError as exc:
+            if white_box and isinstance(exc, CapabilityError):
+                # A white-box method may need what this graph lacks (an operator the gradient
+                # pass cannot differentiate, a capability beyond the protocols): said, not passed.
+                raise SkipCheck(f"the method refused the model's ONNX export: {exc}") from exc
+            kind = "a white-box method" if white_box else "a model-agnostic method"
+            _fail(
+                f"onnx: {kind} must run on the model exported to ONNX (its adapter offers "
+                f"{sorted(c.value for c in onnx.capabilities)}); it raised "
+                f"{type(exc).__name__}: {exc}"
+            )
+        self._same_maps(on_onnx.maps, on_torch.maps.cpu())
+
+    def _same_maps(self, onnx: torch.Tensor, torch_: torch.Tensor) -> None:
+        """Equal up to float rounding relative to the maps' own magnitude (raw maps can be
+        small: an absolute tolerance would pass a mirrored map)."""
+        what = "onnx: maps on the ONNX export vs PyTorch"
+        if onnx.shape != torch_.shape:
+            _fail(f"{what}: shapes {tuple(onnx.shape)} vs {tuple(torch_.shape)}.")
+        scale = max(float(onnx.abs().max()), float(torch_.abs().max()))
+        diff = float((onnx.double() - torch_.double()).abs().max())
+        if not diff <= max(1e-3 * scale, self.atol * 1e-3):  # also catches NaN
+            share = diff / (scale or 1.0)
+            _fail(f"{what}: max difference {diff:.3g}, {share:.3g} of the maps' largest value.")
+
+    def _onnx_options(self, onnx: OnnxAdapter, x: torch.Tensor, on_torch: Explanation) -> dict:
+        """The options with the layers the PyTorch run used named as the ONNX graph names
+        them (the tensor holding the same values), so that both explain the same layers."""
+        parameters = inspect.signature(self.cls.explain).parameters
+        accepted = [k for k in ("layer", "layers") if k in parameters]
+        assert self.tags is not None
+        if not accepted or Capability.LAYERS not in self.tags.requires:
+            return self.options
+        given = [k for k in accepted if self.options.get(k) is not None]
+        if given and not _layer_names(self.options[given[0]]):
+            return self.options  # indices or other non-name options mean the same on both
+        torch_layers = list(on_torch.layers)
+        # The option the caller used; else ``layer`` for one layer (no layer axis, as on torch).
+        key = given[0] if given else ("layer" if len(torch_layers) == 1 else "layers")
+        key = key if key in accepted else accepted[0]
+        torch_adapter: Any = self.adapter  # a TorchAdapter: the check runs for modules only
+        with torch_adapter.session():  # eval mode, as during the explanation; state restored
+            recorded = torch_adapter.record_layers(self.inputs, torch_layers)
+        graph = onnx.record_layers(x, onnx.layer_names()).order
+        names = []
+        for layer in torch_layers:
+            value = recorded.last(layer).cpu()
+            scale = max(float(value.abs().max()), 1.0)
+            same = [
+                name
+                for name, got in graph
+                if got.shape == value.shape and torch.allclose(got, value, atol=1e-4 * scale)
+            ]
+            if not same:
+                raise SkipCheck(
+                    f"no tensor of the ONNX graph equals the output of layer {layer!r}, so the "
+                    f"two runs cannot be compared on the same layer"
+                )
+            names.append(same[-1])
+        return {**self.options, key: names if key == "layers" else names[0]}
 
     def check_global_summary(self) -> None:
         whole = self.run()
