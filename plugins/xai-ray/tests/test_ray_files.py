@@ -5,6 +5,12 @@ The Ray tests share conftest.py's local Ray (2 CPUs, a 96 MiB object store).
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -21,12 +27,14 @@ from xai_core.workflows import datasets
 from xai_core.workflows.audit import audit
 from xai_core.workflows.datasets import DataStream, explain_dataset
 
+XAI = str(Path(sys.executable).with_name("xai"))
 AUDIT_MAPS = ("mean", "std", "share", "unexplained", "mean_image")
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    """Ten 64-px demo X-rays with two corrupt files among them, and masks for some."""
+    """Ten 64-px demo X-rays with two corrupt files among them, a NIfTI volume of four
+    slices (four images, one file), and masks for some."""
     root = tmp_path_factory.mktemp("files")
     images, masks = root / "images", root / "masks"
     images.mkdir(), masks.mkdir()
@@ -39,19 +47,26 @@ def folders(tmp_path_factory):
             Image.fromarray(region).save(masks / f"cxr_{i:02d}.png")
     for name in ("cxr_03b.png", "cxr_07b.png"):  # two batches lose an image
         (images / name).write_bytes(b"\x89PNG\r\n\x1a\n not a picture")
+    volume = np.random.default_rng(0).random((64, 64, 4)).astype(np.float32)
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), str(images / "cxr_05v.nii.gz"))
     return images, masks
+
+
+SLICES = Preprocess(slice_axis=0)  # a volume as a batch of its slices; images as they are
 
 
 def test_a_read_plan_makes_the_batches_of_one_pass_whatever_the_chunks(folders):
     images, masks = folders
-    stream = DataStream(str(images), batch_size=3, masks=str(masks))
+    kwargs = dict(batch_size=3, masks=str(masks), preprocess=SLICES)
+    stream = DataStream(str(images), **kwargs)
     one_pass = list(stream)  # read here, through the plan, one chunk per batch
-    plan = DataStream(str(images), batch_size=3, masks=str(masks)).read_plan(chunk_size=2)
+    plan = DataStream(str(images), **kwargs).read_plan(chunk_size=2)
     read = [chunk() for chunk in plan.chunks]  # as workers would, in any order
     specs = [s for index, (meta, _) in enumerate(read) for s in plan.add(index, meta)]
     batches = [s.build(*(read[c][1] for c in s.chunks)) for s in specs + plan.finish()]
     assert [b.keys for b in batches] == [b.keys for b in one_pass]
-    assert [len(b) for b in batches] == [3, 3, 3, 1]  # whole batches around the corrupt files
+    # whole files in each batch: around the corrupt files, and the volume's four slices
+    assert [len(b) for b in batches] == [3, 3, 4, 3, 1], [b.keys for b in batches]
     for mine, theirs in zip(batches, one_pass, strict=True):
         assert torch.equal(mine.inputs, theirs.inputs) and torch.equal(mine.masks, theirs.masks)
     assert list(plan.failed) == list(stream.failed) == ["cxr_03b.png", "cxr_07b.png"]
@@ -70,7 +85,7 @@ def test_the_workers_read_the_files_and_the_audit_is_bitwise_local(
 ):
     images, masks = folders
     model = load_model("cnn")
-    kwargs = dict(method="gradcam", batch_size=3, min_images=1, masks=str(masks))
+    kwargs = dict(method="gradcam", batch_size=3, min_images=1, masks=str(masks), preprocess=SLICES)
     local = audit(model, str(images), **kwargs)
 
     def refuse(*args, **kwargs):
@@ -95,7 +110,7 @@ def test_the_workers_read_the_files_and_the_audit_is_bitwise_local(
         "cxr_03b.png",
         "cxr_07b.png",
     ]
-    assert distributed.images == 10 and seen == [3, 6, 9, 10]
+    assert distributed.images == 14 and seen == [3, 6, 10, 13, 14]
 
 
 class _Counted(list):
@@ -150,3 +165,23 @@ def test_a_dataset_larger_than_the_object_store_streams_through_it(
     # Bounded: 2 workers x 2 in flight chunks being read ahead, as many batches out, so at most
     # 8 batches of 3 MB are decoded at any time, a quarter of the store, of 40 in the dataset.
     assert max(taken - merged for merged, taken in out) <= 8, out
+
+
+def test_the_command_line_reports_throughput_from_ray(ray_session, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, image in enumerate(data.make_xrays(12, seed=6, size=32).images[:, 0]):
+        pixels = (image * 255).round().to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(images / f"x{i:02d}.png")
+    address = ray_session.address_info["gcs_address"]  # joins this module's Ray
+    ran = subprocess.run(
+        [XAI, "audit", "demo:cnn", "images", "-m", "gradcam", "--batch-size", "2", "--out", "au",
+         "--engine", "ray", "--workers", "2", "--address", address],
+        cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdin=subprocess.DEVNULL,
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    lines = [line for line in ran.stderr.splitlines() if line.startswith("audit (gradcam): ")]
+    assert [line.split(" ")[2] for line in lines] == [f"{n}/12" for n in range(2, 13, 2)]
+    assert all("images/s, " in line for line in lines[1:]), lines  # a rate once two are back
+    assert all(" left" in line for line in lines[:-1]) and "\x1b" not in ran.stderr
