@@ -18,7 +18,8 @@ Printed, from the same run: the two bounds of the cluster plan in docs/scale.md 
 preprocessing the files alone, in this process: images/s and bytes per image on disk and
 decoded; and each method on tensors already in memory, no files), then per method the seconds,
 images per second, the ratio against the local engine and the scaling from the first worker
-count to each other.
+count to each other, the seconds until the first batch came back (the start-up: a Ray pool's
+actors import PyTorch and the plugins) and the images per second after it (the steady rate).
 """
 
 from __future__ import annotations
@@ -55,13 +56,20 @@ def write_folder(folder: Path, images: int, size: int) -> None:
 OPTIONS = {"occlusion": {"window": 16, "stride": 8}}  # 49 occluded copies of a 64-px image
 
 
-def timed(model, folder: Path, engine, method: str, args) -> tuple[float, object]:
+def timed(model, folder: Path, engine, method: str, args) -> tuple[float, float, object]:
+    """Seconds in all, seconds until the first part came back (start-up), and the result."""
     start = time.perf_counter()
+    first: list[float] = []
+
+    def progress(done, total, what):
+        if not first:
+            first.append(time.perf_counter() - start)
+
     result = audit(
         model, str(folder), method=method, batch_size=args.batch_size, min_images=1,
-        engine=engine, options=OPTIONS.get(method),
+        engine=engine, options=OPTIONS.get(method), progress=progress,
     )  # fmt: skip
-    return time.perf_counter() - start, result
+    return time.perf_counter() - start, first[0], result
 
 
 def bounds(model, folder: Path, methods: list[str], args) -> dict:
@@ -117,16 +125,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
         bound = bounds(model, folder, methods, args)
         RayExecutor(workers=max(workers)).connect()  # the local Ray, outside the timings
         for method in methods:
-            seconds, local = timed(model, folder, "local", method, args)
-            rows.append({"method": method, "engine": "local", "workers": None, "seconds": seconds})
+            seconds, first, local = timed(model, folder, "local", method, args)
+            rows.append(
+                {"method": method, "engine": "local", "workers": None, "seconds": seconds,
+                 "first_part": first}
+            )  # fmt: skip
             for w in workers:
-                seconds, result = timed(model, folder, RayExecutor(workers=w), method, args)
+                seconds, first, result = timed(model, folder, RayExecutor(workers=w), method, args)
                 same = all(
                     torch.equal(getattr(local, k), getattr(result, k)) for k in ("mean", "share")
                 )
                 if not same:
                     sys.exit(f"{method}: Ray with {w} workers did not give the local result")
-                rows.append({"method": method, "engine": "ray", "workers": w, "seconds": seconds})
+                rows.append(
+                    {"method": method, "engine": "ray", "workers": w, "seconds": seconds,
+                     "first_part": first}
+                )  # fmt: skip
     print(
         f"{args.images} images of {args.size} px, batch {args.batch_size}, {os.cpu_count()} "
         f"CPUs, torch threads {torch.get_num_threads()} (local), load average "
@@ -139,7 +153,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         + ", ".join(f"{m} alone {bound[f'{m}_images_per_second']:.0f} images/s" for m in methods)
     )
     print(f"{'method':<11}{'engine':<8}{'workers':>8}{'seconds':>10}{'images/s':>10}"
-          f"{'vs local':>10}{'vs 1st':>8}")  # fmt: skip
+          f"{'vs local':>10}{'vs 1st':>8}{'start-up':>10}{'steady/s':>10}")  # fmt: skip
     for method in methods:
         mine = [row for row in rows if row["method"] == method]
         base = mine[0]["seconds"]
@@ -148,11 +162,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
             row["images_per_second"] = args.images / row["seconds"]
             row["vs_local"] = base / row["seconds"]
             row["vs_first_ray"] = first_ray / row["seconds"] if row["engine"] == "ray" else None
+            # after the first part: the rate without the start-up (a Ray pool's actors)
+            steady = args.images - args.batch_size
+            row["steady_images_per_second"] = steady / (row["seconds"] - row["first_part"])
             scaling = f"{row['vs_first_ray']:.2f}x" if row["vs_first_ray"] else "-"
             print(
                 f"{method:<11}{row['engine']:<8}{row['workers'] or '-':>8}"
                 f"{row['seconds']:>10.1f}{row['images_per_second']:>10.1f}"
-                f"{row['vs_local']:>9.2f}x{scaling:>8}"
+                f"{row['vs_local']:>9.2f}x{scaling:>8}{row['first_part']:>9.1f}s"
+                f"{row['steady_images_per_second']:>10.1f}"
             )
     if args.json is not None:
         settings = vars(args) | {"json": None}
