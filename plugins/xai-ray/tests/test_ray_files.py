@@ -185,3 +185,21 @@ def test_the_command_line_reports_throughput_from_ray(ray_session, tmp_path):
     assert [line.split(" ")[2] for line in lines] == [f"{n}/12" for n in range(2, 13, 2)]
     assert all("images/s, " in line for line in lines[1:]), lines  # a rate once two are back
     assert all(" left" in line for line in lines[:-1]) and "\x1b" not in ran.stderr
+
+
+def test_a_worker_killed_while_reading_files_changes_nothing(
+    ray_session, folders, kill_one_worker
+):
+    images, masks = folders
+    model = load_model("cnn")
+    kwargs = dict(
+        method="gradcam", batch_size=3, min_images=1, masks=str(masks), preprocess=SLICES
+    )
+    local = audit(model, str(images), **kwargs)
+    executor = kill_one_worker(workers=2, in_flight=2)
+    distributed = audit(model, str(images), engine=executor, **kwargs)
+    with pytest.raises(ProcessLookupError):  # the process really died, mid-run
+        os.kill(executor.killed, 0)
+    for name in AUDIT_MAPS:
+        assert torch.equal(getattr(local, name), getattr(distributed, name)), name
+    assert distributed.failed == local.failed and distributed.images == local.images == 14

@@ -13,6 +13,9 @@ How a run goes (docs/scale.md):
    merged (backpressure: a dataset larger than memory streams through); the parts come back
    **in batch order**, whatever order the actors finish in, so the
    reduce adds them in the order the local engine does and the sums are bitwise the same.
+   A stream of files is read by the actors: chunks of paths go out, the decoded images stay in
+   the workers' object store, and the driver groups the chunks into the local pass's batches
+   from their sizes alone (:meth:`RayExecutor._map_files`).
 4. An actor whose process dies is restarted (it gets the step again) and its in-flight batches
    are retried (``max_retries``); the batches other actors hold are not affected.
 
