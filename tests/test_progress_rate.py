@@ -96,3 +96,19 @@ def test_the_audit_command_prints_throughput_and_eta_lines_to_a_pipe(tmp_path):
     assert sum("images/s" in line for line in lines) >= 8  # a rate from the second batch on
     assert sum(" left" in line for line in lines) == 9  # all but the last
     assert "\x1b" not in ran.stderr
+
+
+def test_the_explain_command_reports_inputs_per_second(tmp_path):
+    for i, image in enumerate(data.make_xrays(4, seed=6, size=32).images[:, 0]):
+        pixels = (image * 255).round().to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(tmp_path / f"x{i}.png")
+    ran = subprocess.run(
+        [XAI, "explain", "demo:cnn", ".", "-m", "gradcam", "--out", "out"],
+        cwd=tmp_path, env=ENV, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    lines = [line for line in ran.stderr.splitlines() if line.startswith("gradcam: ")]
+    assert re.fullmatch(r"gradcam: 0/4 \(0%\) x0\.png; \d+ s elapsed", lines[0]), lines
+    assert any(re.search(r" 4/4 \(100%\) .*; [\d.e+]+ inputs/s, ", line) for line in lines), lines
+    assert "\x1b" not in ran.stderr
