@@ -7,6 +7,10 @@ Global explanations and the audit read datasets that may not fit in memory, so b
   :func:`~xai_core.io.find_inputs` / :func:`~xai_core.io.read_item` and a
   :class:`~xai_core.io.Preprocess`), or any iterable such as a ``torch.utils.data.DataLoader``
   yielding ``x``, ``(x, y)`` or ``(x, y, masks)``. Only one batch is in memory at a time.
+* A stream of files is read through a :class:`ReadPlan` (:meth:`DataStream.read_plan`):
+  picklable :class:`ReadChunk` s of paths that can be read anywhere (a Ray worker, here), and
+  the grouping of what they gave into the batches, from sizes alone, in file order. Iterating
+  the stream here and an executor reading on its workers use the same plan: the same batches.
 * :class:`ClassMaps` keeps running per-class sums of maps, so a class's mean and spread (standard
   deviation) over a dataset come out of any number of batches. Two are merged with ``+``: the
   result is the same (up to rounding) as one pass over all the data, whatever the batching.
