@@ -18,6 +18,7 @@ Global explanations and the audit read datasets that may not fit in memory, so b
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -326,7 +327,21 @@ class ReadPlan:
         files = [(chunks.index(chunk), position) for chunk, position, _, _ in self._waiting]
         keys = [key for _, _, key, images in self._waiting for _ in range(images)]
         self._waiting, self._images = [], 0
-        return BatchSpec(chunks, files, keys, self.device, self.masks)
+        return BatchSpec(chunks, files, keys, self.device, self._masks_of(keys))
+
+    def _masks_of(self, keys: list[str]) -> MaskFolder | None:
+        """The mask lookup narrowed to ``keys``: a batch sent to a worker carries its own
+        inputs' entries, not the whole dataset's."""
+        if self.masks is None:
+            return None
+        narrowed = copy.copy(self.masks)
+        narrowed.stems = {key: self.masks.stems[key] for key in keys}
+        narrowed.by_stem = {
+            stem: self.masks.by_stem[stem]
+            for stem in narrowed.stems.values()
+            if stem in self.masks.by_stem
+        }
+        return narrowed
 
 
 def _is_paths(data: Any) -> bool:
