@@ -176,7 +176,7 @@ def test_the_command_line_reports_throughput_from_ray(ray_session, tmp_path):
     address = ray_session.address_info["gcs_address"]  # joins this module's Ray
     ran = subprocess.run(
         [XAI, "audit", "demo:cnn", "images", "-m", "gradcam", "--batch-size", "2", "--out", "au",
-         "--engine", "ray", "--workers", "2", "--address", address],
+         "--engine", "ray", "--workers", "1", "--address", address],
         cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdin=subprocess.DEVNULL,
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
