@@ -11,7 +11,6 @@ import os
 import re
 import sys
 import tempfile
-import time
 import traceback
 from pathlib import Path
 from typing import Annotated, Any
@@ -60,6 +59,7 @@ from xai_core.core.errors import (
     UnknownMethodError,
     XaiError,
 )
+from xai_core.core.progress import LineProgress
 from xai_core.core.registry import get_registry
 
 app = typer.Typer(
@@ -149,14 +149,17 @@ def plugins(
 
 class _Reporter:
     """The CLI's ``progress(done, total, what)`` (:mod:`xai_core.core.progress`): a rich bar
-    with the time left on a terminal; elsewhere (a log, CI, a pipe) a plain line on stderr every
-    ``interval`` seconds or 10 % of the work, whichever comes first, without escape codes."""
+    with the throughput and the time left on a terminal; elsewhere (a log, CI, a pipe) a plain
+    line on stderr every ``interval`` seconds or 10 % of the work, whichever comes first,
+    without escape codes (:class:`~xai_core.core.progress.LineProgress`). ``unit`` names what
+    the counts count (inputs, images, steps)."""
 
-    def __init__(self, title: str, *, interval: float = 5.0) -> None:
-        self.title, self.interval = title, interval
+    def __init__(self, title: str, *, interval: float = 5.0, unit: str = "steps") -> None:
+        self.title, self.unit = title, unit
         self.tty = sys.stderr.isatty()
-        self.start = self.last = time.monotonic()
-        self.last_tenth = -1
+        self.lines = LineProgress(
+            title, unit=unit, interval=interval, clean=lambda line: _UNPRINTABLE.sub("?", line)
+        )
         self.bar: Progress | None = None
 
     def __enter__(self) -> _Reporter:
@@ -165,6 +168,7 @@ class _Reporter:
                 TextColumn("[progress.description]{task.description}"),
                 BarColumn(),
                 MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"),
                 TimeElapsedColumn(),
                 TextColumn("left"),
                 TimeRemainingColumn(),
@@ -172,7 +176,7 @@ class _Reporter:
                 transient=False,
             )
             self.bar.__enter__()
-            self.task = self.bar.add_task(_plain(self.title), total=None)
+            self.task = self.bar.add_task(_plain(self.title), total=None, rate="")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -180,27 +184,15 @@ class _Reporter:
             self.bar.__exit__(*exc)
 
     def __call__(self, done: float, total: int | None, what: str) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, completed=done, total=total, description=_plain(what))
+        if self.bar is None:
+            self.lines(done, total, what)
             return
-        now = time.monotonic()
-        tenth = int(done * 10 / total) if total else -1
-        if now - self.last < self.interval and tenth <= self.last_tenth:
-            return
-        self.last, self.last_tenth = now, max(tenth, self.last_tenth)
-        elapsed = now - self.start
-        counts = f"{int(done)}/{'?' if total is None else total}"
-        if total:
-            counts += f" ({int(100 * done / total)}%)"
-        eta = ""
-        if total and 0 < done < total:
-            eta = f", about {_seconds(elapsed / done * (total - done))} left"
-        line = f"{self.title}: {counts} {what}; {_seconds(elapsed)} elapsed{eta}"
-        print(_UNPRINTABLE.sub("?", line), file=sys.stderr, flush=True)
-
-
-def _seconds(value: float) -> str:
-    return f"{value:.0f} s" if value < 90 else f"{value / 60:.1f} min"
+        throughput = self.lines.throughput
+        throughput.update(done)
+        rate = "" if throughput.rate is None else f"{throughput.rate:.3g} {self.unit}/s"
+        self.bar.update(
+            self.task, completed=done, total=total, description=_plain(what), rate=rate
+        )
 
 
 @app.command("explain")
@@ -251,7 +243,7 @@ def explain_command(
     items = _find_inputs(inputs, out)
     # A whole-run mistake: checked once, up front.
     check_method(xai_core.adapt(loaded.model), method, options)
-    with _Reporter(method) as report:
+    with _Reporter(method, unit="inputs") as report:
         summary = explain_files(
             loaded.model,
             items,
@@ -562,7 +554,7 @@ def audit_command(
     executor = engine_executor(
         engine, address=address, workers=workers, gpus_per_worker=gpus_per_worker
     )
-    with _Reporter(f"audit ({method})") as report:
+    with _Reporter(f"audit ({method})", unit="images") as report:
         result = audit(
             loaded.model,
             stream,

@@ -15,6 +15,13 @@ decides where the steps run and how the parts are merged:
 :func:`run` maps and reduces; :func:`parts` maps only, for a caller that consumes each part
 as it comes (``xai explain`` writes each batch's outputs and keeps none in memory).
 
+A stream of files (:class:`~xai_core.workflows.datasets.DataStream` over a folder) also has a
+``read_plan()``: picklable chunks of paths to read and preprocess anywhere, and the driver-side
+grouping of what was read into the batches one pass makes. An executor may use it to read the
+files on its workers (the Ray executor does: only paths go out, and the decoded images never
+pass through the calling process); iterating the stream reads them here through the same plan,
+so both see the same batches.
+
 The core's :class:`LocalExecutor` (``engine="local"``, the default) runs them one after the
 other in this process. A plugin adds others with the ``register_executors`` hook (a Ray or
 process-pool executor, say); users pick one by name: ``audit(..., engine="ray")``. A step holds

@@ -7,6 +7,10 @@ Global explanations and the audit read datasets that may not fit in memory, so b
   :func:`~xai_core.io.find_inputs` / :func:`~xai_core.io.read_item` and a
   :class:`~xai_core.io.Preprocess`), or any iterable such as a ``torch.utils.data.DataLoader``
   yielding ``x``, ``(x, y)`` or ``(x, y, masks)``. Only one batch is in memory at a time.
+* A stream of files is read through a :class:`ReadPlan` (:meth:`DataStream.read_plan`):
+  picklable :class:`ReadChunk` s of paths that can be read anywhere (a Ray worker, here), and
+  the grouping of what they gave into the batches, from sizes alone, in file order. Iterating
+  the stream here and an executor reading on its workers use the same plan: the same batches.
 * :class:`ClassMaps` keeps running per-class sums of maps, so a class's mean and spread (standard
   deviation) over a dataset come out of any number of batches. Two are merged with ``+``: the
   result is the same (up to rounding) as one pass over all the data, whatever the batching.
@@ -14,11 +18,14 @@ Global explanations and the audit read datasets that may not fit in memory, so b
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -28,7 +35,7 @@ from xai_core.core.executors import DEFAULT_ENGINE, Executor, Partial, run
 from xai_core.core.progress import ProgressFn
 from xai_core.core.registry import get_registry
 from xai_core.core.tags import Scope
-from xai_core.io.inputs import MaskFolder, find_inputs, read_item
+from xai_core.io.inputs import InputItem, MaskFolder, find_inputs, read_item
 from xai_core.io.preprocess import Preprocess
 
 # progress(images done, images in all or None if unknown, what): xai_core.core.progress
@@ -163,41 +170,39 @@ class DataStream:
                 raise InputError(f"No readable input files were found in {self.data}.")
         return self._found
 
-    def _file_batches(self) -> Iterator[Batch]:
+    def read_plan(self, chunk_size: int | None = None) -> ReadPlan | None:
+        """For a stream of files: how to read them in chunks anywhere (each a picklable
+        :class:`ReadChunk`) and group what was read into this stream's batches (``None`` for
+        tensors and iterables). An executor that reads on its workers uses it; iterating the
+        stream uses it here, so both give the same batches. Unreadable files go to
+        :attr:`failed` as their chunks are reported (:meth:`ReadPlan.add`)."""
+        if not self._files:
+            return None
+        items = self._items()
+        size = chunk_size or self.batch_size
         preprocess = self.preprocess if self.preprocess is not None else Preprocess()
-        masks = None if self.masks is None else MaskFolder(self.masks, self._items())
-        first: tuple[str, tuple[int, ...]] | None = None  # every batch must share one size
-        keys: list[str] = []
-        tensors: list[torch.Tensor] = []
-        for item in self._items():
-            try:
-                x = _prepare(preprocess, read_item(item, window=self.window))
-            except (XaiError, OSError, ValueError) as exc:
-                self.failed[item.key] = f"{type(exc).__name__}: {exc}"
-                continue
-            first = first or (item.key, tuple(x.shape[1:]))
-            if tuple(x.shape[1:]) != first[1]:
-                raise InputError(
-                    f"{item.key} is {tuple(x.shape[1:])} after preprocessing but {first[0]} is "
-                    f"{first[1]}; resize them to one size (Preprocess(size=...), --size on the "
-                    f"command line)."
-                )
-            keys.extend([item.key] * x.shape[0])
-            tensors.append(x)
-            if len(keys) >= self.batch_size:
-                yield self._file_batch(keys, tensors, masks)
-                keys, tensors = [], []
-        if tensors:
-            yield self._file_batch(keys, tensors, masks)
+        cwd = Path.cwd()  # a worker reads relative paths from the caller's folder
+        chunks = [
+            ReadChunk(items[i : i + size], preprocess, self.window, cwd)
+            for i in range(0, len(items), size)
+        ]
+        masks = None
+        if self.masks is not None:
+            masks = MaskFolder(Path(self.masks).absolute(), items)
+        return ReadPlan(chunks, self.batch_size, self.device, masks, self.failed)
 
-    def _file_batch(
-        self, keys: list[str], tensors: list[torch.Tensor], masks: MaskFolder | None
-    ) -> Batch:
-        x = torch.cat(tensors)
-        found = None if masks is None else masks.read(keys, x)
-        batch = self._batch(x, None, found, transform=False)
-        batch.keys = list(keys)
-        return batch
+    def _file_batches(self) -> Iterator[Batch]:
+        plan = self.read_plan()
+        assert plan is not None
+        held: dict[int, list[np.ndarray]] = {}  # what was read, until its batch is out
+        for index, chunk in enumerate(plan.chunks):
+            meta, held[index] = chunk()
+            for spec in plan.add(index, meta):
+                yield spec.build(*(held[c] for c in spec.chunks))
+            for done in [c for c in held if c not in plan.open_chunks()]:
+                del held[done]
+        for spec in plan.finish():
+            yield spec.build(*(held[c] for c in spec.chunks))
 
     # -- one batch -----------------------------------------------------------------------------
 
@@ -211,6 +216,132 @@ class DataStream:
         if masks is not None:
             masks = check_masks(torch.as_tensor(masks), x).to(self.device)
         return Batch(x, labels, masks)
+
+
+# -- reading files anywhere: the chunks a worker reads, the batches the driver groups -----------
+
+
+@dataclass
+class ChunkMeta:
+    """What reading a :class:`ReadChunk` gave, without the pixels: ``files`` ``(key, images,
+    shape of one image)`` for each file read, in order, and ``failed`` (key: error) for the rest."""
+
+    files: list[tuple[str, int, tuple[int, ...]]]
+    failed: dict[str, str]
+
+
+@dataclass
+class ReadChunk:
+    """Input files read and preprocessed as one unit of work: picklable, so a worker can read
+    them from paths (relative ones from ``cwd``, the caller's folder). Calling it gives the
+    :class:`ChunkMeta` and one array ``(n, C, *spatial)`` per file read; an unreadable
+    or corrupt file is a failure record, never an exception."""
+
+    items: list[InputItem]
+    preprocess: Any
+    window: tuple[float, float] | None
+    cwd: Path
+
+    def __call__(self) -> tuple[ChunkMeta, list[np.ndarray]]:
+        meta, arrays = ChunkMeta([], {}), []
+        for item in self.items:
+            located = replace(item, paths=tuple(self.cwd / path for path in item.paths))
+            try:
+                x = _prepare(self.preprocess, read_item(located, window=self.window))
+            except (XaiError, OSError, ValueError) as exc:
+                meta.failed[item.key] = f"{type(exc).__name__}: {exc}"
+                continue
+            array = x.detach().cpu().numpy()
+            meta.files.append((item.key, int(array.shape[0]), tuple(array.shape[1:])))
+            arrays.append(array)
+        return meta, arrays
+
+
+@dataclass
+class BatchSpec:
+    """One batch of a file stream by reference: which files of which chunks (``chunks``, and
+    ``files`` ``(position in chunks, index of the file in that chunk's arrays)``), built into a
+    :class:`Batch` where the chunks' arrays are (:meth:`build`, in a worker or here)."""
+
+    chunks: list[int]
+    files: list[tuple[int, int]]
+    keys: list[str]
+    device: torch.device
+    masks: MaskFolder | None
+
+    def build(self, *arrays: Sequence[np.ndarray]) -> Batch:
+        """The batch, from the arrays of ``chunks`` (in that order)."""
+        x = torch.from_numpy(np.concatenate([arrays[c][f] for c, f in self.files]))
+        masks = None
+        if self.masks is not None:
+            masks = check_masks(self.masks.read(self.keys, x), x).to(self.device)
+        return Batch(x.to(self.device, non_blocking=True), None, masks, list(self.keys))
+
+
+@dataclass
+class ReadPlan:
+    """A file stream as read chunks and the batches they make: the driver's side.
+
+    :meth:`add` takes each chunk's :class:`ChunkMeta` **in chunk order** and returns the batches
+    now complete (``batch_size`` images or more, whole files: the same batches whatever the chunk
+    size and wherever the chunks were read), :meth:`finish` the last one. Unreadable files are
+    recorded in ``failed``; files of another size than the first raise
+    :class:`~xai_core.core.errors.InputError`, in file order, as one pass would.
+    """
+
+    chunks: list[ReadChunk]
+    batch_size: int
+    device: torch.device
+    masks: MaskFolder | None
+    failed: dict[str, str]
+    _waiting: list[tuple[int, int, str, int]] = field(default_factory=list)
+    _images: int = 0
+    _first: tuple[str, tuple[int, ...]] | None = None
+
+    def add(self, chunk: int, meta: ChunkMeta) -> list[BatchSpec]:
+        self.failed.update(meta.failed)
+        out = []
+        for position, (key, images, shape) in enumerate(meta.files):
+            self._first = self._first or (key, shape)
+            if shape != self._first[1]:
+                raise InputError(
+                    f"{key} is {shape} after preprocessing but {self._first[0]} is "
+                    f"{self._first[1]}; resize them to one size (Preprocess(size=...), --size on "
+                    f"the command line)."
+                )
+            self._waiting.append((chunk, position, key, images))
+            self._images += images
+            if self._images >= self.batch_size:
+                out.append(self._spec())
+        return out
+
+    def finish(self) -> list[BatchSpec]:
+        return [self._spec()] if self._waiting else []
+
+    def open_chunks(self) -> set[int]:
+        """Chunks with files read but not yet in a batch: their arrays are still needed."""
+        return {chunk for chunk, *_ in self._waiting}
+
+    def _spec(self) -> BatchSpec:
+        chunks = sorted({chunk for chunk, *_ in self._waiting})
+        files = [(chunks.index(chunk), position) for chunk, position, _, _ in self._waiting]
+        keys = [key for _, _, key, images in self._waiting for _ in range(images)]
+        self._waiting, self._images = [], 0
+        return BatchSpec(chunks, files, keys, self.device, self._masks_of(keys))
+
+    def _masks_of(self, keys: list[str]) -> MaskFolder | None:
+        """The mask lookup narrowed to ``keys``: a batch sent to a worker carries its own
+        inputs' entries, not the whole dataset's."""
+        if self.masks is None:
+            return None
+        narrowed = copy.copy(self.masks)
+        narrowed.stems = {key: self.masks.stems[key] for key in keys}
+        narrowed.by_stem = {
+            stem: self.masks.by_stem[stem]
+            for stem in narrowed.stems.values()
+            if stem in self.masks.by_stem
+        }
+        return narrowed
 
 
 def _is_paths(data: Any) -> bool:

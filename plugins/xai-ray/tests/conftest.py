@@ -10,18 +10,22 @@ import pytest
 from xai_ray import RayExecutor
 from xai_ray.executor import import_ray
 
+# The test Ray's object store: small, so that test_ray_files.py can stream a dataset whose
+# decoded size exceeds it (Ray's minimum is 75 MiB).
+OBJECT_STORE = 96 * 2**20
+
 
 @pytest.fixture(scope="session")
 def ray_session(tmp_path_factory):
-    """A local Ray in this process, 2 CPUs, started the way the executor starts one, with an
-    empty home directory meanwhile (nothing may be written there)."""
+    """A local Ray in this process, 2 CPUs and a 96 MiB object store, started the way the
+    executor starts one, with an empty home directory meanwhile (nothing may be written there)."""
     ray = import_ray()
     if ray.is_initialized():  # another module's session: start ours with our settings
         ray.shutdown()
     home, before = tmp_path_factory.mktemp("home"), os.environ.get("HOME")
     os.environ["HOME"] = str(home)
     try:
-        context = RayExecutor(workers=2).connect()
+        context = RayExecutor(workers=2, object_store_memory=OBJECT_STORE).connect()
     finally:
         os.environ["HOME"] = before if before is not None else ""
     context.home = home

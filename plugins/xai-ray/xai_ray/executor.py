@@ -13,6 +13,9 @@ How a run goes (docs/scale.md):
    merged (backpressure: a dataset larger than memory streams through); the parts come back
    **in batch order**, whatever order the actors finish in, so the
    reduce adds them in the order the local engine does and the sums are bitwise the same.
+   A stream of files is read by the actors: chunks of paths go out, the decoded images stay in
+   the workers' object store, and the driver groups the chunks into the local pass's batches
+   from their sizes alone (:meth:`RayExecutor._map_files`).
 4. An actor whose process dies is restarted (it gets the step again) and its in-flight batches
    are retried (``max_retries``); the batches other actors hold are not affected.
 
@@ -63,6 +66,8 @@ class RayExecutor(LocalExecutor):
         actor's visible devices, and a model sent on a GPU lands on the actor's.
     :param in_flight: batches each actor holds at most (queued or running).
     :param max_retries: restarts of a dead actor, and retries of the batches it held.
+    :param object_store_memory: bytes of the object store of a local Ray started here (Ray's
+        default otherwise: 30% of the memory); the in-flight bound keeps a run within it.
     """
 
     name = "ray"
@@ -74,6 +79,7 @@ class RayExecutor(LocalExecutor):
         gpus_per_worker: float = 0.0,
         in_flight: int = 2,
         max_retries: int = 3,
+        object_store_memory: int | None = None,
     ) -> None:
         for label, value, low in (("workers", workers, 1), ("in_flight", in_flight, 1)):
             if value is not None and (
@@ -89,6 +95,15 @@ class RayExecutor(LocalExecutor):
             or gpus_per_worker < 0
         ):
             raise OptionError(f"gpus_per_worker must be a number >= 0; got {gpus_per_worker!r}.")
+        if object_store_memory is not None and (
+            isinstance(object_store_memory, bool)
+            or not isinstance(object_store_memory, int)
+            or object_store_memory < 80 * 2**20
+        ):
+            raise OptionError(
+                f"object_store_memory must be a number of bytes >= 80 MiB (Ray's minimum is 75 "
+                f"MiB); got {object_store_memory!r}."
+            )
         if address is not None and (not isinstance(address, str) or not address.strip()):
             raise OptionError(
                 f"address must be 'auto' or a cluster address such as 'ray://head:10001'; got "
@@ -99,6 +114,7 @@ class RayExecutor(LocalExecutor):
         self.gpus_per_worker = float(gpus_per_worker)
         self.in_flight = in_flight
         self.max_retries = max_retries
+        self.object_store_memory = object_store_memory
         self._ray = import_ray()
 
     def __repr__(self) -> str:
@@ -124,6 +140,7 @@ class RayExecutor(LocalExecutor):
             os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
         return ray.init(
             num_cpus=self.workers,
+            object_store_memory=self.object_store_memory,
             include_dashboard=False,
             log_to_driver=False,
             # Ray's own sockets and logs: under the system temp dir, never the user's folders.
@@ -163,7 +180,13 @@ class RayExecutor(LocalExecutor):
 
     def map(self, step: Callable[[Any], Any], batches: Iterable[Any]) -> Iterator[Any]:
         """``step(batch)`` on the actors, yielded in batch order (so the reduce is the local
-        engine's running sum in the same order: bitwise the same result)."""
+        engine's running sum in the same order: bitwise the same result). A stream of files
+        (one with a ``read_plan()``) is read by the actors themselves (:meth:`_map_files`)."""
+        plan = getattr(batches, "read_plan", None)
+        plan = plan() if callable(plan) else None
+        if plan is not None:
+            yield from self._map_files(step, plan)
+            return
         ray = self._ray
         actors = self.start_pool()
         # The step (model, method, options) goes into the object store once; an actor fetches
@@ -180,10 +203,65 @@ class RayExecutor(LocalExecutor):
             while pending:
                 yield self._result(pending.popleft())
         finally:  # also when the caller stops early or a step raised
-            for ref in pending:  # batches nobody will merge: not retried, not reported
-                ray.cancel(ref)
-            for actor in actors:
-                ray.kill(actor, no_restart=True)
+            self._stop(pending, actors)
+
+    def _map_files(self, step: Callable[[Any], Any], plan: Any) -> Iterator[Any]:
+        """A stream of files: the actors read them, this process sees only paths and sizes.
+
+        Chunk ``k`` of the files is read (decoded, preprocessed) by actor ``k mod n``; its arrays
+        stay in that node's object store, and only what was read (keys, shapes, failures) comes
+        back here. The plan groups those into the batches one local pass makes (the same
+        images, even around corrupt files), and each batch goes to an actor with references to
+        its chunks' arrays (mostly its own: the chunk it read). At most ``workers x in_flight``
+        chunks are being read ahead and as many batches are out: the object store holds a
+        bounded number of decoded batches, whatever the dataset's size."""
+        ray = self._ray
+        actors = self.start_pool()
+        step_ref = [ray.put(step)]
+        window = len(actors) * self.in_flight
+        reads: deque[tuple[int, Any, Any]] = deque()  # (chunk, meta ref, arrays ref)
+        arrays: dict[int, Any] = {}  # the chunks that batches still need
+        pending: deque[Any] = deque()
+        chunks = iter(enumerate(plan.chunks))
+
+        def read_ahead() -> None:
+            while len(reads) < window:
+                index, chunk = next(chunks, (None, None))
+                if chunk is None:
+                    return
+                actor = actors[index % len(actors)]
+                meta, data = actor.read.options(num_returns=2).remote(chunk)
+                reads.append((index, meta, data))
+
+        def send(specs: list[Any]) -> Iterator[Any]:
+            for spec in specs:
+                if len(pending) >= window:  # backpressure: wait for the oldest batch
+                    yield self._result(pending.popleft())
+                refs = [arrays[c] for c in spec.chunks]
+                actor = actors[min(spec.chunks) % len(actors)]  # the reader of its first chunk
+                pending.append(actor.run_batch.remote(spec, step_ref, *refs))
+
+        try:
+            read_ahead()
+            while reads:
+                index, meta, data = reads.popleft()
+                arrays[index] = data
+                yield from send(plan.add(index, self._result(meta)))
+                for done in [c for c in arrays if c not in plan.open_chunks()]:
+                    del arrays[done]  # this process's reference: freed once its batch ran
+                read_ahead()
+            yield from send(plan.finish())
+            arrays.clear()
+            while pending:
+                yield self._result(pending.popleft())
+        finally:
+            self._stop([*pending, *(ref for _, ref, _ in reads)], actors)
+
+    def _stop(self, pending: Iterable[Any], actors: list[Any]) -> None:
+        for ref in pending:  # batches nobody will merge: not retried, not reported
+            self._ray.cancel(ref)
+        for actor in actors:
+            self._ray.kill(actor, no_restart=True)
 
     def _result(self, ref: Any) -> Any:
         """A part, or the step's own exception (an ``OptionError`` stays one, with its message
@@ -230,6 +308,14 @@ class _Worker:
             self.step = import_ray().get(ref)
             self.step_id = ref.hex()
         return self.step(batch)
+
+    def read(self, chunk: Any) -> tuple[Any, Any]:
+        """Read a chunk of files here (a ``ReadChunk``): what was read, and the arrays."""
+        return chunk()
+
+    def run_batch(self, spec: Any, step_ref: list[Any], *arrays: Any) -> Any:
+        """The batch ``spec`` describes, built from its chunks' arrays, through the step."""
+        return self.run(spec.build(*arrays), step_ref)
 
     def pid(self) -> int:
         return os.getpid()
