@@ -156,11 +156,13 @@ class DataStream:
                 raise InputError(f"Got {int(value.shape[0])} {name} for {n} images.")
         for start in range(0, n, self.batch_size):
             part = slice(start, start + self.batch_size)
-            yield self._batch(
-                x[part],
-                None if labels is None else labels[part],
-                None if masks is None else masks[part],
-            )
+
+            def cut(tensor: Any, part: slice = part) -> Any:
+                # A copy, not a view: a pickled view carries its whole storage, so a batch
+                # sent to a worker would carry every image of the tensor.
+                return None if tensor is None else torch.as_tensor(tensor)[part].clone()
+
+            yield self._batch(cut(x), cut(labels), cut(masks))
 
     def _items(self) -> list[Any]:
         if self._found is None:
