@@ -437,25 +437,31 @@ def edited_scores(
 ) -> torch.Tensor:
     """The target scores ``(N, V, K)`` of every sample with ``layer``'s output multiplied by
     each of ``count`` masks (``masks_of(indices)``: those masks, as :func:`native_masks` takes
-    them), in forward passes of about ``batch_size`` edited copies (at least one per sample);
-    the target's softmax probability where ``probabilities``."""
+    them), ``batch_size`` edited copies per forward pass; the target's softmax probability
+    where ``probabilities``.
+
+    One sample per forward pass: the layers before ``layer`` run for that sample only, so they
+    run ``N * ceil(V / batch_size)`` times in all (all samples in every pass would cost ``N``
+    times that), and an earlier tensor the model adds later (a residual) broadcasts over the
+    copies of its one sample, so the adapter need not repeat the inputs."""
     n = inputs.shape[0]
-    out = torch.empty(count, n, resolved.count, device=inputs.device, dtype=inputs.dtype)
+    out = torch.empty(n, count, resolved.count, device=inputs.device, dtype=inputs.dtype)
+    for i in range(n):
+        sample = inputs[i : i + 1]
 
-    def evaluate(rows: torch.Tensor) -> torch.Tensor:
-        masks = native_masks(masks_of(rows), layout)
+        def evaluate(rows: torch.Tensor, i: int = i, sample: torch.Tensor = sample):
+            masks = native_masks(masks_of(rows), layout)
 
-        def edit(a: torch.Tensor) -> torch.Tensor:  # (N, ...) -> (N * len(rows), ...)
-            return (a.unsqueeze(1) * masks.to(a.dtype)).flatten(0, 1)
+            def edit(a: torch.Tensor) -> torch.Tensor:  # (1, ...) -> (len(rows), ...)
+                return a * masks.to(a.dtype)
 
-        scores = model.run_with_layer_output(inputs, layer, edit, variants=len(rows))
-        if probabilities:
-            scores = scores.softmax(dim=1)
-        samples = torch.arange(n, device=inputs.device).repeat_interleave(len(rows))
-        return resolved.select(scores, samples).view(n, len(rows), -1).transpose(0, 1)
+            scores = model.run_with_layer_output(sample, layer, edit, variants=len(rows))
+            if probabilities:
+                scores = scores.softmax(dim=1)
+            return resolved.select(scores, torch.full_like(rows, i))
 
-    evaluate_in_chunks(evaluate, out, max(1, batch_size // n))
-    return out.transpose(0, 1)
+        evaluate_in_chunks(evaluate, out[i], batch_size)
+    return out
 
 
 class EditingCAM:
