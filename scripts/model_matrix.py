@@ -341,6 +341,8 @@ CHEAP: dict[str, dict[str, Any]] = {
     "integrated-gradients": {"steps": 4},
     "smoothgrad": {"samples": 2},
     "vargrad": {"samples": 2},
+    # every channel's ablated copy in one pass per sample: the layers before it then run twice
+    "ablationcam": {"batch_size": 2048},
 }
 
 
