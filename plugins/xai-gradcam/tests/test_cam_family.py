@@ -484,6 +484,24 @@ def test_a_residual_after_the_layer_broadcasts_over_the_copies():
     torch.testing.assert_close(exp.raw[0], ablation_loop(model, model.mid, x, targets))
 
 
+def test_layer_edits_on_an_onnx_export_equal_the_module():
+    """The ONNX adapter re-runs the graph's tail in torch on the edited copies; the residual
+    from before ``mid`` is a feed of the tail, repeated per copy."""
+    from xai_core.onnx.adapter import OnnxAdapter
+    from xai_core.testing.models import onnx_bytes
+
+    model = Residual().eval()
+    x = torch.randn(2, 1, 5, 4, generator=torch.Generator().manual_seed(3))
+    onnx = OnnxAdapter(onnx_bytes(model, x), providers=["CPUExecutionProvider"])
+    layer = next(n for n in onnx.layer_names() if n.startswith("/mid/") and "Relu" in n)
+    targets = [[0, 3], [2, 1]]
+    cases = (("ablationcam", {"relu": False}), ("reciprocam", {"kernel": "gaussian"}))
+    for method, options in cases:
+        ours = xai_core.explain(onnx, x, method=method, targets=targets, layer=layer, **options)
+        torch_ = xai_core.explain(model, x, method=method, targets=targets, layer="mid", **options)
+        torch.testing.assert_close(ours.raw[0], torch_.raw[0], rtol=1e-4, atol=1e-5)
+
+
 class Twice(nn.Module):
     def __init__(self) -> None:
         super().__init__()
