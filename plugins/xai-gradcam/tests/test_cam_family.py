@@ -502,6 +502,33 @@ def test_layer_edits_on_an_onnx_export_equal_the_module():
         torch.testing.assert_close(ours.raw[0], torch_.raw[0], rtol=1e-4, atol=1e-5)
 
 
+def test_reciprocam_on_vit_tokens_masks_patches_and_keeps_the_class_token():
+    """Tokens ``(N, 1 + 16, C)``: each copy keeps the class token and one patch token."""
+    import timm
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
+                                  patch_size=8, depth=2, embed_dim=16, num_heads=2,
+                                  num_classes=3).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    exp = xai_core.explain(model, x, method="reciprocam", targets=[[2, 0], [1, 1]],
+                           layer="blocks.1.norm1")
+    assert exp.raw[0].shape == (2, 2, 4, 4)
+    reference = torch.zeros(2, 2, 4, 4)
+    layer = model.blocks[1].norm1
+    for n, row in enumerate([[2, 0], [1, 1]]):
+        for p in range(16):
+            keep = torch.zeros(17, 1)
+            keep[0] = keep[1 + p] = 1.0
+            handle = layer.register_forward_hook(lambda m, i, o, keep=keep: o * keep)
+            with torch.no_grad():
+                probs = model(x[n : n + 1]).softmax(dim=1)[0]
+            handle.remove()
+            reference[n, :, p // 4, p % 4] = probs[row]
+    torch.testing.assert_close(exp.raw[0], reference)
+
+
 class Twice(nn.Module):
     def __init__(self) -> None:
         super().__init__()
