@@ -341,6 +341,8 @@ CHEAP: dict[str, dict[str, Any]] = {
     "integrated-gradients": {"steps": 4},
     "smoothgrad": {"samples": 2},
     "vargrad": {"samples": 2},
+    # every channel's ablated copy in one pass per sample: the layers before it then run twice
+    "ablationcam": {"batch_size": 2048},
 }
 
 
@@ -391,6 +393,7 @@ MISSING = {
     "attention": "no attention module that xai-core can capture",
     "classifier-weights": "no nn.Linear layer (a convolutional or compiled classifier)",
     "layers": "no module hooks (TorchScript)",
+    "layer-edits": "no module hooks (TorchScript)",
     "gradients": "no gradients",
 }
 
@@ -400,7 +403,7 @@ def first_sentence(message: str) -> str:
     full stop or colon, without layer names and shapes; a missing capability in plain words."""
     needs = re.match(r"\S+ needs ([\w, -]+); this \S+ model offers", message)
     if needs:
-        return "; ".join(MISSING.get(c, c) for c in needs.group(1).split(", "))
+        return "; ".join(dict.fromkeys(MISSING.get(c, c) for c in needs.group(1).split(", ")))
     head = message.split(". ")[0].split(": ")[0]
     while True:  # parentheses with names or numbers in them, innermost first
         shorter = re.sub(r" ?\([^()]*['\d][^()]*\)", "", head)

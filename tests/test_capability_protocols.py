@@ -481,3 +481,37 @@ def test_compare_skips_randomization_for_an_adapter_without_the_protocol(images)
         options={"occlusion": {"window": 4}},
     )
     assert "needs a PyTorch model" in result.skipped_metrics["randomization"]
+
+
+# -- layer-output edits (Ablation-CAM, Recipro-CAM) on the functional CNN ----------------------
+
+
+class EditingFunctionalCNN(FunctionalCNN):
+    """The functional CNN with ``LayerOutputEditing``: its tap returns the edited output, whose
+    extra rows (variants of each sample) the rest of the computation simply carries."""
+
+    capabilities = FunctionalCNN.capabilities | {Capability.LAYER_EDITS}
+
+    def run_with_layer_output(self, inputs, layer, edit, *, variants=1):
+        with torch.no_grad():
+            return self._run(inputs, lambda name, out, inp: edit(out) if name == layer else out)
+
+
+@pytest.mark.parametrize(("method", "options"), [
+    ("ablationcam", {"relu": False}), ("reciprocam", {}), ("reciprocam", {"kernel": "gaussian"}),
+])
+def test_layer_edits_on_a_functional_adapter_equal_the_module(images, method, options):
+    module, functional = cnn_pair()
+    editing = EditingFunctionalCNN(functional.params)
+    ours = xai_core.explain(editing, images, method=method, targets="all",
+                            layers=["conv1", "act2"], **options)
+    theirs = xai_core.explain(module, images, method=method, targets="all",
+                              layers=["conv1", "act2"], **options)
+    same(ours, theirs)
+    assert method not in {i.name for i in xai_core.list_explainers(model=functional)}
+
+
+def test_declaring_layer_edits_without_the_protocol_is_a_typed_error():
+    _, functional = cnn_pair()
+    functional.capabilities = FunctionalCNN.capabilities | {Capability.LAYER_EDITS}
+    assert protocol_gaps(functional) == {"LayerOutputEditing": ["run_with_layer_output"]}

@@ -157,3 +157,28 @@ def onnx_adapter():
 @parametrize_adapters([(lambda: TorchAdapter(tiny_cnn()), {"picklable": True}), onnx_adapter])
 def test_the_core_adapters_one_check_at_a_time(check):
     check()
+
+
+class IgnoresEdits(TorchAdapter):
+    """Declares layer edits but runs the plain model, copies and all."""
+
+    def run_with_layer_output(self, inputs, layer, edit, *, variants=1):
+        return self.forward(inputs).repeat_interleave(variants, 0)
+
+
+class MixesCopies(TorchAdapter):
+    """Edits the layer but orders the copies variant-major, not sample-major."""
+
+    def run_with_layer_output(self, inputs, layer, edit, *, variants=1):
+        scores = super().run_with_layer_output(inputs, layer, edit, variants=variants)
+        return scores.view(inputs.shape[0], variants, -1).transpose(0, 1).flatten(0, 1)
+
+
+@pytest.mark.parametrize(
+    ("cls", "fault"), [(IgnoresEdits, "ignored the edit"), (MixesCopies, "two unchanged copies")]
+)
+def test_the_layer_edits_check_catches_a_broken_adapter(cls, fault):
+    checks = {c.name: c for c in adapter_checks(lambda: cls(tiny_cnn()))}
+    assert checks["layer_edits"].skip is None
+    with pytest.raises(ConformanceError, match=fault):
+        checks["layer_edits"]()

@@ -4,7 +4,7 @@ and for each capability beyond the forward pass the protocol that backs it."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -271,6 +271,28 @@ class ParameterRandomization(Protocol):
         ...
 
 
+LayerEdit = Callable[[torch.Tensor], torch.Tensor]
+
+
+@runtime_checkable
+class LayerOutputEditing(Protocol):
+    """``Capability.LAYER_EDITS``: forward passes in which a layer's output is replaced by an
+    edited copy (Ablation-CAM ablates channels, Recipro-CAM keeps one position at a time)."""
+
+    def run_with_layer_output(
+        self, inputs: torch.Tensor, layer: str, edit: LayerEdit, *, variants: int = 1
+    ) -> torch.Tensor:
+        """Scores ``(N * variants, outputs)`` of a forward pass without gradients in which the
+        output ``A`` ``(N, ...)`` of ``layer`` is replaced by ``edit(A)``, ``(N * variants,
+        ...)`` in the layer's own layout: row ``i * variants + v`` is sample ``i``'s ``v``-th
+        edited copy (``A.repeat_interleave(variants, 0)`` edited row by row). ``edit`` is called
+        once per forward pass, on the layer's output for the ``N`` samples. The part of the model
+        before the layer should run once per sample, not once per variant, where the model
+        allows it. A layer called more than once per forward pass is refused
+        (``LayerTypeError``)."""
+        ...
+
+
 # Which protocol backs which capabilities: an adapter declaring all of a row's capabilities
 # must implement its protocol.
 CAPABILITY_PROTOCOLS: tuple[tuple[frozenset[Capability], type], ...] = (
@@ -279,6 +301,7 @@ CAPABILITY_PROTOCOLS: tuple[tuple[frozenset[Capability], type], ...] = (
     (frozenset({Capability.CLASSIFIER_WEIGHTS}), ClassifierHead),
     (frozenset({Capability.ATTENTION}), AttentionAccess),
     (frozenset({Capability.ATTENTION, Capability.GRADIENTS}), AttentionGradients),
+    (frozenset({Capability.LAYER_EDITS}), LayerOutputEditing),
 )
 
 

@@ -36,6 +36,7 @@ class Capability(StrEnum):
     LAYERS = "layers"  # named internal modules whose outputs can be captured
     CLASSIFIER_WEIGHTS = "classifier-weights"  # a linear head whose weights can be read
     ATTENTION = "attention"  # attention weights of transformer blocks
+    LAYER_EDITS = "layer-edits"  # a forward pass with a layer's output replaced (Ablation-CAM)
 
 
 E = TypeVar("E", bound=Enum)

@@ -43,7 +43,7 @@ from xai_core.core.errors import (
 )
 from xai_core.core.tags import Capability
 from xai_core.core.targets import Targets
-from xai_core.onnx.gradients import differentiable_forward, tail_gradients
+from xai_core.onnx.gradients import differentiable_forward, edited_tail, tail_gradients
 from xai_core.onnx.graph import Graph, Linear, load_proto
 from xai_core.onnx.interpreter import constant
 from xai_core.onnx.rewrite import fused_attention_error
@@ -154,7 +154,7 @@ class OnnxAdapter(ModelAdapter):
                 log.warning("ONNX model: forward only, its graph could not be read (%s)", exc)
         caps = {Capability.FORWARD}
         if self._graph is not None:
-            caps |= {Capability.LAYERS, Capability.GRADIENTS}
+            caps |= {Capability.LAYERS, Capability.GRADIENTS, Capability.LAYER_EDITS}
             if self._linears():
                 caps.add(Capability.CLASSIFIER_WEIGHTS)
             if self._graph.attention() or self._graph.fused:
@@ -368,6 +368,11 @@ class OnnxAdapter(ModelAdapter):
         """onnxruntime's forward with the layers as extra outputs, then the tail of the graph
         after them re-run in torch (:mod:`xai_core.onnx.gradients`) for the backward passes."""
         return tail_gradients(self, inputs, list(layers), targets)
+
+    def run_with_layer_output(self, inputs, layer, edit, *, variants=1) -> torch.Tensor:
+        """``LayerOutputEditing``: the tail after ``layer`` re-run in torch on the edited copies
+        (:func:`xai_core.onnx.gradients.edited_tail`)."""
+        return edited_tail(self, inputs, layer, edit, variants)
 
     # -- attention (AttentionAccess, AttentionGradients) -----------------------------------------
 

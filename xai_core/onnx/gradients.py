@@ -144,3 +144,44 @@ def _check_scores(recomputed: torch.Tensor, scores: torch.Tensor, nodes) -> None
             f"gradients would explain another function. Please report it; meanwhile use a "
             f"method without gradients (cam, occlusion)."
         )
+
+
+def edited_tail(
+    adapter: OnnxAdapter, inputs: torch.Tensor, layer: str, edit, variants: int
+) -> torch.Tensor:
+    """``LayerOutputEditing`` on ONNX (Ablation-CAM, Recipro-CAM): onnxruntime runs the graph
+    once per chunk with ``layer`` and the tail's other feeds as extra outputs; the tail then runs
+    in torch, first unedited (checked against onnxruntime's scores like the gradients' tail),
+    then on ``edit(A)``, ``variants`` copies per sample. Floating feeds from before the layer
+    that carry the batch (a residual) are repeated per copy. A tail whose shapes are fixed to
+    the batch it was given (a ``Reshape`` to an upstream ``Shape``) fails on the copies: that is
+    a ``CapabilityError`` naming the layer."""
+    graph = adapter.graph()
+    tail = graph.tail([layer])
+    check_supported(tail.nodes)
+    constants = _constants(adapter, tail)
+    output = adapter.output_name
+    parts = []
+    for chunk, kept in adapter.chunks(inputs):
+        fetched = adapter.run_chunk(chunk, [output, layer, *tail.feeds])
+        plain = run(tail.nodes, {**constants, **{f: fetched[f] for f in tail.feeds}})
+        _check_scores(plain[output].to(torch.float32), fetched[output].to(torch.float32),
+                      tail.nodes)
+        values = dict(constants)
+        for name in tail.feeds:
+            value = fetched[name]
+            if name == layer:
+                value = edit(value[:kept])
+            elif value.is_floating_point() and value.ndim and value.shape[0] == chunk.shape[0]:
+                value = value[:kept].repeat_interleave(variants, 0)
+            values[name] = value
+        try:
+            scores = run(tail.nodes, values)[output]
+        except (RuntimeError, IndexError, ValueError) as error:
+            raise CapabilityError(
+                f"The ONNX graph after layer {layer!r} depends on the batch size it was run with "
+                f"({type(error).__name__}: {error}); edited copies of that layer's output cannot "
+                f"go through it. Choose a layer nearer the output."
+            ) from error
+        parts.append(scores)
+    return torch.cat(parts).to(torch.float32)

@@ -9,8 +9,10 @@ flags, ``requires_grad``, ``.grad``, parameters, buffers, hooks) after a normal 
 exception, which it lets through; each declared capability has its protocol's methods
 (``LayerAccess`` for ``Capability.LAYERS``, ...). Then one check per declared capability
 (:data:`CAPABILITY_CHECKS`): ``gradients`` reach the input for an adapter declaring
-``Capability.GRADIENTS``. ``pickle``: an adapter that claims it (defines ``__getstate__`` /
-``__reduce__``, or ``picklable=True``) survives a pickle round trip with the same scores.
+``Capability.GRADIENTS``; ``layer_edits``: edits of the default layer's output reach the scores,
+copies per sample in order, for ``Capability.LAYER_EDITS``. ``pickle``: an adapter that
+claims it (defines ``__getstate__`` / ``__reduce__``, or ``picklable=True``) survives a pickle
+round trip with the same scores.
 """
 
 from __future__ import annotations
@@ -41,7 +43,10 @@ from xai_core.testing.state import (
 # capability protocols (layer access, classifier head, attention) add their checks here, as
 # `Capability: "check name"` with a `_Case.check_<name>` method; a capability without a check
 # here is not verified yet.
-CAPABILITY_CHECKS: dict[Capability, str] = {Capability.GRADIENTS: "gradients"}
+CAPABILITY_CHECKS: dict[Capability, str] = {
+    Capability.GRADIENTS: "gradients",
+    Capability.LAYER_EDITS: "layer_edits",
+}
 
 CHECKS = (
     "protocol",
@@ -277,6 +282,33 @@ class _Case:
         if grad is None or not bool(torch.isfinite(grad).all()) or not bool(grad.abs().sum() > 0):
             _fail("the adapter declares gradients, but no finite, non-zero gradient reaches the "
                   "input.")  # fmt: skip
+
+    def check_layer_edits(self) -> None:
+        """At the default layer (or the first recordable one): an edit that changes nothing
+        gives the forward pass's scores, and two unchanged copies per sample give each sample's
+        scores twice, in sample order; an edit zeroing the output changes them."""
+        adapter = self.make()
+        x = self._x(adapter)
+        with torch.no_grad(), adapter.session() as inside:
+            layer = inside.default_layer(x) if Capability.LAYERS in adapter.capabilities else None
+            if layer is None:
+                _fail("the adapter declares layer-edits but not layers: no layer to edit.")
+            plain = inside.forward(x)
+            same = inside.run_with_layer_output(x, layer, lambda a: a)
+            twice = inside.run_with_layer_output(
+                x, layer, lambda a: a.repeat_interleave(2, 0), variants=2
+            )
+            zeroed = inside.run_with_layer_output(x, layer, torch.zeros_like)
+        for what, got, want in (
+            ("an edit that changes nothing", same, plain),
+            ("two unchanged copies per sample", twice, plain.repeat_interleave(2, 0)),
+        ):
+            if got.shape != want.shape or not torch.allclose(got, want, atol=self.atol, rtol=1e-4):
+                _fail(f"run_with_layer_output at layer {layer!r} with {what} does not give the "
+                      f"forward pass's scores (shapes {tuple(got.shape)}, {tuple(want.shape)}).")
+        if torch.allclose(zeroed, plain, atol=self.atol, rtol=1e-4):
+            _fail(f"run_with_layer_output ignored the edit: zeroing layer {layer!r}'s output "
+                  f"left the scores unchanged.")
 
     def check_pickle(self) -> None:
         adapter = self.make()

@@ -6,7 +6,7 @@ import copy
 import logging
 import math
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
@@ -29,11 +29,18 @@ from xai_core.core.errors import (
     ModelError,
     OptionError,
     UnknownLayerError,
+    XaiError,
     did_you_mean,
 )
 from xai_core.core.tags import Capability
 from xai_core.core.targets import Targets
-from xai_core.torch.capture import capture, capture_attention, is_attention_module, preserved_state
+from xai_core.torch.capture import (
+    capture,
+    capture_attention,
+    edited_output,
+    is_attention_module,
+    preserved_state,
+)
 from xai_core.torch.ops import feature_layout, target_gradients, token_layout
 
 log = logging.getLogger("xai_core")
@@ -67,6 +74,11 @@ def conv_input(module: nn.Module) -> tuple[int, int] | None:
         return None
     return weight.ndim, channels  # a (N, C, *spatial) input has as many axes as the kernel
 
+
+# Layers after which a model's code depends on the batch size it was given (a size read
+# before the layer, an earlier tensor concatenated later): their edited variants go through the
+# whole model, inputs repeated (TorchAdapter.run_with_layer_output). Found once per model.
+_repeat_inputs: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
 
 # Default layers found by probing, per model and input shape, so the probe runs once.
 _default_layer_cache: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], str]] = (
@@ -187,10 +199,12 @@ class TorchAdapter(ModelAdapter):
         self.module = module
         tensors = [*module.parameters(), *module.buffers()]
         self.device = tensors[0].device if tensors else torch.device("cpu")
-        caps = {Capability.FORWARD, Capability.GRADIENTS, Capability.LAYERS}
+        caps = {
+            Capability.FORWARD, Capability.GRADIENTS, Capability.LAYERS, Capability.LAYER_EDITS
+        }
         if isinstance(module, torch.jit.ScriptModule):
             # Compiled TorchScript takes no Python hooks: no layer capture, gradients still flow.
-            caps.discard(Capability.LAYERS)
+            caps -= {Capability.LAYERS, Capability.LAYER_EDITS}
         modules = list(module.modules())
         if any(isinstance(m, nn.Linear) for m in modules):
             caps.add(Capability.CLASSIFIER_WEIGHTS)
@@ -316,6 +330,53 @@ class TorchAdapter(ModelAdapter):
             calls={name: len(seen.outputs[name]) for name in hooked},
             gradients=gradients(),
         )
+
+    # -- editing a layer's output (LayerOutputEditing) ------------------------------------------
+
+    def run_with_layer_output(
+        self,
+        inputs: torch.Tensor,
+        layer: str,
+        edit: Callable[[torch.Tensor], torch.Tensor],
+        *,
+        variants: int = 1,
+    ) -> torch.Tensor:
+        """A forward hook returns ``edit(A)``, so the ``N * variants`` edited copies go on
+        through the rest of the model while the layers before it run once per sample. Code
+        after the layer that depends on the batch size the model was given (a size read before
+        the layer, an earlier tensor concatenated later) fails that way or returns the wrong
+        number of rows; then, remembered per model and layer, the inputs are repeated instead
+        and each copy's output edited: the whole model runs once per variant, as
+        pytorch-grad-cam's Ablation-CAM always does. (With one sample an earlier tensor
+        broadcast against the copies is that sample's own: the result is right.)"""
+        module = self._modules([layer])[layer]
+        repeat = _repeat_inputs.setdefault(self.module, set())
+        if variants == 1 or layer not in repeat:
+            try:
+                scores = self._edited_forward(inputs, module, layer, edit)
+            except XaiError:
+                raise
+            except Exception as error:  # the tail refused the new batch size: repeat below
+                if variants == 1:
+                    raise
+                log.info("layer %r: edited copies through the whole model (%s)", layer, error)
+            else:
+                if variants == 1 or scores.shape[0] == inputs.shape[0] * variants:
+                    return scores
+            repeat.add(layer)
+
+        def each_copy(output: torch.Tensor) -> torch.Tensor:  # (N * variants, ...): repeats
+            return edit(output[::variants])
+
+        return self._edited_forward(
+            inputs.repeat_interleave(variants, 0), module, layer, each_copy
+        )
+
+    def _edited_forward(
+        self, inputs: torch.Tensor, module: nn.Module, layer: str, edit: Callable
+    ) -> torch.Tensor:
+        with torch.no_grad(), edited_output(module, layer, edit):
+            return self.forward(inputs)
 
     # -- classifier weights (ClassifierHead) ----------------------------------------------------
 

@@ -239,6 +239,38 @@ def _aliases_an_input(output: torch.Tensor, args: tuple[object, ...]) -> bool:
     )
 
 
+@contextmanager
+def edited_output(
+    module: nn.Module, name: str, edit: Callable[[torch.Tensor], torch.Tensor]
+) -> Iterator[None]:
+    """While the block runs, ``module``'s output ``A`` is replaced by ``edit(A)`` (which may
+    hold more rows than ``A``: variants of each sample, see ``TorchAdapter.run_with_layer_
+    output``). A layer called twice in one forward pass is refused: which call to edit would be
+    a guess. The hook is removed in ``finally``."""
+    calls = 0
+
+    def hook(_module: nn.Module, _args: tuple[object, ...], output: object) -> object:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            raise LayerTypeError(
+                f"Layer {name!r} runs more than once per forward pass, so replacing its output "
+                f"is ambiguous; choose a layer the model calls once."
+            )
+        if not isinstance(output, torch.Tensor):
+            raise LayerTypeError(
+                f"Layer {name!r} returns {type(output).__name__}, not a tensor; choose a "
+                f"layer whose output is a feature map."
+            )
+        return edit(output)
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def hook_count(module: nn.Module) -> int:
     """How many hooks of any kind are registered on ``module`` and its children (for checks)."""
     total = 0

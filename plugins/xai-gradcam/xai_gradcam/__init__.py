@@ -1,6 +1,6 @@
 """Grad-CAM (Selvaraju et al. 2017), two published weightings, and the rest of the CAM family
-(HiResCAM, XGrad-CAM, LayerCAM, EigenCAM, Score-CAM: docs/methods/cam-family.md), as one
-xai-core plugin.
+(HiResCAM, XGrad-CAM, LayerCAM, EigenCAM, Score-CAM, Ablation-CAM, Recipro-CAM:
+docs/methods/cam-family.md), as one xai-core plugin.
 
 For a layer with activations ``A`` (channels ``k``) and a target score ``y`` (a logit)::
 
@@ -18,12 +18,14 @@ Several layers share one forward pass; several targets share it too, each with o
 (:meth:`xai_core.core.adapters.LayerGradients.layer_gradients`; for PyTorch through the retained
 graph, :func:`xai_core.torch.ops.target_gradients` says why not one vmapped backward). The model
 is reached only through the ``LayerAccess`` and ``LayerGradients`` protocols (EigenCAM and
-Score-CAM: ``LayerAccess`` and forward passes only).
+Score-CAM: ``LayerAccess`` and forward passes only; Ablation-CAM and Recipro-CAM:
+``LayerAccess`` and ``LayerOutputEditing``, the layer's output edited in batched copies).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from typing import Literal, Protocol
 
 import torch
@@ -32,7 +34,7 @@ from torch import nn
 
 import xai_core
 from xai_core import Attribution, Capability, Tags, Targets
-from xai_core.core.adapters import LayerAccess, LayerGradients
+from xai_core.core.adapters import LayerAccess, LayerGradients, LayerOutputEditing
 from xai_core.core.errors import CapabilityError, LayerTypeError, OptionError
 from xai_core.core.options import PositiveInt
 from xai_core.core.targets import ResolvedTargets
@@ -399,7 +401,226 @@ class ScoreCAM:
         return out.view(n, c, -1)
 
 
+# -- CAMs that edit the layer's output (Ablation-CAM, Recipro-CAM) ---------------------------
+
+
+class EditingModel(LayerAccess, LayerOutputEditing, Protocol):
+    """What Ablation-CAM and Recipro-CAM need of an adapter: both protocols."""
+
+
+MaskSource = Callable[[torch.Tensor], torch.Tensor]
+
+
+def native_masks(masks: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """Masks ``(V, C or 1, *grid or 1s)`` over the channels-first feature map, as multipliers of
+    the layer's own output ``(N, ...)``, broadcastable to ``(V, ...)``. A token layer's leading
+    class/register tokens are not part of the map: they are kept (multiplied by 1)."""
+    if layout.kind == "channels_first":
+        return masks
+    if layout.kind == "channels_last":
+        return masks.movedim(1, -1)
+    tokens = masks.expand(*masks.shape[:2], *layout.grid).flatten(2).transpose(1, 2)  # (V, Z, C)
+    keep = tokens.new_ones(tokens.shape[0], layout.extra, tokens.shape[2])
+    return torch.cat([keep, tokens], dim=1)
+
+
+def edited_scores(
+    model: EditingModel,
+    inputs: torch.Tensor,
+    layer: str,
+    layout: Layout,
+    count: int,
+    masks_of: MaskSource,
+    resolved: ResolvedTargets,
+    batch_size: int,
+    probabilities: bool,
+) -> torch.Tensor:
+    """The target scores ``(N, V, K)`` of every sample with ``layer``'s output multiplied by
+    each of ``count`` masks (``masks_of(indices)``: those masks, as :func:`native_masks` takes
+    them), ``batch_size`` edited copies per forward pass; the target's softmax probability
+    where ``probabilities``.
+
+    One sample per forward pass: the layers before ``layer`` run for that sample only, so they
+    run ``N * ceil(V / batch_size)`` times in all (all samples in every pass would cost ``N``
+    times that), and an earlier tensor the model adds later (a residual) broadcasts over the
+    copies of its one sample, so the adapter need not repeat the inputs."""
+    n = inputs.shape[0]
+    out = torch.empty(n, count, resolved.count, device=inputs.device, dtype=inputs.dtype)
+    for i in range(n):
+        sample = inputs[i : i + 1]
+
+        def evaluate(rows: torch.Tensor, i: int = i, sample: torch.Tensor = sample):
+            masks = native_masks(masks_of(rows), layout)
+
+            def edit(a: torch.Tensor) -> torch.Tensor:  # (1, ...) -> (len(rows), ...)
+                return a * masks.to(a.dtype)
+
+            scores = model.run_with_layer_output(sample, layer, edit, variants=len(rows))
+            if probabilities:
+                scores = scores.softmax(dim=1)
+            return resolved.select(scores, torch.full_like(rows, i))
+
+        evaluate_in_chunks(evaluate, out[i], batch_size)
+    return out
+
+
+class EditingCAM:
+    """The shared path of the CAMs that edit the layer's output: one forward pass recording the
+    layers (scores, activations, the targets resolved), then per layer the target scores under
+    each edit (:func:`edited_scores`) turned into maps by :meth:`maps`."""
+
+    name = "editing-cam"  # overridden by every registered subclass
+    tags = Tags("local", "model-specific", requires={Capability.LAYERS, Capability.LAYER_EDITS})
+    probabilities = False  # whether the edits are scored by the target's softmax probability
+
+    def edits(self, features: torch.Tensor) -> tuple[int, MaskSource]:
+        """How many edits of this feature map ``(N, C, *s)``, and their masks by index."""
+        raise NotImplementedError
+
+    def maps(
+        self, features: torch.Tensor, scores: torch.Tensor, original: torch.Tensor
+    ) -> torch.Tensor:
+        """Maps ``(N, K, *s)`` from the edited scores ``(N, V, K)`` and the original ``(N, K)``."""
+        raise NotImplementedError
+
+    def run(
+        self,
+        model: EditingModel,
+        inputs: torch.Tensor,
+        targets: Targets,
+        layer: str | nn.Module | None,
+        layers: Sequence[str | nn.Module] | None,
+        batch_size: int,
+        relu: bool,
+        class_token: bool | int | None,
+        **details: object,
+    ) -> Attribution:
+        hooked = _layers_asked(model, inputs, layer, layers)
+        record = model.record_layers(inputs, hooked)
+        resolved = targets.resolve(record.scores)
+        original = resolved.select(record.scores)  # (N, K)
+        acts = [record.last(name) for name in hooked]
+        grids = _layouts(model, inputs, hooked, acts, class_token)
+        maps = []
+        for name, a, grid in zip(hooked, acts, grids, strict=True):
+            f = as_feature_map(a, grid)
+            count, masks_of = self.edits(f)
+            scores = edited_scores(model, inputs, name, grid, count, masks_of, resolved,
+                                   batch_size, self.probabilities)
+            maps.append(self.maps(f, scores, original))
+        return _attribution(
+            hooked, maps, record.scores,
+            {name: record.calls(name) for name in hooked}, grids, layers is not None, relu,
+            **details,
+        )
+
+
+class AblationCAM(EditingCAM):
+    """Ablation-CAM (Desai and Ramaswamy 2020): channel ``k``'s weight is the relative drop of
+    the target's score when the layer's channel ``k`` is set to zero,
+    ``w_k = (y - y_k) / y``; map ``ReLU(sum_k w_k A_k)``. Every sample's ``C`` ablated copies of
+    the layer's output go on through the rest of the model in batches of ``batch_size``
+    (:meth:`~xai_core.core.adapters.LayerOutputEditing.run_with_layer_output`). A target whose
+    score is exactly 0 gets the weights 0 (no relative drop is defined)."""
+
+    name = "ablationcam"
+
+    def explain(
+        self,
+        model: EditingModel,
+        inputs: torch.Tensor,
+        targets: Targets,
+        *,
+        layer: str | nn.Module | None = None,
+        layers: Sequence[str | nn.Module] | None = None,
+        batch_size: PositiveInt = 64,
+        relu: bool = True,
+        class_token: bool | int | None = None,
+    ) -> Attribution:
+        """:param batch_size: ablated copies of the layer's output per forward pass.
+        The other options as :meth:`GradientWeightedCAM.explain`."""
+        return self.run(model, inputs, targets, layer, layers, batch_size, relu, class_token)
+
+    def edits(self, features: torch.Tensor) -> tuple[int, MaskSource]:
+        c, rank = features.shape[1], features.ndim - 2
+
+        def masks_of(rows: torch.Tensor) -> torch.Tensor:  # (V, C, 1, ...): all but channel k
+            keep = 1 - F.one_hot(rows, c).to(features.dtype)
+            return keep.view(len(rows), c, *([1] * rank))
+
+        return c, masks_of
+
+    def maps(
+        self, features: torch.Tensor, scores: torch.Tensor, original: torch.Tensor
+    ) -> torch.Tensor:
+        defined = (original != 0).unsqueeze(1)
+        y = original.unsqueeze(1)
+        weights = torch.where(defined, (y - scores) / torch.where(defined, y, 1.0), 0.0)
+        return torch.einsum("nck,nc...->nk...", weights, features)
+
+
+# Recipro-CAM's smoothed masks: the 3 x 3 kernel of the authors' code, [1, 2, 1] / 4 per axis.
+_GAUSSIAN_TAPS = (0.25, 0.5, 0.25)
+
+
+class ReciproCAM(EditingCAM):
+    """Recipro-CAM (Byun and Lee 2022): gradient-free. For each position ``p`` of the layer's
+    grid, the feature map with every other position zeroed (``"point"``), or with the
+    neighbourhood of ``p`` kept under the 3 x 3 (x 3) kernel ``[1, 2, 1] / 4`` per axis and the
+    rest zeroed (``"gaussian"``, the authors' code), goes on through the rest of the model;
+    the map at ``p`` is the target's softmax probability. All positions of all samples run in
+    batches of ``batch_size`` edited copies; no forward pass repeats the layers before."""
+
+    name = "reciprocam"
+    probabilities = True
+
+    def explain(
+        self,
+        model: EditingModel,
+        inputs: torch.Tensor,
+        targets: Targets,
+        *,
+        layer: str | nn.Module | None = None,
+        layers: Sequence[str | nn.Module] | None = None,
+        kernel: Literal["point", "gaussian"] = "point",
+        batch_size: PositiveInt = 64,
+        class_token: bool | int | None = None,
+    ) -> Attribution:
+        """:param kernel: ``"point"`` keeps one position per copy, ``"gaussian"`` its
+            neighbourhood weighted by ``[1, 2, 1] / 4`` per axis (zero outside the grid).
+        :param batch_size: edited copies of the layer's output per forward pass.
+        Probabilities are not negative: there is no ``relu`` option. The other options as
+        :meth:`GradientWeightedCAM.explain`."""
+        if kernel not in ("point", "gaussian"):
+            raise OptionError(f"kernel must be 'point' or 'gaussian'; got {kernel!r}.")
+        self.kernel = kernel
+        return self.run(model, inputs, targets, layer, layers, batch_size, False, class_token,
+                        kernel=kernel)
+
+    def edits(self, features: torch.Tensor) -> tuple[int, MaskSource]:
+        grid = features.shape[2:]
+        positions = math.prod(grid)
+
+        def masks_of(rows: torch.Tensor) -> torch.Tensor:  # (V, 1, *grid)
+            masks = F.one_hot(rows, positions).to(features.dtype).view(len(rows), 1, *grid)
+            if self.kernel == "gaussian":
+                taps = torch.tensor(_GAUSSIAN_TAPS, dtype=features.dtype, device=rows.device)
+                for axis in range(2, masks.ndim):  # separable: one 3-tap pass per axis
+                    padded = F.pad(masks.movedim(axis, -1), (1, 1))
+                    masks = (padded.unfold(-1, 3, 1) * taps).sum(-1).movedim(-1, axis)
+            return masks
+
+        return positions, masks_of
+
+    def maps(
+        self, features: torch.Tensor, scores: torch.Tensor, original: torch.Tensor
+    ) -> torch.Tensor:
+        return scores.transpose(1, 2).unflatten(2, features.shape[2:])  # (N, K, *grid)
+
+
 @xai_core.hookimpl
 def register_explainers(register):
-    for explainer in (GradCAM, HiResCAM, XGradCAM, LayerCAM, EigenCAM, ScoreCAM):
+    for explainer in (
+        GradCAM, HiResCAM, XGradCAM, LayerCAM, EigenCAM, ScoreCAM, AblationCAM, ReciproCAM
+    ):
         register(explainer)
