@@ -308,3 +308,109 @@ def test_xai_plugins_lists_the_new_metrics_with_direction_and_needs():
         assert rows[name][1] == f"metric ({direction} is better)", out
         assert rows[name][-1] == "ok" and rows[name][-3] == "xai-metrics"
     assert rows["emprt"][4] == "torch-model" and rows["road"][4] == ""
+
+
+# -- agreement with Quantus 0.6.0 ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quantus():
+    # Installed by .ci/run with --no-deps (requirements-dev.txt says why).
+    return pytest.importorskip("quantus", reason="quantus==0.6.0 (test-only) is not installed")
+
+
+def _explain(model, inputs, targets, **_) -> np.ndarray:
+    """Quantus's explain_func: the same grad x input as the contexts' rerun, (N, 1, H, W)."""
+    maps = grad_x_input(model, torch.as_tensor(inputs), torch.as_tensor(targets))
+    return maps.unsqueeze(1).numpy()
+
+
+def _batch(ctx: MetricContext) -> dict:
+    return {
+        "model": torch_module_of(ctx.model),
+        "x_batch": ctx.inputs.numpy(),
+        "y_batch": ctx.targets.numpy(),
+        "a_batch": ctx.maps.unsqueeze(1).numpy().copy(),  # Quantus changes it in place
+        "device": "cpu",
+    }
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::RuntimeWarning")
+def test_road_equals_quantus(quantus):
+    """Quantus's ROAD is the MoRF accuracy curve averaged over samples: our ``morf_curves``
+    with kind="accuracy", noise=0 (Quantus draws its noise from NumPy's global generator).
+    One channel: Quantus ranks the attribution broadcast over channels, which indexes past the
+    pixels for C > 1. The imputed images themselves are compared too."""
+    from quantus.functions.perturb_func import noisy_linear_imputation
+
+    model = Linear().eval()
+    x = torch.randn(16, 1, 6, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        targets = model(x).argmax(1)
+    ctx = context(model, x, targets)
+    shares = [10, 30, 50, 70, 90]
+    ours = Road().compute(ctx, percentages=shares, noise=0.0, kind="accuracy", tol=1e-10)
+    road = quantus.ROAD(percentages=shares, noise=0.0, abs=False, normalise=False,
+                        disable_warnings=True)  # fmt: skip
+    theirs = road(**_batch(ctx))
+    np.testing.assert_allclose(ours.details["morf_curves"].mean(0), list(theirs.values()))
+    assert len(set(theirs.values())) > 2  # the curve moves: not a trivial agreement
+
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(4, 3, 10, 14, generator=g, dtype=torch.float64)
+    shares = torch.tensor([0.02, 0.3, 0.7, 0.99])[:, None, None]
+    removed = torch.rand(4, 10, 14, generator=g) < shares
+    imputed = linear_imputation(images, removed)  # the default tolerance
+    for i in range(4):
+        index = removed[i].flatten().nonzero()[:, 0].numpy()
+        expected = noisy_linear_imputation(images[i].numpy(), index, noise=0.0)
+        np.testing.assert_allclose(imputed[i].numpy(), expected, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::RuntimeWarning")
+def test_max_sensitivity_and_local_lipschitz_equal_quantus(quantus):
+    """Quantus replays our perturbations (its perturb_func), explains each perturbed batch with
+    the same explainer and takes the same norms: equal within 1e-5. (Quantus's default
+    perturbation for the Lipschitz estimate is Gaussian; Alvarez-Melis and Jaakkola sample a
+    ball: ours is uniform in the L-inf ball for both.)"""
+    model, x = tiny_cnn(), inputs(4, 1, 12)
+    with torch.no_grad():
+        targets = model(x).argmax(1)
+    ctx = context(model, x, targets)
+    samples, radius, seed = 4, 0.1, 3
+    deltas = perturbations(x, samples, radius, seed).numpy().reshape(samples, -1)
+
+    def replay():
+        steps = iter(deltas)
+        return lambda arr, **_: arr + next(steps)[None]
+
+    common = {"nr_samples": samples, "abs": False, "normalise": False, "disable_warnings": True}
+    for ours, theirs in (
+        (MaxSensitivity(), quantus.MaxSensitivity(perturb_func=replay(), **common)),
+        (LocalLipschitz(), quantus.LocalLipschitzEstimate(perturb_func=replay(), **common)),
+    ):
+        values = ours.compute(ctx, samples=samples, radius=radius, seed=seed).values
+        expected = theirs(**_batch(ctx), explain_func=_explain)
+        np.testing.assert_allclose(values.numpy(), expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::RuntimeWarning")
+def test_emprt_equals_quantus(quantus):
+    """Quantus's EfficientMPRT with the Shannon entropy of |map| as its complexity (its default
+    is a histogram entropy whose bins depend on the batch) re-draws each layer after
+    ``torch.manual_seed(seed + 1)``: ours with ``seed=43`` is its ``seed=42``, weight for
+    weight. (Quantus passes x=None to the complexity of the randomised maps, hence the
+    wrapper.)"""
+    from quantus.functions.complexity_func import entropy
+
+    model, x = tiny_cnn(), inputs(4, 1, 12)
+    with torch.no_grad():
+        targets = model(x).argmax(1)
+    ctx = context(model, x, targets)
+    values = EfficientMPRT().compute(ctx, seed=43).values
+    theirs = quantus.EfficientMPRT(
+        seed=42, layer_order="bottom_up", complexity_func=lambda a, x, **_: entropy(a=a, x=a),
+        abs=True, normalise=False, disable_warnings=True,
+    )(**{**_batch(ctx), "a_batch": None}, explain_func=_explain)  # fmt: skip
+    np.testing.assert_allclose(values.numpy(), theirs, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(theirs, 0)  # the randomised maps changed
