@@ -43,6 +43,10 @@ METRIC_OPTIONS = {
     "randomization": {"stages": 3},
     "deletion": {"steps": 16},
     "insertion": {"steps": 16},
+    # each sample is one re-explanation of the batch (shared by the two metrics)
+    "max_sensitivity": {"samples": 3},
+    "local_lipschitz": {"samples": 3},
+    "road": {"percentages": (10, 30, 50, 70, 90)},
 }
 SUMMARY_METRICS = (
     "pointing_game",

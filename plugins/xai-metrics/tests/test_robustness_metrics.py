@@ -212,7 +212,10 @@ def test_sensitivity_and_lipschitz_by_hand_and_batched():
     ctx = context(model, x, targets, calls)
     sens = MaxSensitivity().compute(ctx, samples=5, radius=0.1, seed=4)
     lip = LocalLipschitz().compute(ctx, samples=5, radius=0.1, seed=4)
-    assert calls == [8, 7] * 2  # 15 perturbed copies, explained chunk_size (8) at a time
+    # 15 perturbed copies, explained chunk_size (8) at a time, once for both metrics
+    assert calls == [8, 7]
+    LocalLipschitz().compute(ctx, samples=5, radius=0.1, seed=5)
+    assert calls == [8, 7] * 2  # other perturbations: explained again
     deltas = perturbations(x, 5, 0.1, 4).double()
     assert deltas.abs().max() <= 0.1
     w = model.w.detach().double()[targets, 0]  # (N, H, W)
@@ -360,11 +363,13 @@ def test_road_equals_quantus(quantus):
     images = torch.randn(4, 3, 10, 14, generator=g, dtype=torch.float64)
     shares = torch.tensor([0.02, 0.3, 0.7, 0.99])[:, None, None]
     removed = torch.rand(4, 10, 14, generator=g) < shares
-    imputed = linear_imputation(images, removed)  # the default tolerance
+    imputed = linear_imputation(images, removed, tol=1e-7)
+    default = linear_imputation(images, removed)  # stops earlier: within 1e-3, below the noise
     for i in range(4):
         index = removed[i].flatten().nonzero()[:, 0].numpy()
         expected = noisy_linear_imputation(images[i].numpy(), index, noise=0.0)
         np.testing.assert_allclose(imputed[i].numpy(), expected, atol=1e-5)
+        np.testing.assert_allclose(default[i].numpy(), expected, atol=1e-3)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::RuntimeWarning")

@@ -67,8 +67,25 @@ def neighbour_sum(t: torch.Tensor) -> torch.Tensor:
     return (out - centre * t) / (4**rank - centre)
 
 
+def coarse_fill(z: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``z`` ``(B, 1, *spatial)`` with each removed pixel set to the mean of the kept pixels in
+    the smallest power-of-two cell around it that has any (a pull-push pyramid): a starting
+    point that already bridges large holes, so conjugate gradients need far fewer iterations."""
+    pool = F.avg_pool2d if z.ndim == 4 else F.avg_pool3d
+    levels = [(kept * z, kept)]
+    while min(levels[-1][1].shape[2:]) > 1:
+        total, weight = levels[-1]
+        levels.append((pool(total, 2, ceil_mode=True), pool(weight, 2, ceil_mode=True)))
+    total, weight = levels[-1]
+    estimate = total / weight.clamp_min(torch.finfo(z.dtype).tiny)
+    for total, weight in reversed(levels[:-1]):
+        up = F.interpolate(estimate, size=total.shape[2:], mode="nearest")
+        estimate = torch.where(weight > 0, total / weight.clamp_min(torch.finfo(z.dtype).tiny), up)
+    return estimate
+
+
 def linear_imputation(
-    x: torch.Tensor, removed: torch.Tensor, *, tol: float = 1e-6, max_iter: int = 2000
+    x: torch.Tensor, removed: torch.Tensor, *, tol: float = 1e-4, max_iter: int = 2000
 ) -> torch.Tensor:
     """``x`` ``(B, C, *spatial)`` (2D or 3D) with the ``removed`` pixels ``(B, *spatial)``
     (every channel) replaced by the solution of the linear system above, without noise.
@@ -94,8 +111,8 @@ def linear_imputation(
     def dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return (u * v).flatten(1).sum(dim=1).view(rows)
 
-    v = torch.zeros_like(z)
-    r = rhs.clone()
+    v = m * coarse_fill(z, 1 - m)
+    r = rhs - matvec(v)
     s = s.clamp_min(torch.finfo(dtype).tiny)  # a 1x1 image has no neighbour
     y = m * r / s
     p = y.clone()
@@ -150,7 +167,7 @@ class Road:
         noise: float = 0.01,
         kind: str = "auto",
         seed: int = 0,
-        tol: float = 1e-6,
+        tol: float = 1e-4,
         progress: ProgressFn | None = None,
     ) -> MetricResult:
         """:param percentages: shares of the pixels removed, in percent (each a point of both
@@ -161,7 +178,9 @@ class Road:
             ``accuracy`` (1 where the target is still the top class).
         :param seed: seed of the noise; the same noise pattern is used for every sample, so a
             sample's value does not depend on the batch (the caller's random state is untouched).
-        :param tol: relative residual at which the imputation's conjugate gradients stop.
+        :param tol: relative residual at which the imputation's conjugate gradients stop (the
+            default leaves imputed values within about 1e-4 of the exact solve's on inputs of
+            unit scale, well below the noise).
         :param progress: ``progress(done, total, "imputed inputs")`` after each chunk.
         """
         inputs = context.inputs

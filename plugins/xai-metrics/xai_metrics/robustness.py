@@ -45,11 +45,30 @@ def perturbations(inputs: torch.Tensor, samples: int, radius: float, seed: int) 
 
 def perturbed_maps(
     context: MetricContext,
-    deltas: torch.Tensor,
+    samples: int,
+    radius: float,
+    seed: int,
     progress: ProgressFn | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The perturbations and the maps ``(N, samples, P)`` of every sample plus every
+    perturbation, explained again in batches of about ``context.chunk_size`` copies (row
+    ``i * samples + s`` of a flat batch).
+
+    Kept in ``context.measurements`` for the context's explanation: max-sensitivity and the
+    Lipschitz estimate with the same ``samples``, ``radius`` and ``seed`` (as in ``compare()``,
+    which gives each method one context) explain the perturbed copies once between them.
+    """
+    cache = context.measurements.setdefault("perturbed_maps", {})
+    key = (id(context.explanation), samples, radius, seed)
+    if key not in cache:
+        deltas = perturbations(context.inputs, samples, radius, seed)
+        cache[key] = deltas, _explain_perturbed(context, deltas, progress)
+    return cache[key]
+
+
+def _explain_perturbed(
+    context: MetricContext, deltas: torch.Tensor, progress: ProgressFn | None
 ) -> torch.Tensor:
-    """The maps ``(N, samples, P)`` of every sample plus every perturbation, explained again in
-    batches of about ``context.chunk_size`` copies (row ``i * samples + s`` of a flat batch)."""
     inputs, targets = context.inputs, context.targets
     n, samples = inputs.shape[0], deltas.shape[0]
     total = n * samples
@@ -106,8 +125,7 @@ class MaxSensitivity:
         """
         samples, radius, seed = _options(samples, radius, seed)
         original = single_maps(context).flatten(1)
-        deltas = perturbations(context.inputs, samples, radius, seed)
-        moved = perturbed_maps(context, deltas, progress)
+        _, moved = perturbed_maps(context, samples, radius, seed, progress)
         dtype = exact_float(original.device)
         a = original.to(dtype)
         change = (a.unsqueeze(1) - moved.to(dtype)).norm(dim=2)  # (N, samples)
@@ -146,8 +164,7 @@ class LocalLipschitz:
         """
         samples, radius, seed = _options(samples, radius, seed)
         original = single_maps(context).flatten(1)
-        deltas = perturbations(context.inputs, samples, radius, seed)
-        moved = perturbed_maps(context, deltas, progress)
+        deltas, moved = perturbed_maps(context, samples, radius, seed, progress)
         dtype = exact_float(original.device)
         change = (original.to(dtype).unsqueeze(1) - moved.to(dtype)).norm(dim=2)  # (N, samples)
         step = deltas.flatten(1).to(dtype).norm(dim=1)  # (samples,), > 0 almost surely
