@@ -92,10 +92,12 @@ def linear_imputation(
 
     Batched preconditioned conjugate gradients; every image and channel is one row of the batch,
     iterated until each row's residual is below ``tol`` times its right-hand side (or
-    ``max_iter``: a removed region with no kept pixel in reach keeps converging towards 0).
+    ``max_iter``: a removed region with no kept pixel in reach keeps converging towards 0). In
+    the inputs' precision (at least float32): float32 halves the time, and the default ``tol``
+    is well within its reach; float64 inputs get a float64 solve.
     """
     b, c, spatial = x.shape[0], x.shape[1], x.shape[2:]
-    dtype = exact_float(x.device)
+    dtype = torch.promote_types(x.dtype, torch.float32)  # float64 inputs: float64 solve
     z = x.to(dtype).reshape(b * c, 1, *spatial)
     m = removed.to(dtype).repeat_interleave(c, dim=0).unsqueeze(1)  # (B*C, 1, *spatial)
     neighbours = neighbour_sum
