@@ -44,9 +44,9 @@ METRIC_OPTIONS = {
     "deletion": {"steps": 16},
     "insertion": {"steps": 16},
     # each sample is one re-explanation of the batch (shared by the two metrics)
-    "max_sensitivity": {"samples": 3},
-    "local_lipschitz": {"samples": 3},
-    "road": {"percentages": (10, 30, 50, 70, 90)},
+    "max_sensitivity": {"samples": 2},
+    "local_lipschitz": {"samples": 2},
+    "road": {"percentages": (20, 50, 80)},
 }
 SUMMARY_METRICS = (
     "pointing_game",

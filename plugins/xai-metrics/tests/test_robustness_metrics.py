@@ -419,3 +419,17 @@ def test_emprt_equals_quantus(quantus):
     )(**{**_batch(ctx), "a_batch": None}, explain_func=_explain)  # fmt: skip
     np.testing.assert_allclose(values.numpy(), theirs, rtol=1e-5, atol=1e-7)
     assert not np.allclose(theirs, 0)  # the randomised maps changed
+
+
+def test_road_and_sensitivity_run_on_volumes():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv3d(1, 2, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool3d(1), nn.Flatten(),
+        nn.Linear(2, 3),
+    ).eval()  # fmt: skip
+    x = torch.rand(2, 1, 6, 6, 6, generator=torch.Generator().manual_seed(0))
+    ctx = context(model, x, torch.tensor([0, 2]))
+    road = Road().compute(ctx, percentages=[25, 75])
+    assert road.details["morf_curves"].shape == (2, 2)
+    assert bool(((road.values >= -1) & (road.values <= 1)).all())
+    assert bool(MaxSensitivity().compute(ctx, samples=2).values.isfinite().all())
