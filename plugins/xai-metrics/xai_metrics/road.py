@@ -12,9 +12,10 @@ weights of neighbours outside the image dropped), removed neighbours included, p
 
 with ``S_i`` the sum of pixel ``i``'s in-image neighbour weights. The system is symmetric and
 positive definite (``S`` dominates ``W``; every removed region touches a kept pixel), and is
-solved by preconditioned conjugate gradients (preconditioner ``S``) as a 3x3 convolution over a
-whole chunk of images at once, on the model's device, to a relative residual of ``tol``: no
-sparse matrix is built and no pixel is looped over. The tests compare it with the exact sparse
+solved by preconditioned conjugate gradients (preconditioner ``S``, started from a pull-push
+fill), whose matrix product is a separable 3x3 neighbour sum over a whole chunk of images at
+once, on the model's device, to a relative residual of ``tol``: no sparse matrix is built and
+no pixel is looped over. The tests compare it with the exact sparse
 solve (scipy) and with Quantus's ``noisy_linear_imputation``.
 
 Each imputed image is scored by the target's probability (or ``kind="accuracy"``: 1 when the
@@ -49,7 +50,6 @@ from xai_metrics.perturbation import pixel_ranks
 # Rong et al.'s neighbour weights (their code and Quantus's): 1/6 direct, 1/12 diagonal.
 NEIGHBOURS = ((1 / 12, 1 / 6, 1 / 12), (1 / 6, 0.0, 1 / 6), (1 / 12, 1 / 6, 1 / 12))
 PERCENTAGES = tuple(range(5, 100, 10))  # 5, 15, ..., 95 (Quantus: 1, 3, ..., 99)
-ORDERS = ("morf", "lerf")
 
 
 def neighbour_sum(t: torch.Tensor) -> torch.Tensor:
