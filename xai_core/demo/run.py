@@ -43,6 +43,10 @@ METRIC_OPTIONS = {
     "randomization": {"stages": 3},
     "deletion": {"steps": 16},
     "insertion": {"steps": 16},
+    # each sample is one re-explanation of the batch (shared by the two metrics)
+    "max_sensitivity": {"samples": 2},
+    "local_lipschitz": {"samples": 2},
+    "road": {"percentages": (20, 50, 80)},
 }
 SUMMARY_METRICS = (
     "pointing_game",

@@ -161,8 +161,8 @@ def _quantus(metric, a: np.ndarray, s: np.ndarray | None = None) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def quantus():
-    # Not in the test extra (its opencv-python clashes with grad-cam's headless cv2): see
-    # docs/methods/metrics.md, "Agreement with Quantus", for the --no-deps install.
+    # Installed by .ci/run with --no-deps (its opencv-python clashes with grad-cam's headless
+    # cv2): see requirements-dev.txt and docs/methods/metrics.md, "Agreement with Quantus".
     return pytest.importorskip("quantus", reason="quantus==0.6.0 (test-only) is not installed")
 
 

@@ -12,6 +12,10 @@ name                         better     reference                               
 ``sparseness``               higher     Chalasani et al. 2020 (Gini index)
 ``complexity``               lower      Bhatt et al. 2020 (entropy)
 ``randomization``            lower      Adebayo et al. 2018                           torch
+``emprt``                    higher     Hedström et al. 2023 (eMPRT)                  torch
+``road``                     higher     Rong et al. 2022 (ROAD, LeRF - MoRF)
+``max_sensitivity``          lower      Yeh et al. 2019
+``local_lipschitz``          lower      Alvarez-Melis and Jaakkola 2018
 ``avg_drop``                 lower      Chattopadhyay et al. 2018 (Grad-CAM++)
 ``avg_increase``             higher     Chattopadhyay et al. 2018 (Grad-CAM++)
 ``stability``                higher     flip / rotation / intensity augmentation
@@ -29,6 +33,7 @@ from collections.abc import Callable
 import xai_core
 from xai_metrics.complexity import Complexity, Sparseness
 from xai_metrics.cost import Cost
+from xai_metrics.mprt import EfficientMPRT
 from xai_metrics.perturbation import AvgDrop, AvgIncrease, Deletion, Insertion
 from xai_metrics.pointing import (
     EnergyPointingGame,
@@ -36,6 +41,8 @@ from xai_metrics.pointing import (
     RelevanceMassAccuracy,
     RelevanceRankAccuracy,
 )
+from xai_metrics.road import Road
+from xai_metrics.robustness import LocalLipschitz, MaxSensitivity
 from xai_metrics.sanity import Randomization, Stability
 
 __version__ = "0.1.0"
@@ -54,6 +61,10 @@ METRICS = (
     AvgIncrease,
     Stability,
     Cost,
+    Road,
+    MaxSensitivity,
+    LocalLipschitz,
+    EfficientMPRT,
 )
 
 
@@ -70,12 +81,16 @@ __all__ = [
     "Complexity",
     "Cost",
     "Deletion",
+    "EfficientMPRT",
     "EnergyPointingGame",
     "Insertion",
+    "LocalLipschitz",
+    "MaxSensitivity",
     "PointingGame",
     "Randomization",
     "RelevanceMassAccuracy",
     "RelevanceRankAccuracy",
+    "Road",
     "Sparseness",
     "Stability",
 ]

@@ -73,10 +73,13 @@ def score_kind(context: MetricContext, kind: object, allowed: Sequence[str] = KI
     return kind
 
 
-def single_maps(context: MetricContext, maps: torch.Tensor | None = None) -> torch.Tensor:
-    """One float map per sample on the input grid, ``(N, *spatial)``, or a typed error."""
+def single_maps(
+    context: MetricContext, maps: torch.Tensor | None = None, rows: int | None = None
+) -> torch.Tensor:
+    """One float map per sample on the input grid, ``(N, *spatial)``, or a typed error
+    (``rows``: the number of samples when ``maps`` explain another batch than the inputs)."""
     maps = context.maps if maps is None else maps
-    want = (context.inputs.shape[0], *context.inputs.shape[2:])
+    want = (context.inputs.shape[0] if rows is None else rows, *context.inputs.shape[2:])
     if tuple(maps.shape) != want:
         raise InputError(
             f"Metrics score one map per sample, shape {want}; this explanation has maps of shape "

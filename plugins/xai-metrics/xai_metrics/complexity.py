@@ -36,6 +36,16 @@ def _absolute(context: MetricContext) -> tuple[torch.Tensor, torch.Tensor]:
     return a, a.sum(dim=1) > 0
 
 
+def entropy(maps: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (natural log) of each normalised absolute map ``(N, ...)``, in an exact
+    float; NaN where a map is all zero. Complexity's value, and eMPRT's measure."""
+    a = maps.flatten(1).abs().to(exact_float(maps.device))
+    total = a.sum(dim=1, keepdim=True)
+    share = a / total.clamp_min(torch.finfo(a.dtype).tiny)
+    h = -torch.special.xlogy(share, share).sum(dim=1)  # xlogy: 0 log 0 = 0
+    return torch.where(total[:, 0] > 0, h.clamp_min(0), math.nan)
+
+
 class Sparseness:
     """Gini index of the absolute map: 0 uniform, towards 1 for one pixel (Chalasani et al.)."""
 
@@ -64,10 +74,9 @@ class Complexity:
     range = (0.0, math.inf)  # at most log P, which depends on the input size
 
     def compute(self, context: MetricContext) -> MetricResult:
-        a, defined = _absolute(context)
-        share = a / a.sum(dim=1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
-        entropy = -torch.special.xlogy(share, share).sum(dim=1)  # xlogy: 0 log 0 = 0
-        values = torch.where(defined, entropy.clamp_min(0), math.nan)
+        maps = single_maps(context)
+        values = entropy(maps)
         return MetricResult(
-            values, {"all_zero": int((~defined).sum()), "max_entropy": math.log(a.shape[1])}
+            values,
+            {"all_zero": int(values.isnan().sum()), "max_entropy": math.log(maps[0].numel())},
         )
