@@ -11,6 +11,9 @@ Global explanations and the audit read datasets that may not fit in memory, so b
   picklable :class:`ReadChunk` s of paths that can be read anywhere (a Ray worker, here), and
   the grouping of what they gave into the batches, from sizes alone, in file order. Iterating
   the stream here and an executor reading on its workers use the same plan: the same batches.
+* A Ray Data ``Dataset`` of rows (``image``, optional ``label``, ``mask``, ``id`` columns) is
+  turned into batches by :class:`RowBatches` (:meth:`DataStream.ray_dataset`): here by iterating
+  it, or on Ray Data's own workers when the Ray engine runs ``map_batches`` over it.
 * :class:`ClassMaps` keeps running per-class sums of maps, so a class's mean and spread (standard
   deviation) over a dataset come out of any number of batches. Two are merged with ``+``: the
   result is the same (up to rounding) as one pass over all the data, whatever the batching.
@@ -19,6 +22,7 @@ Global explanations and the audit read datasets that may not fit in memory, so b
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -30,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from xai_core.core.api import check_masks, run_explainer, runnable
-from xai_core.core.errors import InputError, OptionError, XaiError
+from xai_core.core.errors import InputError, MissingDependencyError, OptionError, XaiError
 from xai_core.core.executors import DEFAULT_ENGINE, Executor, Partial, run
 from xai_core.core.progress import ProgressFn
 from xai_core.core.registry import get_registry
@@ -75,7 +79,12 @@ class DataStream:
           an input without a mask file has an empty mask). Unreadable files are skipped and
           listed in :attr:`failed`;
         * any other iterable (a ``DataLoader``, a generator) yielding ``x``, ``(x, y)`` or
-          ``(x, y, masks)``: used batch by batch as it comes, ``batch_size`` is not used.
+          ``(x, y, masks)``: used batch by batch as it comes, ``batch_size`` is not used;
+        * a Ray Data ``Dataset`` of rows: an ``image`` column (each a ``(C, *spatial)`` array),
+          optional ``label`` (class index), ``mask`` (``(*spatial)``) and ``id`` columns
+          (rename others with ``ds.rename_columns``); ``batch_size`` rows at a time. A row whose
+          image or mask has another shape than the first row's is skipped and listed in
+          :attr:`failed` (under its ``id``). Needs ``pyarrow`` (Ray Data's).
 
     :param preprocess: for tensors and iterables, a callable applied to each batch of inputs
         (e.g. normalisation), or a :class:`~xai_core.io.Preprocess` applied to each sample.
@@ -109,6 +118,16 @@ class DataStream:
                 raise OptionError("Give labels and masks inside the tuple or as options, not both.")
             self.data, self.labels = data[0], data[1]
             self.masks = data[2] if len(data) == 3 else None
+        if is_ray_dataset(self.data):
+            if importlib.util.find_spec("pyarrow") is None:
+                raise MissingDependencyError(
+                    "A Ray Data Dataset needs pyarrow, which is not installed: pip install "
+                    "'xai-core[ray]' (or: pip install pyarrow)."
+                )
+            if self.labels is not None or self.masks is not None:
+                raise OptionError(
+                    "A Ray Dataset holds its own labels and masks: 'label' and 'mask' columns."
+                )
         self._files = _is_paths(self.data)
         if self._files and self.masks is not None and not isinstance(self.masks, str | os.PathLike):
             raise OptionError("With files as data, masks must be a folder of mask files.")
@@ -122,6 +141,8 @@ class DataStream:
             return int(self.data.shape[0])
         if self._files:
             return len(self._items())
+        if is_ray_dataset(self.data):
+            return None  # counting may run the dataset's whole pipeline
         dataset = getattr(self.data, "dataset", None)  # a DataLoader: count its samples
         try:
             return len(dataset) if dataset is not None else None
@@ -133,6 +154,13 @@ class DataStream:
             yield from self._tensor_batches()
         elif self._files:
             yield from self._file_batches()
+        elif is_ray_dataset(self.data):
+            dataset, rows = self.ray_dataset()  # type: ignore[misc]
+            for columns in dataset.iter_batches(batch_size=self.batch_size, batch_format="numpy"):
+                batch, failed = rows(columns)
+                self.failed.update(failed)
+                if batch is not None:
+                    yield batch
         elif isinstance(self.data, Iterable):
             if self.labels is not None or self.masks is not None:
                 raise OptionError("An iterable yields its own labels and masks: (x, y, masks).")
@@ -193,6 +221,25 @@ class DataStream:
             masks = MaskFolder(Path(self.masks).absolute(), items)
         return ReadPlan(chunks, self.batch_size, self.device, masks, self.failed)
 
+    def ray_dataset(self) -> tuple[Any, RowBatches] | None:
+        """For a Ray Data ``Dataset``: it, and the picklable :class:`RowBatches` that turns its
+        numpy batches into this stream's; ``None`` for other data. An executor may run the
+        conversion on Ray Data's workers (``map_batches``); it adds the failures to
+        :attr:`failed`. Takes the dataset's first row (the shape every image must have)."""
+        if not is_ray_dataset(self.data):
+            return None
+        first = self.data.take(1)
+        shape = None
+        if first:
+            if "image" not in first[0]:
+                raise InputError(
+                    f"A Ray Dataset needs an 'image' column (one (C, *spatial) array per row); "
+                    f"it has {sorted(first[0])}. Rename yours: ds.rename_columns({{...: 'image'}})."
+                )
+            shape = tuple(np.shape(first[0]["image"]))
+        rows = RowBatches(shape, self.batch_size, self.device, self.preprocess)
+        return self.data, rows
+
     def _file_batches(self) -> Iterator[Batch]:
         plan = self.read_plan()
         assert plan is not None
@@ -209,15 +256,94 @@ class DataStream:
     # -- one batch -----------------------------------------------------------------------------
 
     def _batch(self, x: Any, y: Any = None, masks: Any = None, *, transform: bool = True) -> Batch:
-        if not isinstance(x, torch.Tensor):
-            raise InputError(f"A batch of inputs must be a tensor; got {type(x).__name__}.")
-        if transform and self.preprocess is not None:
-            x = _prepare(self.preprocess, x)
-        x = x.to(self.device, non_blocking=True)
-        labels = None if y is None else _labels(y, x.shape[0]).to(self.device)
-        if masks is not None:
-            masks = check_masks(torch.as_tensor(masks), x).to(self.device)
-        return Batch(x, labels, masks)
+        return _make_batch(x, y, masks, self.preprocess if transform else None, self.device)
+
+
+def _make_batch(x: Any, y: Any, masks: Any, preprocess: Any, device: Any) -> Batch:
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"A batch of inputs must be a tensor; got {type(x).__name__}.")
+    if preprocess is not None:
+        x = _prepare(preprocess, x)
+    x = x.to(device, non_blocking=True)
+    labels = None if y is None else _labels(y, x.shape[0]).to(device)
+    if masks is not None:
+        masks = check_masks(torch.as_tensor(masks), x).to(device)
+    return Batch(x, labels, masks)
+
+
+# -- a Ray Data Dataset: its numpy batches of rows as the core's batches ------------------------
+
+
+def is_ray_dataset(data: Any) -> bool:
+    """Whether ``data`` is a Ray Data ``Dataset`` (told without importing Ray)."""
+    return any(
+        cls.__name__ == "Dataset" and cls.__module__.startswith("ray.data")
+        for cls in type(data).__mro__
+    )
+
+
+@dataclass
+class RowBatches:
+    """Turns one numpy batch of a Ray Dataset's rows (``{"image": ..., "label": ...}``) into a
+    :class:`Batch` and the rows that failed (key: error): picklable, so Ray Data's workers run
+    it too. Every image must have ``shape`` (the first row's) and every mask its spatial shape;
+    a row that does not is a failure record, never an exception."""
+
+    shape: tuple[int, ...] | None
+    batch_size: int
+    device: torch.device
+    preprocess: Any = None
+
+    def __call__(self, columns: dict[str, np.ndarray]) -> tuple[Batch | None, dict[str, str]]:
+        images = columns.get("image")
+        if images is None:
+            raise InputError(
+                f"A Ray Dataset needs an 'image' column; this batch has {sorted(columns)}."
+            )
+        labels, masks, ids = (columns.get(c) for c in ("label", "mask", "id"))
+        n, failed, keep = len(images), {}, []
+        for i in range(n):
+            error = _row_error(images[i], None if masks is None else masks[i], self.shape)
+            if error is None:
+                keep.append(i)
+            else:
+                name = str(ids[i]) if ids is not None else f"row {i} of a batch of {n} (no 'id')"
+                failed[name] = error
+        if not keep:
+            return None, failed
+        if len(keep) == n and images.dtype != object:  # the usual case: one array already
+            x = torch.from_numpy(np.array(images))  # a copy: Ray's may be read-only
+        else:
+            x = torch.from_numpy(np.stack([np.asarray(images[i]) for i in keep]))
+        if not x.is_floating_point():
+            x = x.float()
+        pick = None if len(keep) == n else keep
+
+        def column(values: Any) -> Any:
+            if values is None:
+                return None
+            return torch.as_tensor(np.stack([np.asarray(values[i]) for i in (pick or range(n))]))
+
+        return _make_batch(x, column(labels), column(masks), self.preprocess, self.device), failed
+
+
+def _row_error(image: Any, mask: Any, shape: tuple[int, ...] | None) -> str | None:
+    """Why a row cannot join its batch, or ``None``."""
+    try:
+        array = np.asarray(image)
+        kind = array.dtype.kind
+    except (TypeError, ValueError) as exc:
+        return f"InputError: the image is not an array: {exc}"
+    if kind not in "biuf":
+        return f"InputError: the image is not numeric (dtype {array.dtype})."
+    if array.shape != shape:
+        return (
+            f"InputError: the image has shape {array.shape}; the dataset's images have {shape} "
+            f"(its first row's)."
+        )
+    if mask is not None and np.shape(mask) != shape[1:]:
+        return f"InputError: the mask has shape {np.shape(mask)}; the image's grid is {shape[1:]}."
+    return None
 
 
 # -- reading files anywhere: the chunks a worker reads, the batches the driver groups -----------

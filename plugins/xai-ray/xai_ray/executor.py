@@ -16,7 +16,13 @@ How a run goes (docs/scale.md):
    A stream of files is read by the actors: chunks of paths go out, the decoded images stay in
    the workers' object store, and the driver groups the chunks into the local pass's batches
    from their sizes alone (:meth:`RayExecutor._map_files`).
-4. An actor whose process dies is restarted (it gets the step again) and its in-flight batches
+4. A Ray Data ``Dataset`` (``audit(model, ds, engine="ray")``) is run by Ray Data itself
+   (:meth:`RayExecutor._map_dataset`): ``map_batches`` on a pool of ``workers`` actors, each
+   rebuilding the registry and holding the step, turns each batch of rows into the core's batch
+   (:class:`~xai_core.workflows.datasets.RowBatches`), runs the step and returns the part
+   serialised in a column. The parts come back in Ray Data's order, not a fixed one: the sums
+   equal the local engine's within rounding (1e-6), the counts exactly.
+5. An actor whose process dies is restarted (it gets the step again) and its in-flight batches
    are retried (``max_retries``); the batches other actors hold are not affected.
 
 Ray is imported only when an instance is made: without Ray installed that raises
@@ -26,13 +32,17 @@ Ray is imported only when an instance is made: without Ray installed that raises
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import os
+import pickle
 import secrets
 import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
+
+import numpy as np
 
 from xai_core.core.errors import ExecutorError, MissingDependencyError, OptionError
 from xai_core.core.executors import LocalExecutor
@@ -187,6 +197,15 @@ class RayExecutor(LocalExecutor):
         if plan is not None:
             yield from self._map_files(step, plan)
             return
+        rows = getattr(batches, "ray_dataset", None)
+        if callable(rows):  # connected first: a Dataset's first row is taken on this Ray
+            self.connect()
+            rows = rows()
+        else:
+            rows = None
+        if rows is not None:
+            yield from self._map_dataset(step, *rows, failed=batches.failed)
+            return
         ray = self._ray
         actors = self.start_pool()
         # The step (model, method, options) goes into the object store once; an actor fetches
@@ -257,6 +276,33 @@ class RayExecutor(LocalExecutor):
         finally:
             self._stop([*pending, *(ref for _, ref, _ in reads)], actors)
 
+    def _map_dataset(
+        self, step: Callable[[Any], Any], dataset: Any, rows: Any, failed: dict[str, str]
+    ) -> Iterator[Any]:
+        """A Ray Data ``Dataset``: Ray Data batches its rows and runs the step on ``workers``
+        actors of its own (``map_batches``); each batch's part comes back pickled in a column,
+        its failed rows go to ``failed``. Ray Data's streaming keeps a bounded number of
+        batches in flight; the parts come in the order they finish."""
+        self.connect()
+        data = importlib.import_module("ray.data")
+        parts = dataset.map_batches(
+            _DatasetStep,
+            fn_constructor_args=(get_registry().snapshot(), step, rows),
+            batch_size=rows.batch_size,
+            batch_format="numpy",
+            compute=data.ActorPoolStrategy(size=self.pool_size()),
+            num_cpus=1,
+            num_gpus=self.gpus_per_worker or None,
+            # Restarts and retries: Ray Data's own (map_batches takes max_restarts only through
+            # its deprecated ray_remote_args), so max_retries does not apply here.
+        )
+        for row in parts.iter_rows():
+            if row["error"]:  # the step's own exception, raised here as the local engine would
+                raise pickle.loads(row["error"])
+            failed.update(json.loads(row["failed"]))
+            if row["part"]:
+                yield pickle.loads(row["part"])
+
     def _stop(self, pending: Iterable[Any], actors: list[Any]) -> None:
         for ref in pending:  # batches nobody will merge: not retried, not reported
             self._ray.cancel(ref)
@@ -319,6 +365,33 @@ class _Worker:
 
     def pid(self) -> int:
         return os.getpid()
+
+
+class _DatasetStep:
+    """Ray Data's callable class for a Dataset (one instance per actor): the registry rebuilt
+    and the step held once; each numpy batch of rows in, one row out: the pickled part (empty
+    when every row failed), the failed rows (JSON) and the step's exception, if it raised."""
+
+    def __init__(self, snapshot: RegistrySnapshot, step: Callable[[Any], Any], rows: Any) -> None:
+        use_registry(snapshot)
+        self.step, self.rows = step, rows
+
+    def __call__(self, columns: dict[str, Any]) -> dict[str, Any]:
+        part, failed, error = b"", {}, b""
+        try:
+            batch, failed = self.rows(columns)
+            if batch is not None:
+                part = pickle.dumps(self.step(batch))
+        except Exception as exc:  # reported to the driver, raised there
+            try:
+                error = pickle.dumps(exc)
+            except Exception:  # an exception that does not pickle
+                error = pickle.dumps(ExecutorError(f"{type(exc).__name__}: {exc}"))
+        return {
+            "part": np.array([part], dtype=object),
+            "failed": np.array([json.dumps(failed)]),
+            "error": np.array([error], dtype=object),
+        }
 
 
 _ACTOR: Any = None

@@ -1,0 +1,99 @@
+"""A Ray Data ``Dataset`` as the data of ``audit()`` / ``explain_dataset()``: with
+``engine="ray"`` Ray Data runs the steps (``map_batches`` on its own actors), with the local
+engine the dataset is iterated here; both give the local result on the same tensors (within
+1e-6: Ray Data merges the parts in the order they finish; counts exactly). A row whose image
+has another shape is a failure record. On conftest.py's Ray."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+from xai_ray import RayExecutor
+
+from xai_core.core.errors import MissingDependencyError, OptionError
+from xai_core.demo import data, load_model, preprocess
+from xai_core.workflows.audit import audit
+from xai_core.workflows.datasets import DataStream, explain_dataset
+
+AUDIT_MAPS = ("mean", "std", "share", "unexplained", "mean_image")
+KWARGS = dict(method="gradcam", batch_size=4, min_images=1, reference="masks")
+
+
+@pytest.fixture(scope="module")
+def xrays():
+    batch = data.make_xrays(24, seed=5, size=48)
+    return preprocess(batch.images), batch.labels, batch.masks
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model("cnn")
+
+
+def rows(x, y, masks, bad: int | None = None) -> list[dict]:
+    """One row per image (numpy), ``bad``: the index of a row whose image is too small."""
+    items = [
+        {"id": f"cxr_{i:02d}", "image": x[i].numpy(), "label": int(y[i]), "mask": masks[i].numpy()}
+        for i in range(x.shape[0])
+    ]
+    if bad is not None:
+        items.insert(bad, {**items[0], "id": "bad", "image": np.zeros((1, 8, 8), np.float32)})
+    return items
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.allclose(a.double(), b.double(), rtol=1e-6, atol=1e-6)
+
+
+def test_audit_of_a_ray_dataset_is_the_local_audit_and_a_bad_row_fails_alone(
+    ray_session, model, xrays
+):
+    ray_data = pytest.importorskip("ray.data")
+    x, y, masks = xrays
+    local = audit(model, (x, y, masks), **KWARGS)
+    ds = ray_data.from_items(rows(x, y, masks, bad=7))
+    distributed = audit(model, ds, engine=RayExecutor(workers=2), **KWARGS)
+    here = audit(model, ds, **KWARGS)  # the local engine iterates the same dataset
+    for result in (distributed, here):
+        for name in AUDIT_MAPS:
+            assert close(getattr(local, name), getattr(result, name)), name
+        assert local.counts == result.counts and result.images == 24
+        assert [(f.class_name, f.box) for f in result.flags] == [
+            (f.class_name, f.box) for f in local.flags
+        ]
+        assert list(result.failed) == ["bad"] and "shape (1, 8, 8)" in result.failed["bad"]
+
+
+def test_explain_dataset_of_a_ray_dataset_is_the_local_one(ray_session, model, xrays):
+    ray_data = pytest.importorskip("ray.data")
+    x, y, masks = xrays
+    options = dict(method="aggregate", local="gradcam", batch_size=5)
+    local = explain_dataset(model, (x, y), **options)
+    ds = ray_data.from_items(rows(x, y, masks))
+    distributed = explain_dataset(model, ds, engine=RayExecutor(workers=2), **options)
+    assert torch.equal(local.counts, distributed.counts)  # counts: exactly
+    assert close(local.sums, distributed.sums) and close(local.squares, distributed.squares)
+
+
+def test_a_step_error_on_ray_data_is_raised_as_itself(ray_session, model, xrays):
+    ray_data = pytest.importorskip("ray.data")
+    x, y, _ = xrays
+    ds = ray_data.from_items([{"image": x[i].numpy(), "label": int(y[i])} for i in range(4)])
+    with pytest.raises(OptionError, match="needs masks"):  # no mask column
+        audit(model, ds, engine=RayExecutor(workers=1), **KWARGS)
+    with pytest.raises(OptionError, match="'label' and 'mask' columns"):
+        audit(model, ds, labels=y[:4], method="gradcam")
+
+
+def test_a_ray_dataset_without_pyarrow_says_what_to_install(ray_session, monkeypatch, xrays):
+    ray_data = pytest.importorskip("ray.data")
+    ds = ray_data.from_items([{"image": xrays[0][0].numpy()}])
+    real = importlib.util.find_spec  # the stream asks whether pyarrow is there, imports nothing
+    monkeypatch.setattr(
+        "importlib.util.find_spec", lambda name, *a: None if name == "pyarrow" else real(name, *a)
+    )
+    with pytest.raises(MissingDependencyError, match="pip install 'xai-core\\[ray\\]'"):
+        DataStream(ds)
