@@ -61,7 +61,7 @@ from xai_core.core.explanation import normalize
 from xai_core.core.progress import ProgressFn
 from xai_core.core.tags import Scope
 from xai_core.io.outputs import RunLedger, atomic_open, content_digest, request_key
-from xai_core.workflows.datasets import ClassMaps, DataStream, batch_targets
+from xai_core.workflows.datasets import ClassMaps, DataStream, batch_targets, is_ray_dataset
 
 REFERENCES = ("auto", "masks", "uniform", "classes")
 
@@ -669,7 +669,9 @@ def _from_state(state: dict[str, Any], device: torch.device) -> Partial:
 
 def _reiterable(stream: DataStream) -> bool:
     data = stream.data
-    return isinstance(data, torch.Tensor) or stream._files or iter(data) is not data
+    if isinstance(data, torch.Tensor) or stream._files or is_ray_dataset(data):  # read again
+        return True
+    return iter(data) is not data
 
 
 def _run_resumable(

@@ -97,3 +97,14 @@ def test_a_ray_dataset_without_pyarrow_says_what_to_install(ray_session, monkeyp
     )
     with pytest.raises(MissingDependencyError, match="pip install 'xai-core\\[ray\\]'"):
         DataStream(ds)
+
+
+def test_an_audit_of_a_ray_dataset_resumes(ray_session, model, xrays, tmp_path):
+    ray_data = pytest.importorskip("ray.data")
+    x, y, masks = xrays
+    ds = ray_data.from_items(rows(x[:8], y[:8], masks[:8]))
+    first = audit(model, ds, resume=tmp_path, **KWARGS)  # the dataset iterated by the driver
+    again = audit(model, ds, resume=tmp_path, **KWARGS)
+    assert first.resumed == 0 and again.resumed == 8 and again.images == 8
+    for name in AUDIT_MAPS:
+        assert torch.equal(getattr(first, name), getattr(again, name)), name
