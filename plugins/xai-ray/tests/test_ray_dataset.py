@@ -72,7 +72,10 @@ def test_explain_dataset_of_a_ray_dataset_is_the_local_one(ray_session, model, x
     x, y, masks = xrays
     options = dict(method="aggregate", local="gradcam", batch_size=5)
     local = explain_dataset(model, (x, y), **options)
-    ds = ray_data.from_items(rows(x, y, masks))
+    items = rows(x, y, masks)
+    # A read stage before the step: its tasks need CPUs too (a fixed pool of actors on every
+    # CPU of the cluster left none for them, and the run waited forever).
+    ds = ray_data.range(len(items), override_num_blocks=4).map(lambda row: items[row["id"]])
     distributed = explain_dataset(model, ds, engine=RayExecutor(workers=2), **options)
     assert torch.equal(local.counts, distributed.counts)  # counts: exactly
     assert close(local.sums, distributed.sums) and close(local.squares, distributed.squares)

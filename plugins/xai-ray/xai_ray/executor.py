@@ -290,7 +290,9 @@ class RayExecutor(LocalExecutor):
             fn_constructor_args=(get_registry().snapshot(), step, rows),
             batch_size=rows.batch_size,
             batch_format="numpy",
-            compute=data.ActorPoolStrategy(size=self.pool_size()),
+            # Up to `workers` actors, grown by Ray Data as CPUs are free: the dataset's own read
+            # and map tasks keep CPUs (a fixed pool on every CPU left them none: a deadlock).
+            compute=data.ActorPoolStrategy(min_size=1, max_size=self.pool_size()),
             num_cpus=1,
             num_gpus=self.gpus_per_worker or None,
             # Restarts and retries: Ray Data's own (map_batches takes max_restarts only through
