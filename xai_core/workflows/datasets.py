@@ -158,7 +158,7 @@ class DataStream:
             dataset, rows = self.ray_dataset()  # type: ignore[misc]
             for columns in dataset.iter_batches(batch_size=self.batch_size, batch_format="numpy"):
                 batch, failed = rows(columns)
-                self.failed.update(failed)
+                record_failures(self.failed, failed)
                 if batch is not None:
                     yield batch
         elif isinstance(self.data, Iterable):
@@ -302,13 +302,16 @@ class RowBatches:
             )
         labels, masks, ids = (columns.get(c) for c in ("label", "mask", "id"))
         n, failed, keep = len(images), {}, []
-        for i in range(n):
-            error = _row_error(images[i], None if masks is None else masks[i], self.shape)
-            if error is None:
-                keep.append(i)
-            else:
-                name = str(ids[i]) if ids is not None else f"row {i} of a batch of {n} (no 'id')"
-                failed[name] = error
+        if self._uniform(images, masks):  # the usual case: checked as whole arrays
+            keep = list(range(n))
+        else:
+            for i in range(n):
+                error = _row_error(images[i], None if masks is None else masks[i], self.shape)
+                if error is None:
+                    keep.append(i)
+                else:
+                    name = str(ids[i]) if ids is not None else "a row without an 'id'"
+                    record_failures(failed, {name: error})
         if not keep:
             return None, failed
         if len(keep) == n and images.dtype != object:  # the usual case: one array already
@@ -325,6 +328,24 @@ class RowBatches:
             return torch.as_tensor(np.stack([np.asarray(values[i]) for i in (pick or range(n))]))
 
         return _make_batch(x, column(labels), column(masks), self.preprocess, self.device), failed
+
+    def _uniform(self, images: np.ndarray, masks: np.ndarray | None) -> bool:
+        """Whether every row is fine, told from the columns' arrays alone."""
+        if self.shape is None or images.dtype.kind not in "biuf":  # ragged columns: objects
+            return False
+        if images.shape[1:] != self.shape:
+            return False
+        return masks is None or (masks.dtype != object and masks.shape[1:] == self.shape[1:])
+
+
+def record_failures(failed: dict[str, str], new: dict[str, str]) -> None:
+    """Add ``new`` failure records to ``failed``; a name seen before gets `` (2)``, `` (3)``...
+    (rows without an ``id``, or with the same one, are all listed)."""
+    for name, error in new.items():
+        key, seen = name, 2
+        while key in failed:
+            key, seen = f"{name} ({seen})", seen + 1
+        failed[key] = error
 
 
 def _row_error(image: Any, mask: Any, shape: tuple[int, ...] | None) -> str | None:

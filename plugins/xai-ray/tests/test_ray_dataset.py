@@ -16,7 +16,7 @@ from xai_ray import RayExecutor
 from xai_core.core.errors import MissingDependencyError, OptionError
 from xai_core.demo import data, load_model, preprocess
 from xai_core.workflows.audit import audit
-from xai_core.workflows.datasets import DataStream, explain_dataset
+from xai_core.workflows.datasets import DataStream, RowBatches, explain_dataset, record_failures
 
 AUDIT_MAPS = ("mean", "std", "share", "unexplained", "mean_image")
 KWARGS = dict(method="gradcam", batch_size=4, min_images=1, reference="masks")
@@ -111,3 +111,19 @@ def test_an_audit_of_a_ray_dataset_resumes(ray_session, model, xrays, tmp_path):
     assert first.resumed == 0 and again.resumed == 8 and again.images == 8
     for name in AUDIT_MAPS:
         assert torch.equal(getattr(first, name), getattr(again, name)), name
+
+
+def test_rows_of_another_shape_fail_alone_and_each_is_listed():
+    """RowBatches on a numpy batch as Ray Data gives a ragged one (an object column)."""
+    good, small = np.ones((1, 6, 6), np.float32), np.ones((1, 3, 3), np.float32)
+    images = np.empty(4, dtype=object)
+    images[:] = [good, small, good * 2, small]
+    rows_ = RowBatches((1, 6, 6), 4, torch.device("cpu"))
+    batch, failed = rows_({"image": images, "label": np.array([0, 1, 1, 0])})
+    assert torch.equal(batch.inputs, torch.from_numpy(np.stack([good, good * 2])))
+    assert batch.labels.tolist() == [0, 1]
+    assert list(failed) == ["a row without an 'id'", "a row without an 'id' (2)"]
+    assert "shape (1, 3, 3)" in failed["a row without an 'id'"]
+    everything = {"a row without an 'id'": "earlier"}
+    record_failures(everything, failed)  # a later batch's failures do not replace earlier ones
+    assert len(everything) == 3

@@ -283,6 +283,8 @@ class RayExecutor(LocalExecutor):
         actors of its own (``map_batches``); each batch's part comes back pickled in a column,
         its failed rows go to ``failed``. Ray Data's streaming keeps a bounded number of
         batches in flight; the parts come in the order they finish."""
+        from xai_core.workflows.datasets import record_failures  # the workflows' own
+
         self.connect()
         data = importlib.import_module("ray.data")
         parts = dataset.map_batches(
@@ -301,7 +303,7 @@ class RayExecutor(LocalExecutor):
         for row in parts.iter_rows():
             if row["error"]:  # the step's own exception, raised here as the local engine would
                 raise pickle.loads(row["error"])
-            failed.update(json.loads(row["failed"]))
+            record_failures(failed, json.loads(row["failed"]))
             if row["part"]:
                 yield pickle.loads(row["part"])
 
