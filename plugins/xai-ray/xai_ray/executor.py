@@ -285,8 +285,7 @@ class RayExecutor(LocalExecutor):
         batches in flight; the parts come in the order they finish."""
         from xai_core.workflows.datasets import record_failures  # the workflows' own
 
-        self.connect()
-        data = importlib.import_module("ray.data")
+        data = importlib.import_module("ray.data")  # connected: map() took the first row
         parts = dataset.map_batches(
             _DatasetStep,
             fn_constructor_args=(get_registry().snapshot(), step, rows),
