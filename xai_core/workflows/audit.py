@@ -292,7 +292,9 @@ def audit(
     :param data: a ``(N, C, H, W)`` tensor, ``(x, y)`` or ``(x, y, masks)``, a folder or list of
         image files, a DataLoader / iterable yielding ``x``, ``(x, y)`` or ``(x, y, masks)``, or a
         :class:`~xai_core.workflows.datasets.DataStream` of any of those; streamed in batches on the
-        model's device.
+        model's device. Also a Ray Data ``Dataset`` of rows (``image``, optional ``label``,
+        ``mask``, ``id`` columns): with ``engine="ray"`` Ray Data runs the batches
+        (docs/scale.md).
     :param method: the local method that explains each image (``gradcam``, ``occlusion``...).
     :param options: that method's options, e.g. ``{"window": 8}`` for occlusion.
     :param group_by: the class each image is audited under: ``"label"``, ``"prediction"``, or
