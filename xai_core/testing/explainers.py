@@ -142,7 +142,12 @@ def parametrize_with_checks(
 
 # What the ONNX adapter offers from a graph: the white-box capabilities a method may read there.
 ONNX_WHITE_BOX = frozenset({Capability.LAYERS, Capability.CLASSIFIER_WEIGHTS, Capability.ATTENTION})
-ONNX_CAPABILITIES = ONNX_WHITE_BOX | {Capability.FORWARD, Capability.GRADIENTS}
+# Layer edits (Ablation-/Recipro-CAM): the graph's tail re-run in torch on the edited copies.
+ONNX_CAPABILITIES = ONNX_WHITE_BOX | {
+    Capability.FORWARD,
+    Capability.GRADIENTS,
+    Capability.LAYER_EDITS,
+}
 
 
 def _layer_names(value: Any) -> bool:
