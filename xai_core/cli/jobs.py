@@ -11,7 +11,6 @@ and summary cover every method finished in the folder.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import time
@@ -50,6 +49,7 @@ from xai_core.io.outputs import (
     atomic_write_bytes,
     atomic_write_text,
     content_digest,
+    module_digest,
     request_key,
 )
 from xai_core.io.preprocess import Preprocess
@@ -157,12 +157,7 @@ def model_digest(model: Any) -> dict[str, Any]:
     if isinstance(model, str | Path) and Path(model).exists():
         return {"sha256": content_digest(model)}
     if isinstance(model, torch.nn.Module):
-        digest = hashlib.sha256(type(model).__qualname__.encode())
-        for name, tensor in model.state_dict().items():
-            flat = tensor.detach().cpu().contiguous().reshape(-1)
-            digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-            digest.update(flat.view(torch.uint8).numpy().tobytes())
-        return {"module": type(model).__qualname__, "sha256": digest.hexdigest()}
+        return module_digest(model)
     return {"object": type(model).__qualname__, "id": repr(model)[:200]}
 
 

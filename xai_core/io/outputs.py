@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+import torch
 
 from xai_core.core.errors import OptionError, OutputFileError
 
@@ -311,3 +312,14 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
+
+
+def module_digest(module: Any) -> dict[str, Any]:
+    """What identifies a PyTorch module's weights, for resume keys: its class and a sha256 of
+    its parameters' and buffers' names, shapes, dtypes and bytes."""
+    digest = hashlib.sha256(type(module).__qualname__.encode())
+    for name, tensor in module.state_dict().items():
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return {"module": type(module).__qualname__, "sha256": digest.hexdigest()}

@@ -60,7 +60,13 @@ from xai_core.core.executors import DEFAULT_ENGINE, Executor, Partial, parts, ru
 from xai_core.core.explanation import normalize
 from xai_core.core.progress import ProgressFn
 from xai_core.core.tags import Scope
-from xai_core.io.outputs import RunLedger, atomic_open, content_digest, request_key
+from xai_core.io.outputs import (
+    RunLedger,
+    atomic_open,
+    content_digest,
+    module_digest,
+    request_key,
+)
 from xai_core.workflows.datasets import ClassMaps, DataStream, batch_targets, is_ray_dataset
 
 REFERENCES = ("auto", "masks", "uniform", "classes")
@@ -593,12 +599,7 @@ def model_fingerprint(adapter: Any) -> dict[str, Any]:
     parameters and buffers, of an ONNX model's file or bytes, or of the pickled adapter."""
     module = torch_module_of(adapter)
     if module is not None:
-        digest = hashlib.sha256(type(module).__qualname__.encode())
-        for name, tensor in module.state_dict().items():
-            flat = tensor.detach().cpu().contiguous().reshape(-1)
-            digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-            digest.update(flat.view(torch.uint8).numpy().tobytes())
-        return {"module": type(module).__qualname__, "sha256": digest.hexdigest()}
+        return module_digest(module)
     source = getattr(adapter, "_source", None)  # an ONNX adapter's path or bytes
     if isinstance(source, str | os.PathLike) and Path(source).is_file():
         return {"file": content_digest(source)}
