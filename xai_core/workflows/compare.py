@@ -30,7 +30,13 @@ from xai_core.core import executors
 from xai_core.core.adapters import ParameterRandomization, torch_module_of
 from xai_core.core.api import check_masks, check_options, run_explainer, validate_inputs
 from xai_core.core.contract import check_metric_result
-from xai_core.core.errors import OptionError, UnknownOptionError, XaiError, did_you_mean
+from xai_core.core.errors import (
+    InputError,
+    OptionError,
+    UnknownOptionError,
+    XaiError,
+    did_you_mean,
+)
 from xai_core.core.executors import DEFAULT_ENGINE, Executor, Partial
 from xai_core.core.explanation import Explanation
 from xai_core.core.metrics import (
@@ -46,6 +52,7 @@ from xai_core.core.registry import get_registry
 from xai_core.core.tags import Scope
 from xai_core.core.targets import Region, Targets, TargetSpec
 from xai_core.workflows import statistics
+from xai_core.workflows.datasets import Batch, DataStream, is_ray_dataset
 from xai_core.workflows.statistics import Interval
 from xai_core.workflows.verdict import make_verdict
 
@@ -98,6 +105,9 @@ class Comparison:
     # metric -> declared range (None: unbounded) and whether it is one measurement per method
     ranges: dict[str, tuple[float, float] | None] = field(default_factory=dict)
     measured_once: dict[str, bool] = field(default_factory=dict)
+    # a Ray Dataset's rows that could not be read (id -> why), and each sample's id, in order
+    failed: dict[str, str] = field(default_factory=dict)
+    sample_ids: list[str] | None = None
     _cache: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def bounds(self, method: str, metric: str) -> tuple[float, float] | None:
@@ -249,6 +259,8 @@ class Comparison:
                 for m in self.metrics
             },
             "targets": self.targets.tolist(),
+            **({"sample_ids": self.sample_ids} if self.sample_ids is not None else {}),
+            **({"failed": self.failed} if self.failed else {}),
             "results": self.rows(),
             "per_sample": {
                 f"{method}/{metric}": [_json_float(v) for v in values.tolist()]
@@ -328,7 +340,7 @@ def _page_size() -> int:
 
 def compare(
     model: Any,
-    inputs: torch.Tensor,
+    inputs: Any,
     *,
     targets: TargetSpec = None,
     methods: Sequence[str] | None = None,
@@ -345,6 +357,12 @@ def compare(
 ) -> Comparison:
     """Explain ``inputs`` with several methods and score each explanation with several metrics.
 
+    :param inputs: a ``(N, C, *spatial)`` tensor, or a Ray Data ``Dataset`` of rows (an
+        ``image`` column, optional ``mask`` and ``id`` columns, as for
+        :class:`~xai_core.workflows.datasets.DataStream`): read ``batch_size`` rows at a time
+        (32 by default), here or on Ray's workers with ``engine="ray"``, in the dataset's order;
+        each batch's targets are fixed from the model's scores where it runs; rows that cannot
+        be read are listed in :attr:`Comparison.failed`, their ids in ``sample_ids``.
     :param methods: method names; ``None`` means every installed local method that can run on this
         model (the others are listed in ``skipped_methods`` with the reason).
     :param metrics: metric names; ``None`` means every installed metric whose needs are met (a
@@ -373,6 +391,10 @@ def compare(
     """
     registry = get_registry()
     adapter = registry.adapt(model)
+    rows = first_rows = None
+    if is_ray_dataset(inputs):  # its first batch stands for it until the steps run
+        rows, first_rows = _dataset_rows(inputs, adapter, targets, masks, batch_size)
+        inputs, masks = first_rows.inputs, first_rows.masks
     validate_inputs(inputs, adapter)
     options = dict(options or {})
     metric_opts = dict(metric_options or {})
@@ -400,6 +422,12 @@ def compare(
     for name in chosen:  # every method's options (names, types, ranges) before any forward pass
         check_options(registry.get_explainer(name), options.get(name, {}))
 
+    if rows is not None:
+        assert first_rows is not None
+        return _compare_rows(
+            rows, first_rows, adapter, targets, chosen, skipped_methods, metric_classes,
+            skipped_metrics, options, metric_opts, chunk_size, progress, budget, notice, engine,
+        )  # fmt: skip
     size = _batch_size(batch_size, inputs.shape[0])
     # Fix the targets once, so every method explains the same class of each sample (the
     # forward pass batch by batch, as the steps see them).
@@ -454,6 +482,22 @@ def compare(
         if progress and len(batches) > 1:
             progress(done, len(batches), f"compared {done} of {len(batches)} batches")
     result = _assemble(sorted(merged, key=lambda b: b.start), chosen)
+    return _comparison(
+        result, class_targets.cpu(), metric_classes, skipped_methods, skipped_metrics,
+        estimate, economies,
+    )  # fmt: skip
+
+
+def _comparison(
+    result: dict[str, Any],
+    targets: torch.Tensor,
+    metric_classes: dict[str, type],
+    skipped_methods: dict[str, str],
+    skipped_metrics: dict[str, str],
+    estimate: dict[str, Any],
+    economies: list[str],
+    **extra: Any,
+) -> Comparison:
     return Comparison(
         methods=result["methods"],
         metrics=list(metric_classes),
@@ -462,7 +506,7 @@ def compare(
         details=result["details"],
         explanations=result["explanations"],
         costs=result["costs"],
-        targets=class_targets.cpu(),
+        targets=targets,
         skipped_methods={**skipped_methods, **result["skipped"]},
         skipped_metrics=skipped_metrics,
         errors=result["errors"],
@@ -470,7 +514,126 @@ def compare(
         measured_once={m: metric_measured_once(cls) for m, cls in metric_classes.items()},
         estimate=estimate,
         economies=economies,
+        **extra,
     )
+
+
+# -- a Ray Data Dataset: batches of rows, their targets fixed where they run --------------------
+
+
+def _dataset_rows(
+    dataset: Any, adapter: Any, targets: TargetSpec, masks: Any, batch_size: int | None
+) -> tuple[DataStream, Batch]:
+    """The stream of a Ray Dataset's rows, and its first batch (what the checks, the metrics'
+    needs and the cost estimate are made on)."""
+    if masks is not None:
+        raise OptionError("A Ray Dataset holds its masks in a 'mask' column; pass masks=None.")
+    if not (targets is None or (isinstance(targets, int) and not isinstance(targets, bool))):
+        raise OptionError(
+            "With a Ray Dataset, targets is None (each sample's predicted class) or one class "
+            f"index for every sample; got {type(targets).__name__}."
+        )
+    stream = DataStream(dataset, batch_size=32 if batch_size is None else batch_size,
+                        device=adapter.device)  # fmt: skip
+    found = stream.ray_dataset()
+    assert found is not None
+    rows = found[1]
+    first, failed = rows(dataset.take_batch(stream.batch_size, batch_format="numpy"))
+    if first is None:
+        raise InputError(f"The first rows of the Ray Dataset cannot be read: {failed}")
+    return stream, first
+
+
+def _compare_rows(
+    stream: DataStream,
+    first: Batch,
+    adapter: Any,
+    targets: int | None,
+    chosen: list[str],
+    skipped_methods: dict[str, str],
+    metric_classes: dict[str, type],
+    skipped_metrics: dict[str, str],
+    options: dict[str, dict[str, Any]],
+    metric_opts: dict[str, dict[str, Any]],
+    chunk_size: int,
+    progress: ProgressFn | None,
+    budget: float | None,
+    notice: Callable[[str], None] | None,
+    engine: str | Executor,
+) -> Comparison:
+    """compare() over a Ray Dataset's rows: the estimate (and economies) made on one batch, as
+    the dataset's length is not known before it is read; parts merged in the order they
+    come, which is the dataset's (the local engine iterates it; Ray's keeps its order)."""
+    with torch.no_grad(), adapter.session():
+        probe_targets = Targets(targets, len(first), adapter.device)
+        classes = probe_targets.resolve(adapter.forward(first.inputs)).indices
+    assert classes is not None
+    probe = measure_probe(adapter, first.inputs, classes[:, 0])
+    work = Workload(get_registry(), tuple(first.inputs.shape), chosen, metric_classes, probe)
+    estimate = estimate_cost(work, options, metric_opts)
+    economies: list[str] = []
+    if budget is not None:  # per batch: the dataset's size is not known yet
+        options, metric_opts, economies, estimate = economise(
+            work, options, metric_opts, budget
+        )
+    if notice:
+        notice(describe_estimate(estimate, budget, economies) + " (one batch of the dataset)")
+    step = RowsCompareStep(
+        CompareStep(
+            chosen=list(chosen),
+            metric_classes=metric_classes,
+            adapter=adapter,
+            options=options,
+            metric_options=metric_opts,
+            chunk_size=chunk_size,
+            batches=1,
+            progress=progress,
+        ),
+        targets,
+    )
+    merged: list[BatchResult] = []
+    classes_of: list[torch.Tensor] = []
+    ids: list[str] | None = []
+    start = 0
+    for done, part in enumerate(executors.parts(engine, step, stream), start=1):
+        for batch in part.value.batches:  # in the dataset's order: number the samples so
+            merged.append(replace(batch, start=start))
+            start += batch.size
+            classes_of.append(batch.targets)
+            if ids is not None and batch.ids is not None:
+                ids.extend(batch.ids)
+            else:  # a dataset without an 'id' column
+                ids = None
+        if progress:
+            progress(done, None, f"compared {done} batches ({start} samples)")
+    if not merged:
+        raise InputError(f"No row of the Ray Dataset could be read: {stream.failed}")
+    result = _assemble(merged, chosen)
+    return _comparison(
+        result, torch.cat(classes_of), metric_classes, skipped_methods, skipped_metrics,
+        estimate, economies, failed=dict(stream.failed), sample_ids=ids,
+    )  # fmt: skip
+
+
+@dataclass
+class RowsCompareStep:
+    """A batch of a Ray Dataset's rows (a :class:`~xai_core.workflows.datasets.Batch`): its
+    targets fixed from the model's scores here, then :class:`CompareStep`."""
+
+    compare: CompareStep
+    targets: int | None
+
+    def __call__(self, batch: Batch) -> Partial:
+        adapter = self.compare.adapter
+        with torch.no_grad(), adapter.session():
+            request = Targets(self.targets, len(batch), adapter.device)
+            classes = request.resolve(adapter.forward(batch.inputs)).indices
+        assert classes is not None
+        one = CompareBatch(0, 0, batch.inputs, batch.masks, classes[:, 0])
+        result = _compare_batch(self.compare, one, self.compare.progress)
+        ids = None if batch.keys is None else list(batch.keys)
+        result = replace(result, targets=classes[:, 0].cpu(), ids=ids)
+        return Partial(ComparePart([result]), len(batch))
 
 
 # -- the batch step and the merge --------------------------------------------------------------
@@ -508,6 +671,8 @@ class BatchResult:
     values: dict[tuple[str, str], torch.Tensor]
     details: dict[tuple[str, str], dict[str, Any]]
     errors: dict[tuple[str, str], str]
+    targets: torch.Tensor | None = None  # a Ray Dataset's batch: the classes fixed on it
+    ids: list[str] | None = None  # and its rows' ids, when the dataset has an 'id' column
 
 
 @dataclass

@@ -327,7 +327,10 @@ class RowBatches:
                 return None
             return torch.as_tensor(np.stack([np.asarray(values[i]) for i in (pick or range(n))]))
 
-        return _make_batch(x, column(labels), column(masks), self.preprocess, self.device), failed
+        batch = _make_batch(x, column(labels), column(masks), self.preprocess, self.device)
+        if ids is not None:
+            batch.keys = [str(ids[i]) for i in (pick or range(n))]
+        return batch, failed
 
     def _uniform(self, images: np.ndarray, masks: np.ndarray | None) -> bool:
         """Whether every row is fine, told from the columns' arrays alone."""

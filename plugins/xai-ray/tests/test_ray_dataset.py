@@ -7,14 +7,19 @@ has another shape is a failure record. On conftest.py's Ray."""
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import signal
 
 import numpy as np
 import pytest
 import torch
 from xai_ray import RayExecutor
 
-from xai_core.core.errors import MissingDependencyError, OptionError
+import xai_core
+from xai_core.core.errors import ExecutorError, MissingDependencyError, OptionError
 from xai_core.demo import data, load_model, preprocess
+from xai_core.report import comparison_json
 from xai_core.workflows.audit import audit
 from xai_core.workflows.datasets import DataStream, RowBatches, explain_dataset, record_failures
 
@@ -81,6 +86,53 @@ def test_explain_dataset_of_a_ray_dataset_is_the_local_one(ray_session, model, x
     assert close(local.sums, distributed.sums) and close(local.squares, distributed.squares)
 
 
+class KillingWorkers(RayExecutor):
+    """Ray Data's actors kill their own process (SIGKILL) on a batch: every time (``always``), or
+    only the first time any of them gets one (a ``marker`` file records that one did)."""
+
+    def __init__(self, marker, always: bool, **options):
+        super().__init__(**options)
+        self.marker, self.always = str(marker), always
+
+    def _map_dataset(self, step, dataset, rows, failed):
+        marker, always = self.marker, self.always
+
+        def killing(batch):  # a closure: pickled by value into Ray Data's actors
+            if always or not os.path.exists(marker):
+                open(marker, "a").close()
+                os.kill(os.getpid(), signal.SIGKILL)
+            return step(batch)
+
+        return super()._map_dataset(killing, dataset, rows, failed)
+
+
+def test_a_killed_ray_data_worker_is_restarted_and_the_audit_is_the_same(
+    ray_session, model, xrays, tmp_path
+):
+    ray_data = pytest.importorskip("ray.data")
+    x, y, masks = xrays
+    local = audit(model, (x[:8], y[:8], masks[:8]), **KWARGS)
+    ds = ray_data.from_items(rows(x[:8], y[:8], masks[:8]))
+    engine = KillingWorkers(tmp_path / "killed", always=False, workers=2, max_retries=2)
+    result = audit(model, ds, engine=engine, **KWARGS)
+    assert (tmp_path / "killed").exists()  # a worker did die
+    assert result.images == 8 and result.counts == local.counts and not result.failed
+    for name in AUDIT_MAPS:
+        assert close(getattr(local, name), getattr(result, name)), name
+
+
+def test_a_batch_that_always_kills_its_worker_is_a_typed_error_not_endless_retries(
+    ray_session, model, xrays, tmp_path
+):
+    """Ray Data alone would restart the actor and retry the batch forever."""
+    ray_data = pytest.importorskip("ray.data")
+    x, y, masks = xrays
+    ds = ray_data.from_items(rows(x[:4], y[:4], masks[:4]))
+    engine = KillingWorkers(tmp_path / "killed", always=True, workers=1, max_retries=1)
+    with pytest.raises(ExecutorError, match=r"max_retries=1"):
+        audit(model, ds, engine=engine, **KWARGS)
+
+
 def test_a_step_error_on_ray_data_is_raised_as_itself(ray_session, model, xrays):
     ray_data = pytest.importorskip("ray.data")
     x, y, _ = xrays
@@ -127,3 +179,61 @@ def test_rows_of_another_shape_fail_alone_and_each_is_listed():
     everything = {"a row without an 'id'": "earlier"}
     record_failures(everything, failed)  # a later batch's failures do not replace earlier ones
     assert len(everything) == 3
+
+
+COMPARE = dict(
+    methods=["gradcam", "saliency"],
+    metrics=["deletion", "pointing_game", "sparseness", "randomization"],
+    metric_options={"deletion": {"steps": 8}, "randomization": {"stages": 2}},
+    batch_size=4,
+)
+
+
+def test_compare_of_a_ray_dataset_is_the_local_comparison_in_the_dataset_order(
+    ray_session, model, xrays
+):
+    """The same batches as the tensors' (the bad row last, one block): the local engine gives
+    the tensors' values bitwise, Ray within 1e-6 (its workers run torch on one thread)."""
+    ray_data = pytest.importorskip("ray.data")
+    x, y, masks = (t[:9] for t in xrays)
+    local = xai_core.compare(model, x, masks=masks, **COMPARE)
+    ds = ray_data.from_items(rows(x, y, masks, bad=9), override_num_blocks=1)
+    seen = []
+    def bitwise(a, b):
+        return a.shape == b.shape and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)
+
+    def within(a, b):  # 1e-6
+        return a.shape == b.shape and torch.allclose(a, b, rtol=1e-6, atol=1e-6, equal_nan=True)
+
+    for engine, same in (("local", bitwise), (RayExecutor(workers=2), within)):
+        result = xai_core.compare(
+            model, ds, engine=engine, progress=lambda *a: seen.append(a), **COMPARE
+        )
+        assert result.sample_ids == [f"cxr_{i:02d}" for i in range(9)]  # the dataset's order
+        assert list(result.failed) == ["bad"] and "shape (1, 8, 8)" in result.failed["bad"]
+        assert torch.equal(result.targets, local.targets)
+        assert result.methods == local.methods and not result.errors
+        for method, exp in local.explanations.items():
+            assert same(exp.maps, result.explanations[method].maps), (engine, method)
+        for key, value in local.values.items():
+            assert same(value, result.values[key]), (engine, key)
+        document = json.loads(comparison_json(result))
+        assert document["sample_ids"] == result.sample_ids and list(document["failed"]) == ["bad"]
+    assert seen and seen[-1][1] is None  # the dataset's length is not known ahead
+
+
+def test_compare_of_a_ray_dataset_checks_its_arguments(ray_session, model, xrays):
+    ray_data = pytest.importorskip("ray.data")
+    x, _, masks = xrays
+    ds = ray_data.from_items([{"image": x[i].numpy()} for i in range(3)])
+    result = xai_core.compare(
+        model, ds, methods=["gradcam"], metrics=["pointing_game", "sparseness"]
+    )
+    assert "pointing_game" in result.skipped_metrics  # no mask column
+    assert result.sample_ids is None and result.values[("gradcam", "sparseness")].shape == (3,)
+    with pytest.raises(OptionError, match="'mask' column"):
+        xai_core.compare(model, ds, masks=masks[:3], methods=["gradcam"])
+    with pytest.raises(OptionError, match=r"targets is None .* or one class index"):
+        xai_core.compare(model, ds, targets=[0, 1, 0], methods=["gradcam"])
+    fixed = xai_core.compare(model, ds, targets=1, methods=["gradcam"], metrics=["sparseness"])
+    assert fixed.targets.tolist() == [1, 1, 1]

@@ -38,6 +38,7 @@ import os
 import pickle
 import secrets
 import tempfile
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -285,26 +286,48 @@ class RayExecutor(LocalExecutor):
         batches in flight; the parts come in the order they finish."""
         from xai_core.workflows.datasets import record_failures  # the workflows' own
 
+        ray = self._ray
         data = importlib.import_module("ray.data")  # connected: map() took the first row
-        parts = dataset.map_batches(
-            _DatasetStep,
-            fn_constructor_args=(get_registry().snapshot(), step, rows),
-            batch_size=rows.batch_size,
-            batch_format="numpy",
-            # Up to `workers` actors, grown by Ray Data as CPUs are free: the dataset's own read
-            # and map tasks keep CPUs (a fixed pool on every CPU left them none: a deadlock).
-            compute=data.ActorPoolStrategy(min_size=1, max_size=self.pool_size()),
-            num_cpus=1,
-            num_gpus=self.gpus_per_worker or None,
-            # Restarts and retries: Ray Data's own (map_batches takes max_restarts only through
-            # its deprecated ray_remote_args), so max_retries does not apply here.
-        )
-        for row in parts.iter_rows():
-            if row["error"]:  # the step's own exception, raised here as the local engine would
-                raise pickle.loads(row["error"])
-            record_failures(failed, json.loads(row["failed"]))
-            if row["part"]:
-                yield pickle.loads(row["part"])
+        with warnings.catch_warnings():
+            # Ray Data's default is to restart a dead actor and retry its batches forever (a
+            # batch that kills its worker every time is a run that never ends); the only way
+            # to bound it in Ray 2.60 is the actor options, deprecated as `ray_remote_args` for
+            # Ray 2.64, which will need its named replacement.
+            warnings.simplefilter("ignore", DeprecationWarning)  # RayDeprecationWarning
+            parts = dataset.map_batches(
+                _DatasetStep,
+                fn_constructor_args=(get_registry().snapshot(), step, rows),
+                batch_size=rows.batch_size,
+                batch_format="numpy",
+                # Up to `workers` actors, grown by Ray Data as CPUs are free: the dataset's own
+                # read and map tasks keep CPUs (a fixed pool on every CPU left them none: a
+                # deadlock); each holds at most `in_flight` batches, as on the other paths.
+                compute=data.ActorPoolStrategy(
+                    min_size=1,
+                    max_size=self.pool_size(),
+                    max_tasks_in_flight_per_actor=self.in_flight,
+                ),
+                num_cpus=1,
+                num_gpus=self.gpus_per_worker or None,
+                max_restarts=self.max_retries,
+                max_task_retries=self.max_retries,
+            )
+        # In the dataset's order, whatever order the batches finish in: a comparison's samples
+        # are numbered as they come, and a rerun adds an audit's parts in the same order. The
+        # setting is the dataset's (its context is shared with the user's): put back after.
+        options = parts.context.execution_options
+        preserve_order, options.preserve_order = options.preserve_order, True
+        try:
+            for row in parts.iter_rows():
+                if row["error"]:  # the step's exception, raised here as the local engine would
+                    raise pickle.loads(row["error"])
+                record_failures(failed, json.loads(row["failed"]))
+                if row["part"]:
+                    yield pickle.loads(row["part"])
+        except ray.exceptions.RayActorError as exc:  # died beyond max_retries
+            raise self._worker_died(exc) from exc
+        finally:
+            options.preserve_order = preserve_order
 
     def _stop(self, pending: Iterable[Any], actors: list[Any]) -> None:
         for ref in pending:  # batches nobody will merge: not retried, not reported
@@ -323,13 +346,16 @@ class RayExecutor(LocalExecutor):
                 raise cause from exc
             raise
         except self._ray.exceptions.RayActorError as exc:
-            raise ExecutorError(
-                f"A Ray worker died while explaining a batch, and the batch could not be redone "
-                f"(max_retries={self.max_retries}: restarts of a worker and retries of its "
-                f"batches). Allow more with RayExecutor(max_retries=...), or look at the worker's "
-                f"memory (a worker killed for memory dies again). Ray said: "
-                f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
-            ) from exc
+            raise self._worker_died(exc) from exc
+
+    def _worker_died(self, exc: Exception) -> ExecutorError:
+        return ExecutorError(
+            f"A Ray worker died while explaining a batch, and the batch could not be redone "
+            f"(max_retries={self.max_retries}: restarts of a worker and retries of its "
+            f"batches). Allow more with RayExecutor(max_retries=...), or look at the worker's "
+            f"memory (a worker killed for memory dies again). Ray said: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+        )
 
     # reduce(): the local engine's running sum (parts come in batch order, see map()).
 
