@@ -538,7 +538,11 @@ def _dataset_rows(
     found = stream.ray_dataset()
     assert found is not None
     rows = found[1]
-    first, failed = rows(dataset.take_batch(stream.batch_size, batch_format="numpy"))
+    try:
+        columns = dataset.take_batch(stream.batch_size, batch_format="numpy")
+    except ValueError as exc:  # Ray Data's "The dataset is empty."
+        raise InputError(f"The Ray Dataset has no rows to compare on ({exc}).") from exc
+    first, failed = rows(columns)
     if first is None:
         raise InputError(f"The first rows of the Ray Dataset cannot be read: {failed}")
     return stream, first

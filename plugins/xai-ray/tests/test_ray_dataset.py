@@ -17,7 +17,12 @@ import torch
 from xai_ray import RayExecutor
 
 import xai_core
-from xai_core.core.errors import ExecutorError, MissingDependencyError, OptionError
+from xai_core.core.errors import (
+    ExecutorError,
+    InputError,
+    MissingDependencyError,
+    OptionError,
+)
 from xai_core.demo import data, load_model, preprocess
 from xai_core.report import comparison_json
 from xai_core.workflows.audit import audit
@@ -235,5 +240,11 @@ def test_compare_of_a_ray_dataset_checks_its_arguments(ray_session, model, xrays
         xai_core.compare(model, ds, masks=masks[:3], methods=["gradcam"])
     with pytest.raises(OptionError, match=r"targets is None .* or one class index"):
         xai_core.compare(model, ds, targets=[0, 1, 0], methods=["gradcam"])
+    empty = ds.filter(lambda row: False)
+    with pytest.raises(InputError, match="has no rows"):
+        xai_core.compare(model, empty, methods=["gradcam"])
+    unreadable = ray_data.from_items([{"id": "text", "image": "not pixels"}])
+    with pytest.raises(InputError, match=r"cannot be read: .*text.*not numeric"):
+        xai_core.compare(model, unreadable, methods=["gradcam"])
     fixed = xai_core.compare(model, ds, targets=1, methods=["gradcam"], metrics=["sparseness"])
     assert fixed.targets.tolist() == [1, 1, 1]
