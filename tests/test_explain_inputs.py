@@ -12,6 +12,7 @@ from xai_core.core.errors import (
     DeviceError,
     InputError,
     InputTypeError,
+    ModelError,
     TargetError,
     TargetTypeError,
     UnknownOptionError,
@@ -148,3 +149,39 @@ def test_malformed_inputs_raise_only_typed_errors(shape, dtype, fill, targets):
         assert torch.isfinite(exp.maps).all()
     assert hook_count(MODEL) == before
     assert MODEL.training == training
+
+
+def test_inputs_the_model_cannot_run_on_are_a_model_error_naming_the_shape():
+    """torch's own message (a pooling with nothing left to pool) with the shape and what to
+    check; hooks removed. The same from compare(), whose first forward pass fails."""
+    from xai_core.demo import load_model
+
+    model = load_model("cnn")  # three poolings: 4 pixels leave nothing
+    tiny = torch.zeros(1, 1, 4, 4)
+    with pytest.raises(ModelError, match=r"shape \(1, 1, 4, 4\): .*Output size is too small"):
+        xai_core.explain(model, tiny, method="gradcam")
+    assert hook_count(model) == 0
+    with pytest.raises(ModelError, match=r"cannot run on inputs of shape \(1, 1, 4, 4\)"):
+        xai_core.compare(model, tiny, methods=["gradcam"], metrics=["sparseness"])
+
+
+def test_a_timm_vit_given_another_size_is_a_model_error():
+    timm = pytest.importorskip("timm")
+    vit = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=3
+    ).eval()
+    with pytest.raises(ModelError, match=r"shape \(1, 3, 16, 16\): .*16"):
+        xai_core.explain(vit, torch.zeros(1, 3, 16, 16), method="saliency")
+
+
+def test_an_explainers_own_error_is_not_blamed_on_the_inputs(monkeypatch):
+    """The model runs on these inputs: the explainer's RuntimeError stays itself."""
+    info = xai_core.get_registry().get_explainer("gradcam")
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("a bug in the explainer")
+
+    monkeypatch.setattr(info.cls, "explain", broken)
+    with pytest.raises(RuntimeError, match="a bug in the explainer") as caught:
+        explain(GOOD)
+    assert not isinstance(caught.value, XaiError)

@@ -8,6 +8,8 @@ the model's session (eval mode, hooks and state restored in ``finally``); wrap t
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -21,10 +23,12 @@ from xai_core.core.errors import (
     InputError,
     InputRankError,
     InputTypeError,
+    ModelError,
     OptionError,
     OptionTypeError,
     SpatialSizeError,
     UnknownOptionError,
+    XaiError,
     did_you_mean,
 )
 from xai_core.core.explanation import Explanation
@@ -258,11 +262,37 @@ def run_explainer(
             # copy of it can (cloned outside inference mode, without recording a graph).
             with torch.no_grad():
                 inputs = inputs.clone()
-        result = explainer.explain(adapter, inputs, request, **options)
+        with model_failures(adapter, inputs):
+            result = explainer.explain(adapter, inputs, request, **options)
     if inputs.device.type == "cuda":
         torch.cuda.synchronize(inputs.device)
     seconds = time.perf_counter() - start
     return _wrap(result, info, request, inputs, adapter, options, seconds)
+
+
+@contextmanager
+def model_failures(adapter: ModelAdapter, inputs: torch.Tensor) -> Iterator[None]:
+    """Turn an error raised because the model cannot run on ``inputs`` at all (too small for
+    its pooling, a reshape that wants another size: torch's own message) into a
+    :class:`ModelError` naming the shape. Told by one plain forward pass of the first sample,
+    made only after something failed: when that pass runs, the error was not the inputs'
+    and is raised as it was (an explainer's bug stays visible as itself)."""
+    try:
+        yield
+    except (XaiError, MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as exc:
+        try:
+            with torch.no_grad(), adapter.session():
+                adapter.forward(inputs[:1])
+        except Exception:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(
+                f"The model cannot run on inputs of shape {tuple(inputs.shape)}: {first}. "
+                f"Check the size and channels it was trained on (a network with several "
+                f"poolings needs inputs of tens of pixels at least) and the preprocessing."
+            ) from exc
+        raise
 
 
 def _wrap(

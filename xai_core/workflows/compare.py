@@ -28,7 +28,13 @@ import torch
 
 from xai_core.core import executors
 from xai_core.core.adapters import ParameterRandomization, torch_module_of
-from xai_core.core.api import check_masks, check_options, run_explainer, validate_inputs
+from xai_core.core.api import (
+    check_masks,
+    check_options,
+    model_failures,
+    run_explainer,
+    validate_inputs,
+)
 from xai_core.core.contract import check_metric_result
 from xai_core.core.errors import (
     InputError,
@@ -436,7 +442,7 @@ def compare(
         raise OptionError(
             "compare() explains one class per sample: pass None, an int or one per sample."
         )
-    with torch.no_grad(), adapter.session():
+    with torch.no_grad(), adapter.session(), model_failures(adapter, inputs):
         if size >= inputs.shape[0]:
             scores = adapter.forward(inputs)
         else:
@@ -568,7 +574,7 @@ def _compare_rows(
     """compare() over a Ray Dataset's rows: the estimate (and economies) made on one batch, as
     the dataset's length is not known before it is read; parts merged in the order they
     come, which is the dataset's (the local engine iterates it; Ray's keeps its order)."""
-    with torch.no_grad(), adapter.session():
+    with torch.no_grad(), adapter.session(), model_failures(adapter, first.inputs):
         probe_targets = Targets(targets, len(first), adapter.device)
         classes = probe_targets.resolve(adapter.forward(first.inputs)).indices
     assert classes is not None
