@@ -80,9 +80,12 @@ class DataStream:
           listed in :attr:`failed`;
         * any other iterable (a ``DataLoader``, a generator) yielding ``x``, ``(x, y)`` or
           ``(x, y, masks)``: used batch by batch as it comes, ``batch_size`` is not used;
-        * a Ray Data ``Dataset`` of rows: an ``image`` column (each a ``(C, *spatial)`` array),
-          optional ``label`` (class index), ``mask`` (``(*spatial)``) and ``id`` columns
-          (rename others with ``ds.rename_columns``); ``batch_size`` rows at a time. A row whose
+        * a Ray Data ``Dataset`` of rows: an ``image`` column (each a ``(C, *spatial)`` array;
+          ``(H, W)`` and channels-last ``(H, W, 1|3|4)`` images, as ``ray.data.read_images``
+          gives, are told from the first row and moved to ``(C, H, W)``), optional ``label``
+          (class index), ``mask`` (``(*spatial)``) and ``id`` columns (without ``id``, a
+          ``path`` column names the rows; rename others with ``ds.rename_columns``);
+          ``batch_size`` rows at a time. A row whose
           image or mask has another shape than the first row's is skipped and listed in
           :attr:`failed` (under its ``id``). Needs ``pyarrow`` (Ray Data's).
 
@@ -237,7 +240,8 @@ class DataStream:
                     f"it has {sorted(first[0])}. Rename yours: ds.rename_columns({{...: 'image'}})."
                 )
             shape = tuple(np.shape(first[0]["image"]))
-        rows = RowBatches(shape, self.batch_size, self.device, self.preprocess)
+        layout = "chw" if shape is None else image_layout(shape)
+        rows = RowBatches(shape, self.batch_size, self.device, self.preprocess, layout)
         return self.data, rows
 
     def _file_batches(self) -> Iterator[Batch]:
@@ -287,12 +291,25 @@ class RowBatches:
     """Turns one numpy batch of a Ray Dataset's rows (``{"image": ..., "label": ...}``) into a
     :class:`Batch` and the rows that failed (key: error): picklable, so Ray Data's workers run
     it too. Every image must have ``shape`` (the first row's) and every mask its spatial shape;
-    a row that does not is a failure record, never an exception."""
+    a row that does not is a failure record, never an exception.
+
+    ``layout`` is how the images hold their channels, told from the first row
+    (:func:`image_layout`): ``"chw"`` as the models take them, ``"hw"`` (one channel, e.g.
+    ``ray.data.read_images`` of grayscale files) or ``"hwc"`` (channels last, as
+    ``read_images`` gives colour images), moved to ``(C, H, W)`` batch by batch."""
 
     shape: tuple[int, ...] | None
     batch_size: int
     device: torch.device
     preprocess: Any = None
+    layout: str = "chw"
+
+    @property
+    def spatial(self) -> tuple[int, ...] | None:
+        """The grid of every image (and mask)."""
+        if self.shape is None:
+            return None
+        return {"hw": self.shape, "hwc": self.shape[:-1]}.get(self.layout, self.shape[1:])
 
     def __call__(self, columns: dict[str, np.ndarray]) -> tuple[Batch | None, dict[str, str]]:
         images = columns.get("image")
@@ -300,13 +317,15 @@ class RowBatches:
             raise InputError(
                 f"A Ray Dataset needs an 'image' column; this batch has {sorted(columns)}."
             )
-        labels, masks, ids = (columns.get(c) for c in ("label", "mask", "id"))
+        labels, masks = columns.get("label"), columns.get("mask")
+        ids = columns.get("id", columns.get("path"))  # read_images(include_paths=True)
         n, failed, keep = len(images), {}, []
         if self._uniform(images, masks):  # the usual case: checked as whole arrays
             keep = list(range(n))
         else:
             for i in range(n):
-                error = _row_error(images[i], None if masks is None else masks[i], self.shape)
+                mask = None if masks is None else masks[i]
+                error = _row_error(images[i], mask, self.shape, self.spatial)
                 if error is None:
                     keep.append(i)
                 else:
@@ -320,6 +339,10 @@ class RowBatches:
             x = torch.from_numpy(np.stack([np.asarray(images[i]) for i in keep]))
         if not x.is_floating_point():
             x = x.float()
+        if self.layout == "hw":
+            x = x.unsqueeze(1)
+        elif self.layout == "hwc":
+            x = x.permute(0, x.ndim - 1, *range(1, x.ndim - 1)).contiguous()
         pick = None if len(keep) == n else keep
 
         def column(values: Any) -> Any:
@@ -338,7 +361,19 @@ class RowBatches:
             return False
         if images.shape[1:] != self.shape:
             return False
-        return masks is None or (masks.dtype != object and masks.shape[1:] == self.shape[1:])
+        return masks is None or (masks.dtype != object and masks.shape[1:] == self.spatial)
+
+
+def image_layout(shape: tuple[int, ...]) -> str:
+    """How an image of ``shape`` holds its channels: ``"hwc"`` when its last axis is 1, 3 or 4
+    long and its first is not (grey, RGB, RGBA last), ``"hw"`` for a 2-D image, else ``"chw"``
+    (volumes ``(C, D, H, W)`` included)."""
+    small = {1, 3, 4}
+    if len(shape) == 2:
+        return "hw"
+    if len(shape) == 3 and shape[-1] in small and shape[0] not in small:
+        return "hwc"
+    return "chw"
 
 
 def record_failures(failed: dict[str, str], new: dict[str, str]) -> None:
@@ -351,7 +386,9 @@ def record_failures(failed: dict[str, str], new: dict[str, str]) -> None:
         failed[key] = error
 
 
-def _row_error(image: Any, mask: Any, shape: tuple[int, ...] | None) -> str | None:
+def _row_error(
+    image: Any, mask: Any, shape: tuple[int, ...] | None, spatial: tuple[int, ...] | None
+) -> str | None:
     """Why a row cannot join its batch, or ``None``."""
     try:
         array = np.asarray(image)
@@ -365,8 +402,8 @@ def _row_error(image: Any, mask: Any, shape: tuple[int, ...] | None) -> str | No
             f"InputError: the image has shape {array.shape}; the dataset's images have {shape} "
             f"(its first row's)."
         )
-    if mask is not None and np.shape(mask) != shape[1:]:
-        return f"InputError: the mask has shape {np.shape(mask)}; the image's grid is {shape[1:]}."
+    if mask is not None and np.shape(mask) != spatial:
+        return f"InputError: the mask has shape {np.shape(mask)}; the image's grid is {spatial}."
     return None
 
 

@@ -26,7 +26,13 @@ from xai_core.core.errors import (
 from xai_core.demo import data, load_model, preprocess
 from xai_core.report import comparison_json
 from xai_core.workflows.audit import audit
-from xai_core.workflows.datasets import DataStream, RowBatches, explain_dataset, record_failures
+from xai_core.workflows.datasets import (
+    DataStream,
+    RowBatches,
+    explain_dataset,
+    image_layout,
+    record_failures,
+)
 
 AUDIT_MAPS = ("mean", "std", "share", "unexplained", "mean_image")
 KWARGS = dict(method="gradcam", batch_size=4, min_images=1, reference="masks")
@@ -55,7 +61,9 @@ def rows(x, y, masks, bad: int | None = None) -> list[dict]:
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and torch.allclose(a.double(), b.double(), rtol=1e-6, atol=1e-6)
+    return a.shape == b.shape and torch.allclose(
+        a.double(), b.double(), rtol=1e-6, atol=1e-6, equal_nan=True
+    )  # NaN where NaN
 
 
 def test_audit_of_a_ray_dataset_is_the_local_audit_and_a_bad_row_fails_alone(
@@ -204,6 +212,7 @@ def test_compare_of_a_ray_dataset_is_the_local_comparison_in_the_dataset_order(
     local = xai_core.compare(model, x, masks=masks, **COMPARE)
     ds = ray_data.from_items(rows(x, y, masks, bad=9), override_num_blocks=1)
     seen = []
+
     def bitwise(a, b):
         return a.shape == b.shape and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)
 
@@ -248,3 +257,75 @@ def test_compare_of_a_ray_dataset_checks_its_arguments(ray_session, model, xrays
         xai_core.compare(model, unreadable, methods=["gradcam"])
     fixed = xai_core.compare(model, ds, targets=1, methods=["gradcam"], metrics=["sparseness"])
     assert fixed.targets.tolist() == [1, 1, 1]
+
+
+def _photos(folder):
+    """scikit-image's sample photos (grey and colour) as PNG files, as a user's folder is."""
+    skimage_data = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    photos = {
+        "camera": skimage_data.camera(),
+        "coins": skimage_data.coins(),
+        "astronaut": skimage_data.astronaut(),
+        "coffee": skimage_data.coffee(),
+    }
+    for name, pixels in photos.items():
+        Image.fromarray(pixels).save(folder / f"{name}.png")
+    return sorted(f"{name}.png" for name in photos)
+
+
+@pytest.mark.parametrize(("mode", "channels"), [("L", 1), ("RGB", 3)])
+def test_ray_data_read_images_of_scikit_image_photos_is_the_tensor_comparison(
+    ray_session, tmp_path, mode, channels
+):
+    """``ray.data.read_images`` gives (H, W) grey and (H, W, 3) colour images: moved to (C, H, W),
+    the rows named by their paths; the values are compare() on the same pixels as a tensor."""
+    ray_data = pytest.importorskip("ray.data")
+    timm = pytest.importorskip("timm")
+    names = _photos(tmp_path)
+
+    def scaled(batch):  # what a user does in Ray Data before the model: 0-255 to 0-1
+        batch["image"] = batch["image"].astype(np.float32) / 255
+        return batch  # (a function of the test: pickled by value, Ray's workers cannot import it)
+
+    ds = ray_data.read_images(
+        str(tmp_path), size=(48, 48), mode=mode, include_paths=True
+    ).map_batches(scaled)
+    rows_ = sorted(ds.take_all(), key=lambda row: row["path"])
+    pixels = np.stack([row["image"] for row in rows_])
+    x = torch.from_numpy(pixels[:, None] if mode == "L" else pixels.transpose(0, 3, 1, 2))
+    assert x.shape == (4, channels, 48, 48)
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=4, in_chans=channels)
+    model.eval()
+    options = dict(methods=["gradcam", "saliency"], metrics=["sparseness"], batch_size=2)
+    expected = xai_core.compare(model, x, **options)
+    for engine in ("local", RayExecutor(workers=2)):
+        result = xai_core.compare(model, ds, engine=engine, **options)
+        order = [names.index(path.rsplit("/", 1)[-1]) for path in result.sample_ids]
+        assert sorted(order) == [0, 1, 2, 3]
+        for method in options["methods"]:
+            assert close(
+                result.explanations[method].maps, expected.explanations[method].maps[order]
+            )
+        for key, value in expected.values.items():
+            assert close(result.values[key], value[order]), (engine, key)
+
+
+def test_image_layouts_are_told_from_the_first_row_and_moved_to_channels_first():
+    assert [image_layout(s) for s in [(64, 64), (64, 64, 3), (48, 40, 1), (3, 64, 64)]] == [
+        "hw", "hwc", "hwc", "chw"
+    ]  # fmt: skip
+    assert image_layout((1, 32, 32, 32)) == image_layout((32, 32, 32)) == "chw"  # volumes
+    images = np.random.default_rng(0).random((2, 8, 6, 3)).astype(np.float32)
+    masks = np.zeros((2, 8, 6), bool)
+    to_batch = RowBatches((8, 6, 3), 2, torch.device("cpu"), layout="hwc")
+    batch, failed = to_batch({"image": images, "mask": masks, "path": np.array(["a", "b"])})
+    assert not failed and batch.inputs.shape == (2, 3, 8, 6) and batch.masks.shape == (2, 8, 6)
+    assert torch.equal(batch.inputs[1, 2], torch.from_numpy(images[1, :, :, 2]))
+    assert batch.keys == ["a", "b"]  # the paths name the rows without an 'id' column
+    wrong = np.empty(2, dtype=object)
+    wrong[:] = [images[0], images[1, :, :, :2]]  # the second has two channels
+    batch, failed = to_batch({"image": wrong, "id": np.array(["ok", "two"])})
+    assert batch.inputs.shape == (1, 3, 8, 6) and list(failed) == ["two"]
