@@ -385,7 +385,8 @@ def compare(
         forward+backward pass of the batch are timed and the cost of every method and metric
         estimated (:func:`estimate_cost`); over budget, options the caller did not set are made
         cheaper, one economy at a time (:data:`ECONOMIES`), and listed in ``economies``.
-        ``None``: no economy, the estimate is still made.
+        ``None``: no economy, the estimate is still made. With a Ray Dataset, whose length is
+        not known before it is read, the budget is per batch.
     :param notice: called with the estimate (and economies), in words, before the work starts.
     :param batch_size: images per batch; ``None`` (default): all of them in one batch. Each
         batch is explained and scored on its own, and the per-sample values merged in batch
