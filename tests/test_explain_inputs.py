@@ -158,8 +158,10 @@ def test_inputs_the_model_cannot_run_on_are_a_model_error_naming_the_shape():
 
     model = load_model("cnn")  # three poolings: 4 pixels leave nothing
     tiny = torch.zeros(1, 1, 4, 4)
-    with pytest.raises(ModelError, match=r"shape \(1, 1, 4, 4\): .*Output size is too small"):
+    with pytest.raises(ModelError, match=r"shape \(1, 1, 4, 4\): .*Output size is too small") as e:
         xai_core.explain(model, tiny, method="gradcam")
+    assert isinstance(e.value, RuntimeError)  # still what code catching torch's errors expects
+    assert isinstance(e.value.__cause__, RuntimeError)  # torch's own, kept
     assert hook_count(model) == 0
     with pytest.raises(ModelError, match=r"cannot run on inputs of shape \(1, 1, 4, 4\)"):
         xai_core.compare(model, tiny, methods=["gradcam"], metrics=["sparseness"])

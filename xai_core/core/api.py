@@ -23,7 +23,7 @@ from xai_core.core.errors import (
     InputError,
     InputRankError,
     InputTypeError,
-    ModelError,
+    ModelRunError,
     OptionError,
     OptionTypeError,
     SpatialSizeError,
@@ -274,9 +274,10 @@ def run_explainer(
 def model_failures(adapter: ModelAdapter, inputs: torch.Tensor) -> Iterator[None]:
     """Turn an error raised because the model cannot run on ``inputs`` at all (too small for
     its pooling, a reshape that wants another size: torch's own message) into a
-    :class:`ModelError` naming the shape. Told by one plain forward pass of the first sample,
-    made only after something failed: when that pass runs, the error was not the inputs'
-    and is raised as it was (an explainer's bug stays visible as itself)."""
+    :class:`ModelRunError` (a ``ModelError`` and a ``RuntimeError``) naming the shape. Told by
+    one plain forward pass of the first sample, made only after something failed: when that
+    pass runs, the error was not the inputs' and is raised as it was (an explainer's bug stays
+    visible as itself)."""
     try:
         yield
     except (XaiError, MemoryError, torch.OutOfMemoryError):
@@ -287,7 +288,7 @@ def model_failures(adapter: ModelAdapter, inputs: torch.Tensor) -> Iterator[None
                 adapter.forward(inputs[:1])
         except Exception:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelError(
+            raise ModelRunError(
                 f"The model cannot run on inputs of shape {tuple(inputs.shape)}: {first}. "
                 f"Check the size and channels it was trained on (a network with several "
                 f"poolings needs inputs of tens of pixels at least) and the preprocessing."

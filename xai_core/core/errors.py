@@ -69,6 +69,11 @@ class ModelError(XaiError, ValueError):
     """The model cannot be adapted, loaded or run."""
 
 
+class ModelRunError(ModelError, RuntimeError):
+    """The model itself raised on the inputs (its error is the ``__cause__``): a typed error
+    naming the inputs' shape, and still a ``RuntimeError`` for code that catches torch's."""
+
+
 class ModelTypeError(XaiError, TypeError):
     """No adapter (built-in or from a plugin) accepts this kind of model object."""
 
