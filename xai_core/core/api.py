@@ -287,7 +287,8 @@ def model_failures(adapter: ModelAdapter, inputs: torch.Tensor) -> Iterator[None
             with torch.no_grad(), adapter.session():
                 adapter.forward(inputs[:1])
         except Exception:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            text = str(exc).strip()
+            first = text.splitlines()[0] if text else type(exc).__name__
             raise ModelRunError(
                 f"The model cannot run on inputs of shape {tuple(inputs.shape)}: {first}. "
                 f"Check the size and channels it was trained on (a network with several "

@@ -575,11 +575,7 @@ def _compare_rows(
     """compare() over a Ray Dataset's rows: the estimate (and economies) made on one batch, as
     the dataset's length is not known before it is read; parts merged in the order they
     come, which is the dataset's (the local engine iterates it; Ray's keeps its order)."""
-    with torch.no_grad(), adapter.session(), model_failures(adapter, first.inputs):
-        probe_targets = Targets(targets, len(first), adapter.device)
-        classes = probe_targets.resolve(adapter.forward(first.inputs)).indices
-    assert classes is not None
-    probe = measure_probe(adapter, first.inputs, classes[:, 0])
+    probe = measure_probe(adapter, first.inputs, _classes(adapter, first.inputs, targets))
     work = Workload(get_registry(), tuple(first.inputs.shape), chosen, metric_classes, probe)
     estimate = estimate_cost(work, options, metric_opts)
     economies: list[str] = []
@@ -635,16 +631,22 @@ class RowsCompareStep:
     targets: int | None
 
     def __call__(self, batch: Batch) -> Partial:
-        adapter = self.compare.adapter
-        with torch.no_grad(), adapter.session():
-            request = Targets(self.targets, len(batch), adapter.device)
-            classes = request.resolve(adapter.forward(batch.inputs)).indices
-        assert classes is not None
-        one = CompareBatch(0, 0, batch.inputs, batch.masks, classes[:, 0])
+        classes = _classes(self.compare.adapter, batch.inputs, self.targets)
+        one = CompareBatch(0, 0, batch.inputs, batch.masks, classes)
         result = _compare_batch(self.compare, one, self.compare.progress)
         ids = None if batch.keys is None else list(batch.keys)
-        result = replace(result, targets=classes[:, 0].cpu(), ids=ids)
+        result = replace(result, targets=classes.cpu(), ids=ids)
         return Partial(ComparePart([result]), len(batch))
+
+
+def _classes(adapter: Any, inputs: torch.Tensor, targets: int | None) -> torch.Tensor:
+    """``(N,)`` the class each sample is explained for: ``targets`` (None: the predicted class)
+    resolved against one forward pass of ``inputs``."""
+    with torch.no_grad(), adapter.session(), model_failures(adapter, inputs):
+        request = Targets(targets, len(inputs), adapter.device)
+        classes = request.resolve(adapter.forward(inputs)).indices
+    assert classes is not None
+    return classes[:, 0]
 
 
 # -- the batch step and the merge --------------------------------------------------------------

@@ -341,8 +341,8 @@ class RowBatches:
             x = x.float()
         if self.layout == "hw":
             x = x.unsqueeze(1)
-        elif self.layout == "hwc":
-            x = x.permute(0, x.ndim - 1, *range(1, x.ndim - 1)).contiguous()
+        elif self.layout == "hwc":  # (N, H, W, C)
+            x = x.permute(0, 3, 1, 2).contiguous()
         pick = None if len(keep) == n else keep
 
         def column(values: Any) -> Any:

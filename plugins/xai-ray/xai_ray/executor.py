@@ -20,10 +20,12 @@ How a run goes (docs/scale.md):
    (:meth:`RayExecutor._map_dataset`): ``map_batches`` on a pool of ``workers`` actors, each
    rebuilding the registry and holding the step, turns each batch of rows into the core's batch
    (:class:`~xai_core.workflows.datasets.RowBatches`), runs the step and returns the part
-   serialised in a column. The parts come back in Ray Data's order, not a fixed one: the sums
-   equal the local engine's within rounding (1e-6), the counts exactly.
+   serialised in a column. The parts come back in the dataset's order, but Ray Data cuts the
+   batches (and its workers run torch on one thread): the sums equal the local engine's within
+   rounding (1e-6), the counts exactly.
 5. An actor whose process dies is restarted (it gets the step again) and its in-flight batches
-   are retried (``max_retries``); the batches other actors hold are not affected.
+   are retried, ``max_retries`` times (on Ray Data's pool too); the batches other actors hold
+   are not affected.
 
 Ray is imported only when an instance is made: without Ray installed that raises
 :class:`~xai_core.core.errors.MissingDependencyError` saying what to install.
@@ -283,7 +285,7 @@ class RayExecutor(LocalExecutor):
         """A Ray Data ``Dataset``: Ray Data batches its rows and runs the step on ``workers``
         actors of its own (``map_batches``); each batch's part comes back pickled in a column,
         its failed rows go to ``failed``. Ray Data's streaming keeps a bounded number of
-        batches in flight; the parts come in the order they finish."""
+        batches in flight; the parts come in the dataset's order."""
         from xai_core.workflows.datasets import record_failures  # the workflows' own
 
         ray = self._ray
